@@ -1,0 +1,24 @@
+PY ?= python3
+.PHONY: setup test test-slow test-gpu demo bench
+
+setup:
+	bash scripts/setup.sh
+
+# The default test run (what CI runs): CPU, under 15 minutes on 2 cores.
+test: setup
+	$(PY) -m pytest -q
+
+# Long tests (real-model and long-sequence checks, Gemma 3): run before a release.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+# GPU tests (Triton kernels); they skip where no CUDA device is present.
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
+# The main job on the embedded SmolLM2: convert, short fine-tune, evaluate, generate, print a table.
+demo: setup
+	$(PY) -m dijiang demo
+
+bench: setup
+	$(PY) -m dijiang bench

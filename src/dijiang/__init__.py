@@ -1,0 +1,32 @@
+"""dijiang: turn pretrained Hugging Face causal LMs into DiJiang linear-attention models."""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names, imported lazily so that `import dijiang` stays cheap.
+_EXPORTS = {
+    "build_feature_map": "dijiang.feature_maps",
+    "FEATURE_MAPS": "dijiang.feature_maps",
+    "linear_attention": "dijiang.ops",
+    "window_attention": "dijiang.ops",
+    "DiJiangAttention": "dijiang.attention",
+    "DiJiangSettings": "dijiang.attention",
+    "convert": "dijiang.conversion",
+    "load_pretrained": "dijiang.conversion",
+    "DiJiangCache": "dijiang.cache",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dijiang' has no attribute {name!r}")
+
+
+# Register the DiJiang model classes with transformers' Auto classes, so that
+# AutoModelForCausalLM.from_pretrained(dir) loads a saved converted model after `import dijiang`.
+from dijiang.conversion import register_all as _register_all  # noqa: E402
+
+_register_all()

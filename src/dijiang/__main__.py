@@ -1,0 +1,5 @@
+import sys
+
+from dijiang.cli import main
+
+sys.exit(main())

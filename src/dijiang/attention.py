@@ -1,0 +1,201 @@
+"""The DiJiang attention layer: RoPE'd q, k -> feature map -> decayed linear attention -> norm/gate -> W_o.
+
+The layer is family-agnostic. A family adapter (``dijiang.adapters``) turns hidden states into post-RoPE
+q, k, v and names the output projection; the layer keeps the pretrained projection modules under their
+original attribute names, so a converted model's state dict still holds every pretrained weight under its
+original key and adds only the new DiJiang parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dijiang.feature_maps import FEATURE_MAPS, build_feature_map
+from dijiang.ops import linear_attention, window_attention
+
+MODES = ("chunk", "recurrent", "parallel")
+
+
+@dataclass
+class DiJiangSettings:
+    """How a softmax attention layer is replaced. Defaults are the best plain setting we measured.
+
+    feature_map: registry name in ``dijiang.feature_maps`` (``dijiang``, ``official``, ``performer``, ``pff``, ``elu``).
+    num_features: m, features per head (default head_dim; a multiple of head_dim for DCT-based maps).
+    stabiliser: ``softmax`` (divide by the feature sum, official) or ``norm`` (||x||^2/2, unbiased).
+    window: 0 for pure DiJiang; W > 0 keeps exact softmax over the last W tokens and DiJiang beyond.
+    normalize: divide by the linear-attention denominator (the paper's Eq. 4). Ignored when window > 0
+        (the window hybrid always shares one normaliser between its two parts).
+    use_norm / use_gate: the official output path, GroupNorm(one group per head) and a SiLU gate.
+    decay_range: (1 - gamma) of the first and last head at init; RetNet's range.
+    """
+
+    feature_map: str = "dijiang"
+    num_features: int | None = None
+    stabiliser: str = "softmax"
+    qmc: str = "sobol"
+    seed: int = 0
+    window: int = 0
+    normalize: bool = True
+    use_norm: bool = False
+    use_gate: bool = False
+    learn_decay: bool = True
+    decay_range: tuple[float, float] = (1 / 32, 1 / 512)
+    mode: str = "chunk"
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        self.decay_range = tuple(self.decay_range)
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map {self.feature_map!r}; known: {sorted(FEATURE_MAPS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0 (0 = pure linear attention), got {self.window}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        low, high = self.decay_range
+        if not (0 < low < 1 and 0 < high < 1):
+            raise ValueError(f"decay_range entries are 1 - gamma and must lie in (0, 1), got {self.decay_range}")
+
+    @classmethod
+    def official(cls, **overrides) -> "DiJiangSettings":
+        """The official repository's layer: its frozen feature map, no denominator, GroupNorm and SiLU gate."""
+        base = dict(feature_map="official", normalize=False, use_norm=True, use_gate=True)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_any(cls, settings: "DiJiangSettings | dict | None") -> "DiJiangSettings":
+        if settings is None:
+            return cls()
+        if isinstance(settings, cls):
+            return settings
+        if isinstance(settings, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(settings) - known
+            if unknown:
+                raise ValueError(f"unknown DiJiang settings {sorted(unknown)}; known: {sorted(known)}")
+            return cls(**settings)
+        raise ValueError(f"settings must be a DiJiangSettings, a dict or None, got {type(settings).__name__}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def initial_decay_logits(num_heads: int, decay_range: tuple[float, float]) -> torch.Tensor:
+    """gamma_h = 1 - exp(linspace(ln lo, ln hi, H)) stored as logit(gamma) so that log gamma = logsigmoid <= 0."""
+    low, high = decay_range
+    one_minus_gamma = torch.exp(torch.linspace(math.log(low), math.log(high), num_heads, dtype=torch.float64))
+    gamma = 1 - one_minus_gamma
+    return torch.log(gamma / (1 - gamma)).float()
+
+
+class DiJiangAttention(nn.Module):
+    """Replaces one softmax attention module. Keeps the original projection modules as children."""
+
+    def __init__(self, original: nn.Module, adapter, settings: DiJiangSettings, layer_idx: int, padding):
+        super().__init__()
+        self.adapter = adapter
+        self.settings = settings
+        self.layer_idx = layer_idx
+        self.padding = padding  # shared PaddingContext (not a module): the 2-D attention mask of this forward
+        geometry = adapter.geometry(original)
+        self.num_heads, self.num_kv_heads, self.head_dim = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+        self.scale = geometry.scale
+        for name in adapter.kept_modules(original):
+            self.add_module(name, getattr(original, name))
+        for name in adapter.kept_attributes:
+            setattr(self, name, getattr(original, name))
+
+        H, d = self.num_heads, self.head_dim
+        param = next(original.parameters())
+        factory = dict(device=param.device, dtype=param.dtype)
+        self.feature_map = build_feature_map(
+            settings.feature_map, d, H, settings.num_features, scale=self.scale,
+            stabiliser=settings.stabiliser, seed=settings.seed + layer_idx, qmc=settings.qmc,
+        ).to(**factory)
+        logits = initial_decay_logits(H, settings.decay_range).to(param.device)
+        if settings.learn_decay:
+            self.decay_logit = nn.Parameter(logits)
+        else:
+            self.register_buffer("decay_logit", logits)
+        hidden = geometry.hidden_size
+        self.gate = nn.Linear(hidden, H * d, bias=False, **factory) if settings.use_gate else None
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, std=hidden**-0.5)
+        self.norm = nn.GroupNorm(H, H * d, **factory) if settings.use_norm else None
+        # softplus(0.5413) = 1: the linear part starts with the same weight as an exact-softmax key
+        self.window_mix = nn.Parameter(torch.full((H,), 0.5413, device=param.device)) if settings.window else None
+
+    @property
+    def log_decay(self) -> torch.Tensor:
+        return F.logsigmoid(self.decay_logit.float())
+
+    def new_parameters(self):
+        """Parameters DiJiang added (everything else in the layer is pretrained)."""
+        kept = {id(p) for name in self.adapter.kept_modules(self) for p in getattr(self, name).parameters()}
+        return [p for p in self.parameters() if id(p) not in kept]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        B, T, _ = hidden_states.shape
+        q, k, v = self.adapter.project(self, hidden_states, kwargs)  # [B, T, H(kv), d], post-RoPE
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        layer_cache = _layer_cache(cache, self.layer_idx)
+        initial_state = layer_cache.state if layer_cache is not None else None
+        mask = self.padding.current(T)
+        mode = "recurrent" if T == 1 else self.settings.mode
+        qf, kf = self.feature_map(q), self.feature_map(k)
+        if self.settings.window:
+            lin_weight = F.softplus(self.window_mix.float())
+            o, state = window_attention(
+                q, k, v, qf, kf, self.log_decay, lin_weight, window=self.settings.window, scale=self.scale,
+                mode=mode, initial_state=initial_state, output_final_state=layer_cache is not None,
+                attention_mask=mask,
+            )
+        else:
+            o, state = linear_attention(
+                qf, kf, v, self.log_decay, mode=mode, chunk_size=self.settings.chunk_size,
+                initial_state=initial_state, output_final_state=layer_cache is not None,
+                normalize=self.settings.normalize, attention_mask=mask,
+            )
+        if layer_cache is not None:
+            layer_cache.update_state(state, T)
+        o = o.reshape(B, T, self.num_heads * self.head_dim)
+        if self.norm is not None:
+            o = self.norm(o.reshape(B * T, -1)).reshape(B, T, -1)
+        if self.gate is not None:
+            o = F.silu(self.gate(hidden_states)) * o
+        return self.adapter.output(self, o.to(hidden_states.dtype)), None
+
+
+def _layer_cache(cache, layer_idx: int):
+    if cache is None:
+        return None
+    from dijiang.cache import DiJiangCache
+
+    if not isinstance(cache, DiJiangCache):
+        raise ValueError(
+            f"converted layers need a dijiang.DiJiangCache, got {type(cache).__name__}; let the model create it "
+            "(pass no cache, or past_key_values=DiJiangCache.for_model(model))"
+        )
+    return cache.layers[layer_idx]
+
+
+@dataclass
+class PaddingContext:
+    """The 2-D attention mask of the current forward, shared by all converted layers of one model."""
+
+    mask: torch.Tensor | None = field(default=None)
+
+    def current(self, num_tokens: int) -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        return self.mask[:, -num_tokens:]

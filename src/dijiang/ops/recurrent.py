@@ -1,0 +1,32 @@
+"""Token-by-token decayed linear attention (the decode path):  S_t = gamma_t S_{t-1} + k_t^T v_t,  o_t = q_t S_t."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .naive import finish_outputs, prepare_inputs, validate_inputs
+
+
+def recurrent_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    *,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    normalize: bool = False,
+    attention_mask: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor | None]:
+    """Same contract as :func:`dijiang.ops.linear_attention`; state ``[B, H, m, dv(+1)]`` float32."""
+    validate_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
+    qf, kf, vf, g, state, mask = prepare_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
+    decay = torch.exp(g)  # [B, T, H]
+    outputs = []
+    for t in range(q.shape[1]):
+        state = decay[:, t, :, None, None] * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]
+        outputs.append(torch.einsum("bhm,bhmv->bhv", qf[:, t], state))
+    o = torch.stack(outputs, dim=1)
+    return finish_outputs(o, normalize, mask, eps, v.dtype), (state if output_final_state else None)

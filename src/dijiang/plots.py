@@ -1,0 +1,112 @@
+"""PNG plots of training and evaluation results (matplotlib, headless)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL log (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such log file: {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_records(log: str | Path | Sequence[dict]) -> list[dict]:
+    """Training records that carry a loss (a log may also hold eval or summary lines)."""
+    records = read_jsonl(log) if isinstance(log, (str, Path)) else list(log)
+    return [r for r in records if isinstance(r.get("loss"), (int, float))]
+
+
+def _draw_loss(ax, records: Sequence[dict]) -> None:
+    if not records:
+        ax.text(0.5, 0.5, "no training log", ha="center", va="center", transform=ax.transAxes)
+        return
+    use_tokens = all("tokens" in r for r in records)
+    xs = [r["tokens"] if use_tokens else r.get("step", i) for i, r in enumerate(records)]
+    ax.plot(xs, [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("training tokens" if use_tokens else "step")
+    ax.set_ylabel("loss")
+    ax.set_title("fine-tune loss")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def plot_loss_curve(log: str | Path | Sequence[dict], out_path: str | Path) -> Path:
+    """Loss against training tokens (or steps) from a `dijiang train` JSONL log or its records."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _draw_loss(ax, loss_records(log))
+    return _save(fig, out_path)
+
+
+def plot_perplexity_vs_tokens(series: dict[str, Sequence[tuple[float, float]]], out_path: str | Path,
+                              teacher_perplexity: float | None = None) -> Path:
+    """Perplexity (log scale) against fine-tuning tokens: {model name: [(tokens, perplexity), ...]}."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series.items():
+        points = sorted(points)
+        ax.plot([t for t, _ in points], [p for _, p in points], marker="o", label=name)
+    if teacher_perplexity is not None:
+        ax.axhline(teacher_perplexity, color="black", ls="--", lw=1, label="teacher")
+    ax.set_yscale("log")
+    ax.set_xlabel("fine-tuning tokens")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, out_path)
+
+
+def plot_fidelity(rows: Sequence[dict], out_path: str | Path) -> Path:
+    """Per-layer bars: cosine similarity and relative MSE of student vs teacher attention outputs."""
+    labels = [_short_layer_name(r["layer"]) for r in rows]
+    fig, (ax_cos, ax_mse) = plt.subplots(2, 1, figsize=(max(6, 0.3 * len(rows) + 2), 6), sharex=True)
+    ax_cos.bar(labels, [r["cosine"] for r in rows], color="tab:blue")
+    ax_cos.set_ylabel("cosine similarity")
+    ax_cos.set_ylim(min(0.0, min(r["cosine"] for r in rows)), 1.0)
+    ax_cos.set_title("attention output fidelity per layer (student vs teacher)")
+    ax_mse.bar(labels, [r["relative_mse"] for r in rows], color="tab:red")
+    ax_mse.set_ylabel("relative MSE")
+    ax_mse.set_xlabel("layer")
+    for ax in (ax_cos, ax_mse):
+        ax.grid(alpha=0.3, axis="y")
+    return _save(fig, out_path)
+
+
+def _short_layer_name(name: str) -> str:
+    """'model.layers.3.self_attn' -> '3'; other names unchanged."""
+    numbers = [part for part in name.split(".") if part.isdigit()]
+    return numbers[-1] if numbers else name
+
+
+def plot_demo(perplexity_rows: Sequence[dict], log: str | Path | Sequence[dict] | None, out_path: str | Path
+              ) -> Path:
+    """The demo figure: perplexity bars per model (log scale) next to the fine-tune loss curve."""
+    fig, (ax_ppl, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["model"] for r in perplexity_rows]
+    values = [r["perplexity"] for r in perplexity_rows]
+    bars = ax_ppl.bar(range(len(names)), values, color=["tab:gray", "tab:red", "tab:orange", "tab:green"][:len(names)]
+                      if len(names) <= 4 else None)
+    ax_ppl.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_ylabel("perplexity (log scale)")
+    ax_ppl.set_title("perplexity on the evaluation text")
+    for bar, value in zip(bars, values):
+        ax_ppl.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                        fontsize=8)
+    _draw_loss(ax_loss, loss_records(log) if log is not None else [])
+    return _save(fig, out_path)

@@ -1,0 +1,182 @@
+"""Conversion of every supported family (tiny random-weight configs, no downloads), decoding, save/load."""
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import dijiang
+from dijiang.cache import DiJiangCache, DiJiangStateLayer
+from dijiang.conversion import iter_dijiang_layers
+
+VOCAB = 97
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+        config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                              tie_word_embeddings=False, **common)
+        if family == "qwen2":
+            config.attention_bias = True
+    elif family == "gpt_neox":
+        config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                            num_attention_heads=4, max_position_embeddings=512,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "partial_rotary_factor": 0.25}, **common)
+    elif family == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common)
+    elif family == "opt":
+        config = transformers.OPTConfig(hidden_size=64, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
+                                        word_embed_proj_dim=64, max_position_embeddings=512, **common)
+    else:
+        raise KeyError(family)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return model
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "opt"]
+SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official()}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def incremental_logits(model, ids, prefill: int, mask=None):
+    """Prefill `prefill` tokens, then feed the rest one at a time through the cache."""
+    out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], use_cache=True)
+    cache, logits = out.past_key_values, [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        step_mask = None if mask is None else mask[:, : t + 1]
+        out = model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_decode_equals_prefill(family, kind):
+    model = dijiang.convert(tiny_model(family), SETTINGS[kind])
+    ids = torch.randint(3, VOCAB, (2, 13))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        stepped, cache = incremental_logits(model, ids, prefill=5)
+    assert full.shape == (2, 13, VOCAB) and torch.isfinite(full).all()
+    assert isinstance(cache, DiJiangCache)
+    assert rel_err(stepped, full) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converts_every_attention_layer_and_keeps_pretrained_weights(family):
+    teacher = tiny_model(family)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = dijiang.convert(teacher)
+    layers = list(iter_dijiang_layers(model))
+    assert len(layers) == 3
+    after = model.state_dict()
+    for key, value in before.items():  # every pretrained tensor survives under its original name
+        assert torch.equal(after[key], value), key
+    new_keys = set(after) - set(before)
+    assert new_keys and all(".feature_map." in k or "decay_logit" in k for k in new_keys)
+    assert model.config.model_type == f"dijiang_{family}"
+
+
+def test_hybrid_layers_keep_softmax_and_cache_mixes_kinds():
+    model = dijiang.convert(tiny_model("llama"), layers=[0, 2])
+    assert [m.layer_idx for _, m in iter_dijiang_layers(model)] == [0, 2]
+    ids = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        stepped, cache = incremental_logits(model, ids, prefill=4)
+    assert isinstance(cache.layers[0], DiJiangStateLayer) and not isinstance(cache.layers[1], DiJiangStateLayer)
+    assert cache.layers[1].keys.shape[-2] == 9  # the softmax layer grows its KV cache
+    assert rel_err(stepped, full) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["pure", "window"])
+def test_converted_state_does_not_grow_with_context(kind):
+    model = dijiang.convert(tiny_model("llama"), SETTINGS[kind])
+    sizes = []
+    for length in (8, 40, 120):
+        with torch.no_grad():
+            cache = model(torch.randint(3, VOCAB, (1, length)), use_cache=True).past_key_values
+        sizes.append(cache.state_bytes())
+    assert sizes[0] > 0 and sizes[0] == sizes[1] == sizes[2]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("kind", ["pure", "window"])
+def test_batched_left_padded_generation_equals_single(family, kind):
+    model = dijiang.convert(tiny_model(family, seed=1), SETTINGS[kind])
+    prompts = [torch.randint(3, VOCAB, (n,)) for n in (7, 4)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    with torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for row, prompt in enumerate(prompts):
+            single = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert torch.equal(batched[row, width:], single[0, len(prompt):])
+
+
+def test_left_padding_gives_real_tokens_unpadded_logits():
+    model = dijiang.convert(tiny_model("llama"), dict(window=4))
+    prompt = torch.randint(3, VOCAB, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], dim=1).long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        alone = model(prompt).logits
+        with_pad = model(padded, attention_mask=mask, position_ids=position_ids).logits[:, 3:]
+    assert rel_err(with_pad, alone) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_reload_identical(tmp_path, family):
+    model = dijiang.convert(tiny_model(family), dict(window=4, num_features=32))
+    with torch.no_grad():  # make the new parameters differ from their init, so the reload must restore them
+        for _, layer in iter_dijiang_layers(model):
+            for p in layer.new_parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, is_decoder=True)
+    model = transformers.BertLMHeadModel(config)
+    with pytest.raises(ValueError, match="supported: .*llama"):
+        dijiang.convert(model)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="PreTrainedModel"):
+        dijiang.convert(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        dijiang.convert(tiny_model("llama"), layers=[5])
+    with pytest.raises(ValueError, match="unknown DiJiang settings"):
+        dijiang.convert(tiny_model("llama"), dict(windw=3))
+    with pytest.raises(ValueError, match="unknown feature map"):
+        dijiang.convert(tiny_model("llama"), dict(feature_map="nope"))
+    converted = dijiang.convert(tiny_model("llama"))
+    with pytest.raises(ValueError, match="already converted"):
+        dijiang.convert(converted)
+    with pytest.raises(FileNotFoundError):
+        dijiang.load_pretrained("./no/such/dir")
