@@ -197,7 +197,7 @@ def test_fidelity_on_a_converted_model(model, tokenizer):
 
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
 def test_passkey_prompt(tokenizer, depth):
-    prompt = passkey_prompt(tokenizer, 400, depth, 48213)
+    prompt = passkey_prompt(tokenizer, 1500, depth, 48213)
     assert prompt.text.count("48213") == 1
     needle = evaluate.PASSKEY_NEEDLE.format(key="48213")
     before = prompt.text[:prompt.text.index(needle)]
@@ -206,7 +206,7 @@ def test_passkey_prompt(tokenizer, depth):
     assert prompt.text.endswith(evaluate.PASSKEY_QUESTION)
     length = len(tokenizer(prompt.text)["input_ids"])
     filler_tokens = len(tokenizer(evaluate.PASSKEY_FILLER)["input_ids"])
-    assert 400 - 2 * filler_tokens <= length <= 400 + filler_tokens
+    assert 1500 - 2 * filler_tokens <= length <= 1500 + filler_tokens
 
 
 def test_passkey_prompt_errors(tokenizer):
@@ -277,3 +277,92 @@ def test_eval_cli_registers():
     evaluate.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--convert", "--window", "256", "--passkey", "256,512"])
     assert args.func is evaluate.run_eval and args.window == 256 and args.convert
+
+
+# ---------------------------------------------------------------- lm-eval-harness adapter
+
+
+class FakeInstance:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture
+def lm_eval_lm(model, tokenizer, monkeypatch):
+    """The adapter's LM class, on a fake `lm_eval` when the real one is not installed."""
+    import types
+
+    from dijiang import lm_eval_adapter
+
+    try:
+        import lm_eval.api.model  # noqa: F401
+    except ImportError:
+        class FakeLM:
+            def __init__(self):
+                self._rank = 0
+
+        fake = types.ModuleType("lm_eval")
+        fake.api = types.ModuleType("lm_eval.api")
+        fake.api.model = types.ModuleType("lm_eval.api.model")
+        fake.api.model.LM = FakeLM
+        monkeypatch.setitem(sys.modules, "lm_eval", fake)
+        monkeypatch.setitem(sys.modules, "lm_eval.api", fake.api)
+        monkeypatch.setitem(sys.modules, "lm_eval.api.model", fake.api.model)
+        monkeypatch.setattr(lm_eval_adapter, "_REGISTERED", {})
+    cls = lm_eval_adapter.lm_class()
+    assert issubclass(cls, sys.modules["lm_eval.api.model"].LM)
+    return cls(model=model, tokenizer=tokenizer, batch_size=2)
+
+
+def direct_loglikelihood(model, tokenizer, context, continuation):
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    return sum(float(log_probs[t - 1, ids[t]]) for t in range(len(context_ids), len(ids)))
+
+
+def test_lm_eval_loglikelihood_matches_direct(lm_eval_lm, model, tokenizer):
+    pairs = [("The quick brown", " fox jumps"), ("Pack my box with", " five dozen liquor jugs."),
+             ("How vexingly", " quick"), ("0123", "456789 pass key.")]
+    results = lm_eval_lm.loglikelihood([FakeInstance(*pair) for pair in pairs])
+    for (context, continuation), (logprob, greedy) in zip(pairs, results):
+        assert logprob == pytest.approx(direct_loglikelihood(model, tokenizer, context, continuation), abs=1e-4)
+        assert isinstance(greedy, bool)
+    # trailing context spaces move to the continuation
+    (moved, _), = lm_eval_lm.loglikelihood([FakeInstance("The quick ", "brown")])
+    assert moved == pytest.approx(direct_loglikelihood(model, tokenizer, "The quick", " brown"), abs=1e-4)
+
+
+def test_lm_eval_greedy_flag(lm_eval_lm, model, tokenizer):
+    ids = tokenizer("The quick brown", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        best = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+    (_, greedy), = lm_eval_lm.score_continuations([(ids, [best])])
+    (_, not_greedy), = lm_eval_lm.score_continuations([(ids, [(best + 1) % len(tokenizer)])])
+    assert greedy and not not_greedy
+
+
+def test_lm_eval_rolling_and_generate(lm_eval_lm, model, tokenizer):
+    text = CORPUS[:150]
+    ids = [lm_eval_lm.prefix_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    expected = sum(float(log_probs[t - 1, ids[t]]) for t in range(1, len(ids)))
+    rolling, = lm_eval_lm.loglikelihood_rolling([FakeInstance(text)])
+    assert rolling == pytest.approx(expected, abs=1e-3)
+    lm_eval_lm.max_length = 16  # force several windows: same total up to context truncation effects
+    assert lm_eval_lm.loglikelihood_rolling([FakeInstance(text)])[0] < 0
+    outputs = lm_eval_lm.generate_until([FakeInstance("The quick", {"until": ["\n"], "max_gen_toks": 5})])
+    assert isinstance(outputs[0], str) and "\n" not in outputs[0]
+
+
+def test_lm_eval_missing_gives_clear_message(monkeypatch):
+    from dijiang import lm_eval_adapter
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.api", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
+    monkeypatch.setattr(lm_eval_adapter, "_REGISTERED", {})
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        lm_eval_adapter.lm_class()

@@ -29,6 +29,7 @@ their distribution cannot be Gaussian), but ``chi`` at least gets the second mom
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Callable
 
@@ -191,11 +192,19 @@ class ProjectedFeatureMap(FeatureMap):
     def build_projection(self) -> np.ndarray | Tensor:
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() must not round the frozen projection: keep it fp32, follow only the device.
+        fp32_projection = self.projection
+        out = super()._apply(fn, recurse)
+        if self.projection.dtype != torch.float32:
+            self.projection = fp32_projection.to(device=self.projection.device)
+        return out
+
     def log_features(self, x: Tensor) -> Tensor:
         """Unstabilised log-features log w + sqrt(scale) x @ P in fp32."""
         z = (x.float() * math.sqrt(self.scale)) @ self.projection
         if self.log_weight is not None:
-            z = z + self.log_weight
+            z = z + self.log_weight.float()
         return z
 
     def forward(self, x: Tensor) -> Tensor:
@@ -318,11 +327,12 @@ def build_feature_map(
     """Build a registered feature map. num_features defaults to head_dim."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {name!r}; registered: {sorted(FEATURE_MAPS)}")
-    if not isinstance(head_dim, int) or not isinstance(num_heads, int) or head_dim < 1 or num_heads < 1:
-        raise ValueError(f"head_dim and num_heads must be ints >= 1, got head_dim={head_dim!r}, num_heads={num_heads!r}")
-    m = head_dim if num_features is None else num_features
+    dims_are_ints = isinstance(head_dim, numbers.Integral) and isinstance(num_heads, numbers.Integral)
+    if not dims_are_ints or head_dim < 1 or num_heads < 1:
+        raise ValueError(f"head_dim and num_heads must be ints >= 1, got {head_dim!r} and {num_heads!r}")
+    m = head_dim if num_features is None else int(num_features)
     return FEATURE_MAPS[name](
-        head_dim, num_heads, m, scale=scale, stabiliser=stabiliser, seed=seed, qmc=qmc, radius=radius
+        int(head_dim), int(num_heads), m, scale=scale, stabiliser=stabiliser, seed=seed, qmc=qmc, radius=radius
     )
 
 

@@ -106,7 +106,7 @@ def plot_demo(perplexity_rows: Sequence[dict], log: str | Path | Sequence[dict] 
     ax_ppl.set_ylabel("perplexity (log scale)")
     ax_ppl.set_title("perplexity on the evaluation text")
     for bar, value in zip(bars, values):
-        ax_ppl.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+        ax_ppl.annotate(f"{value:.4g}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
                         fontsize=8)
     _draw_loss(ax_loss, loss_records(log) if log is not None else [])
     return _save(fig, out_path)

@@ -41,9 +41,10 @@ def chunk_states(chunk_decay: Tensor, chunk_updates: Tensor, state: Tensor) -> t
     chunk_decay: [B, H, N] decay factor across each chunk; chunk_updates: [B, H, N, m, dv].
     """
     entering = []
-    for n in range(chunk_updates.shape[2]):
+    # unbind, not indexing: each index's backward would allocate a full-size gradient (O(N^2))
+    for decay, update in zip(chunk_decay.unbind(dim=2), chunk_updates.unbind(dim=2)):
         entering.append(state)
-        state = chunk_decay[:, :, n, None, None] * state + chunk_updates[:, :, n]
+        state = decay[:, :, None, None] * state + update
     return torch.stack(entering, dim=2), state
 
 

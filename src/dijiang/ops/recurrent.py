@@ -23,10 +23,10 @@ def recurrent_linear_attention(
     """Same contract as :func:`dijiang.ops.linear_attention`; state ``[B, H, m, dv(+1)]`` float32."""
     validate_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
     qf, kf, vf, g, state, mask = prepare_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
-    decay = torch.exp(g)  # [B, T, H]
     outputs = []
-    for t in range(q.shape[1]):
-        state = decay[:, t, :, None, None] * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]
-        outputs.append(torch.einsum("bhm,bhmv->bhv", qf[:, t], state))
+    # unbind, not indexing: each index's backward would allocate a full-size gradient (O(T^2))
+    for decay, q_t, k_t, v_t in zip(*(x.unbind(dim=1) for x in (torch.exp(g), qf, kf, vf))):
+        state = decay[:, :, None, None] * state + k_t[..., :, None] * v_t[..., None, :]
+        outputs.append(torch.einsum("bhm,bhmv->bhv", q_t, state))
     o = torch.stack(outputs, dim=1)
     return finish_outputs(o, normalize, mask, eps, v.dtype), (state if output_final_state else None)

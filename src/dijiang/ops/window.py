@@ -1,10 +1,333 @@
-"""Sliding-window softmax + decayed linear attention hybrid (work in progress)."""
+"""Sliding-window softmax + decayed linear attention, one shared normaliser (the LoLCATs hybrid).
+
+For query t, window keys W_t = {j : t - window < j <= t}, linear keys L_t = {j : j <= t - window}:
+
+    a_j = exp(scale q_t.k_j - max_{i in W_t} scale q_t.k_i)                           j in W_t
+    b_j = lin_weight_h * exp((t - window - j) * log_decay_h) * (q_feat_t . k_feat_j)  j in L_t
+    o_t = (sum_W a_j v_j + sum_L b_j v_j) / (sum_W a_j + sum_L b_j + eps)
+
+The linear decay is counted from the window edge: a key that just left the window has weight 1.
+
+State (fixed size, CUDA-graph friendly), a dict:
+    "S":    [B, H, m, dv + 1] float32, sum over tokens that left the window of
+            exp((edge - j) * log_decay) k_feat_j^T [v_j, 1], edge = newest token - window
+            (lin_weight is applied at query time, not stored)
+    "k":    [B, window, H, d]  the last `window` raw keys, oldest first (k.dtype)
+    "v":    [B, window, H, dv] (v.dtype)
+    "kf":   [B, window, H, m]  (k_feat.dtype)
+    "mask": [B, window] bool, which slots hold real tokens
+A fresh state is all zeros with mask False: exactly what ``initial_state=None`` means.
+
+Padding (``attention_mask`` 0/False): padded tokens take a window slot (time advances over them, unlike
+``linear_attention``) but contribute nothing (zero key, value and normaliser) and get output 0. With
+left padding the real tokens get exactly the unpadded results.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
 
-def window_attention(*args, **kwargs):
-    raise NotImplementedError("window_attention is being written")
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .naive import (
+    _skip_value_checks,
+    check_attention_mask,
+    check_log_decay,
+    check_rank4,
+    check_same_bth,
+    finish_outputs,
+)
+
+MODES = ("parallel", "chunk", "recurrent")
 
 
-naive_window_attention = chunk_window_attention = recurrent_window_attention = window_attention
+def check_lin_weight(lin_weight: Tensor, num_heads: int) -> None:
+    if not isinstance(lin_weight, Tensor) or lin_weight.dim() != 1 or lin_weight.shape[0] != num_heads:
+        shape = tuple(lin_weight.shape) if isinstance(lin_weight, Tensor) else type(lin_weight).__name__
+        raise ValueError(f"lin_weight must have shape [H] = [{num_heads}], got {shape}")
+    if not _skip_value_checks() and bool(torch.any(lin_weight <= 0)):
+        raise ValueError("lin_weight must be > 0 (pass softplus/exp of the raw parameter)")
+
+
+def expected_state_shapes(q, v, q_feat, window: int) -> dict[str, tuple[int, ...]]:
+    batch, _, heads, head_dim = q.shape
+    return {
+        "S": (batch, heads, q_feat.shape[-1], v.shape[-1] + 1),
+        "k": (batch, window, heads, head_dim),
+        "v": (batch, window, heads, v.shape[-1]),
+        "kf": (batch, window, heads, q_feat.shape[-1]),
+        "mask": (batch, window),
+    }
+
+
+def check_window_state(state, expected: dict[str, tuple[int, ...]]) -> None:
+    if state is None:
+        return
+    if not isinstance(state, dict) or set(state) != set(expected):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"initial_state must be a dict with keys {sorted(expected)}, got {got}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"initial_state[{key!r}] must have shape {list(shape)}, got {tuple(state[key].shape)}")
+
+
+def validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask):
+    check_rank4(q=q, k=k, v=v, q_feat=q_feat, k_feat=k_feat)
+    batch, seq_len, heads = check_same_bth(q=q, k=k, v=v, q_feat=q_feat, k_feat=k_feat)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if q_feat.shape[-1] != k_feat.shape[-1]:
+        raise ValueError(f"q_feat and k_feat feature dims differ: {q_feat.shape[-1]} vs {k_feat.shape[-1]}")
+    check_log_decay(log_decay, heads)
+    check_lin_weight(lin_weight, heads)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    check_window_state(initial_state, expected_state_shapes(q, v, q_feat, window))
+    check_attention_mask(attention_mask, batch, seq_len)
+
+
+class Tokens(NamedTuple):
+    """float32 keys/values of a span of tokens; padded tokens zeroed, v augmented with a ones column."""
+
+    k: Tensor  # [B, L, H, d]
+    kf: Tensor  # [B, L, H, m]
+    v: Tensor  # [B, L, H, dv + 1]
+    mask: Tensor  # [B, L] bool
+
+
+def _tokens(k: Tensor, kf: Tensor, v: Tensor, mask: Tensor) -> Tokens:
+    real = mask[:, :, None, None].float()
+    v = torch.cat([v.float(), v.new_ones(v.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)
+    return Tokens(k.float() * real, kf.float() * real, v * real, mask)
+
+
+def _cat(a: Tokens, b: Tokens) -> Tokens:
+    return Tokens(*(torch.cat([x, y], dim=1) for x, y in zip(a, b)))
+
+
+class Prepared(NamedTuple):
+    q: Tensor  # [B, T, H, d] float32
+    qf: Tensor  # [B, T, H, m] float32
+    current: Tokens  # this call's tokens
+    buffer: Tokens  # the `window` tokens before them (from the state)
+    state: Tensor  # "S", [B, H, m, dv + 1] float32
+    mask: Tensor | None  # [B, T] bool
+
+
+def prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask) -> Prepared:
+    batch, seq_len, heads, head_dim = q.shape
+    if attention_mask is None:
+        mask = None
+        current_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=q.device)
+    else:
+        mask = current_mask = attention_mask.to(device=q.device, dtype=torch.bool)
+    current = _tokens(k, k_feat, v, current_mask)
+    if initial_state is None:
+        shapes = expected_state_shapes(q, v, q_feat, window)
+        zeros = {key: q.new_zeros(shape, dtype=torch.float32) for key, shape in shapes.items()}
+        initial_state = {**zeros, "mask": zeros["mask"].bool()}
+    buffer = _tokens(initial_state["k"], initial_state["kf"], initial_state["v"], initial_state["mask"].bool())
+    return Prepared(q.float(), q_feat.float(), current, buffer, initial_state["S"].float(), mask)
+
+
+def _pack_state(S: Tensor, last: Tokens, k: Tensor, v: Tensor, k_feat: Tensor) -> dict[str, Tensor]:
+    return {
+        "S": S,
+        "k": last.k.to(k.dtype),
+        "v": last.v[..., :-1].to(v.dtype),
+        "kf": last.kf.to(k_feat.dtype),
+        "mask": last.mask,
+    }
+
+
+def _final_state(p: Prepared, tokens: Tokens, log_decay: Tensor, k, v, k_feat) -> dict[str, Tensor]:
+    """State after the last token; ``tokens`` = buffer + current (length window + T)."""
+    seq_len = p.q.shape[1]
+    window = tokens.k.shape[1] - seq_len
+    # tokens 0 .. T-1 of the extended sequence have left the window; decay them to the new edge
+    steps = torch.arange(seq_len - 1, -1, -1, device=p.q.device, dtype=torch.float32)
+    to_edge = torch.exp(steps[:, None] * log_decay.float())  # [T, H]
+    S = torch.exp(seq_len * log_decay.float())[:, None, None] * p.state
+    S = S + torch.einsum("bjhm,jh,bjhv->bhmv", tokens.kf[:, :seq_len], to_edge, tokens.v[:, :seq_len])
+    last = Tokens(*(x[:, seq_len : seq_len + window] for x in tokens))
+    return _pack_state(S, last, k, v, k_feat)
+
+
+def _softmax_weights(scores: Tensor, allowed: Tensor) -> Tensor:
+    """exp(score - max over allowed) where allowed, exactly 0 elsewhere."""
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    row_max = masked.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # no real key in window
+    return torch.exp(masked - row_max)
+
+
+def _default_scale(q: Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def naive_window_attention(
+    q, k, v, q_feat, k_feat, log_decay, lin_weight, *, window=64, scale=None,
+    initial_state=None, output_final_state=False, attention_mask=None, eps=1e-6,
+) -> tuple[Tensor, dict | None]:
+    """Materialises [T, window + T] masks. For tests and short sequences only."""
+    validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
+    p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
+    tokens = _cat(p.buffer, p.current)  # key position j here is absolute position j - window
+    seq_len = q.shape[1]
+    t = torch.arange(seq_len, device=q.device)[:, None]
+    j = torch.arange(window + seq_len, device=q.device)[None, :]
+    key_real = tokens.mask[:, None, None, :]  # [B, 1, 1, window + T]
+    in_window = (j > t) & (j <= t + window) & key_real
+    scores = _default_scale(q, scale) * torch.einsum("bthd,bjhd->bhtj", p.q, tokens.k)
+    a = _softmax_weights(scores, in_window)
+
+    ld = log_decay.float()[:, None, None]
+    lin_exponent = torch.where(j <= t, (t - j) * ld, float("-inf"))  # [H, T, window + T]
+    b = torch.exp(lin_exponent) * torch.einsum("bthm,bjhm->bhtj", p.qf, tokens.kf)
+    lw = lin_weight.float()
+    o = torch.einsum("bhtj,bjhv->bthv", a + lw[:, None, None] * b, tokens.v)
+    from_state = torch.einsum("bthm,bhmv->bthv", p.qf, p.state)
+    o = o + (lw * torch.exp((t + 1) * log_decay.float()))[..., None] * from_state
+
+    final = _final_state(p, tokens, log_decay, k, v, k_feat) if output_final_state else None
+    return finish_outputs(o, True, p.mask, eps, v.dtype), final
+
+
+def _to_chunks(x: Tensor, window: int) -> Tensor:
+    """[B, N*window, H, D] -> [B, H, N, window, D] (zero-padding the end)."""
+    batch, length, heads = x.shape[:3]
+    num_chunks = -(-length // window)
+    x = F.pad(x, [0, 0, 0, 0, 0, num_chunks * window - length])
+    return x.reshape(batch, num_chunks, window, heads, x.shape[-1]).movedim(3, 1)
+
+
+def _edge_states(chunk_decay: Tensor, updates: Tensor, state: Tensor) -> Tensor:
+    """[state, after update 0, after update 1, ...] stacked on dim 2; updates [B, H, n, m, dv+1]."""
+    states = [state]
+    for update in updates.unbind(dim=2):  # unbind: indexing in a loop makes backward O(n^2)
+        state = chunk_decay * state + update
+        states.append(state)
+    return torch.stack(states, dim=2)
+
+
+def chunk_window_attention(
+    q, k, v, q_feat, k_feat, log_decay, lin_weight, *, window=64, scale=None,
+    initial_state=None, output_final_state=False, attention_mask=None, eps=1e-6,
+) -> tuple[Tensor, dict | None]:
+    """Chunks of size ``window``; a query in chunk c sees chunks c-1, c exactly and the rest via a state.
+
+    Positions are counted in the sequence extended by the state's buffer (chunk 0), so query chunk c
+    (c >= 1) at in-chunk offset i has: softmax over chunks c-1, c at offsets (i, i + window]; linear
+    keys in chunk c-1 at offsets <= i with decay (i - offset); and the state R_{c-2} over chunks
+    <= c-2, decayed to the last token of chunk c-2, times exp((i + 1) log_decay).
+    """
+    validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
+    p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
+    tokens = _cat(p.buffer, p.current)
+    seq_len = q.shape[1]
+    kc, kfc, vc = (_to_chunks(x, window) for x in tokens[:3])  # [B, H, N, window, *]
+    maskc = _to_chunks(tokens.mask[:, :, None, None].float(), window).bool()  # [B, 1, N, window, 1]
+    qc, qfc = _to_chunks(p.q, window), _to_chunks(p.qf, window)  # [B, H, N-1, window, *]
+
+    def two_chunks(x: Tensor) -> Tensor:  # keys of chunks c-1 and c, for c = 1 .. N-1
+        return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=-2)
+
+    i = torch.arange(window, device=q.device)[:, None]
+    j = torch.arange(2 * window, device=q.device)[None, :]
+    in_window = (j > i) & (j <= i + window) & two_chunks(maskc).transpose(-1, -2)
+    scores = _default_scale(q, scale) * (qc @ two_chunks(kc).transpose(-1, -2))
+    o = _softmax_weights(scores, in_window) @ two_chunks(vc)
+
+    ld = log_decay.float()[:, None, None, None]  # [H, 1, 1, 1]
+    lin_exponent = torch.where(j[:, :window] <= i, (i - j[:, :window]) * ld, float("-inf"))
+    lin = (qfc @ kfc[:, :, :-1].transpose(-1, -2)) * torch.exp(lin_exponent)
+    lin_o = lin @ vc[:, :, :-1]
+
+    to_chunk_end = torch.exp(torch.arange(window - 1, -1, -1, device=q.device) * log_decay.float()[:, None])
+    updates = (kfc[:, :, :-2] * to_chunk_end[:, None, :, None]).transpose(-1, -2) @ vc[:, :, :-2]
+    chunk_decay = torch.exp(window * log_decay.float())[:, None, None]
+    states = _edge_states(chunk_decay, updates, p.state)  # R_{c-2} for c = 1 .. N-1
+    from_edge = torch.exp((i + 1) * ld)  # [H, 1, window, 1]
+    lin_o = lin_o + from_edge * (qfc @ states)
+    o = o + lin_weight.float()[:, None, None, None] * lin_o
+
+    batch, heads = o.shape[:2]
+    o = o.movedim(1, 3).reshape(batch, -1, heads, o.shape[-1])[:, :seq_len]
+    final = _final_state(p, tokens, log_decay, k, v, k_feat) if output_final_state else None
+    return finish_outputs(o, True, p.mask, eps, v.dtype), final
+
+
+def recurrent_window_attention(
+    q, k, v, q_feat, k_feat, log_decay, lin_weight, *, window=64, scale=None,
+    initial_state=None, output_final_state=False, attention_mask=None, eps=1e-6,
+) -> tuple[Tensor, dict | None]:
+    """Token by token over a rolling buffer of the last ``window`` tokens (the decode path)."""
+    validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
+    p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
+    scale = _default_scale(q, scale)
+    decay = torch.exp(log_decay.float())[:, None, None]
+    lw = lin_weight.float()[:, None]
+    buffer, S = p.buffer, p.state
+    outputs = []
+    for step in zip(p.q.unbind(dim=1), p.qf.unbind(dim=1), *(x.unbind(dim=1) for x in p.current)):
+        q_t, qf_t, *token = step
+        # the oldest buffered token leaves the window and is folded into S with weight 1
+        S = decay * S + buffer.kf[:, 0, :, :, None] * buffer.v[:, 0, :, None, :]
+        buffer = Tokens(*(torch.cat([old[:, 1:], new[:, None]], dim=1) for old, new in zip(buffer, token)))
+        scores = scale * torch.einsum("bhd,bwhd->bhw", q_t, buffer.k)
+        a = _softmax_weights(scores, buffer.mask[:, None, :])
+        o_t = torch.einsum("bhw,bwhv->bhv", a, buffer.v) + lw * torch.einsum("bhm,bhmv->bhv", qf_t, S)
+        outputs.append(o_t)
+    o = torch.stack(outputs, dim=1)
+    final = _pack_state(S, buffer, k, v, k_feat) if output_final_state else None
+    return finish_outputs(o, True, p.mask, eps, v.dtype), final
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_feat: Tensor,
+    k_feat: Tensor,
+    log_decay: Tensor,
+    lin_weight: Tensor,
+    *,
+    window: int = 64,
+    scale: float | None = None,
+    mode: str = "chunk",
+    initial_state: dict | None = None,
+    output_final_state: bool = False,
+    attention_mask: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, dict | None]:
+    """Exact softmax over the last ``window`` tokens + decayed linear attention for older ones.
+
+    Args:
+        q, k: ``[B, T, H, d]`` raw (post-RoPE) queries/keys for the softmax part.
+        v: ``[B, T, H, dv]``.
+        q_feat, k_feat: ``[B, T, H, m]`` feature-mapped queries/keys for the linear part.
+        log_decay: ``[H]``, <= 0. lin_weight: ``[H]``, > 0, scales the linear numerator and denominator.
+        window: softmax window length (also the chunk size of ``mode="chunk"``).
+        scale: softmax scale, default ``d ** -0.5``.
+        mode: ``"parallel"`` (reference), ``"chunk"`` (O(T * window)) or ``"recurrent"`` (decode).
+        initial_state / output_final_state: the state dict described in the module docstring;
+            carrying it across calls (any split, any modes) equals one long call.
+        attention_mask: ``[B, T]``, 1/True for real tokens.
+
+    Returns:
+        ``(o [B, T, H, dv] in v.dtype, state dict or None)``. Accumulation is float32.
+    """
+    forms = {
+        "parallel": naive_window_attention,
+        "chunk": chunk_window_attention,
+        "recurrent": recurrent_window_attention,
+    }
+    if mode not in forms:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return forms[mode](
+        q, k, v, q_feat, k_feat, log_decay, lin_weight, window=window, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state,
+        attention_mask=attention_mask, eps=eps,
+    )

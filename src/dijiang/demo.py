@@ -1,0 +1,223 @@
+"""`dijiang demo`: the whole pipeline on a CPU in minutes.
+
+teacher -> convert (pure DiJiang, and DiJiang + an exact in-layer softmax window) -> short fine-tune
+of the hybrid -> perplexity on the default text and a greedy sample from each -> one markdown table,
+a plot (perplexity bars + fine-tune loss) and the table in the output folder.
+
+Every piece is injectable (`model`/`tokenizer`, `convert_fn`, `train_fn`) so tests run it on a tiny model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import shutil
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dijiang.evaluate import load_text, markdown_table, perplexity
+
+DEFAULT_PROMPT = "In Python, a list comprehension"
+SCALE_NOTE = ("Note: this CPU run shows the mechanics at toy scale (a few tens of thousands of fine-tuning "
+              "tokens). The recovery figures come from the GPU quality run: see docs/results.md.")
+
+
+@dataclass
+class DemoResult:
+    rows: list[dict]
+    table: str
+    out_dir: Path
+    seconds: float
+    train_log: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def greedy_sample(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 30) -> str:
+    """The model's greedy continuation of `prompt` (continuation text only)."""
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def stdlib_training_text(num_chars: int, seed: int = 0) -> str:
+    """Offline training text that every Python install has: the standard library's own source files.
+
+    It is Python code and docstrings, related to but distinct from the evaluation text (pydoc topics).
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
+    random.Random(seed).shuffle(files)
+    parts, total = [], 0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= num_chars:
+            break
+    return "\n\n".join(parts)
+
+
+def default_convert(model, window: int = 0):
+    import dijiang
+
+    return dijiang.convert(model, settings={"window": window} if window else None)
+
+
+def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed: int, block_size: int,
+                  train_file: Path, convert_fn: Callable | None = None, progress: bool = True):
+    """Convert and fine-tune `source` (a name or folder `load_pretrained` takes) through `dijiang.train`.
+
+    Distillation from the unconverted model plus 0.2 LM loss, the trainer's defaults. Returns the
+    fine-tuned model (loaded back from `out_dir/final`) and the training log records.
+    """
+    from dijiang.plots import read_jsonl
+    from dijiang.train import TrainConfig, train
+
+    if out_dir.exists():  # the trainer refuses to overwrite checkpoints; this folder is the demo's own
+        shutil.rmtree(out_dir)
+    config = TrainConfig(model=str(source), out=str(out_dir), data=[str(train_file)], eval_data=[],
+                         tokens=str(tokens), block_size=block_size, batch_size=4, attention={"window": window},
+                         save_every=0, keep_checkpoints=1, seed=seed, progress=progress)
+    train_convert = None if convert_fn is None else (lambda model, _settings, _layers: convert_fn(model, window))
+    summary = train(config, convert_fn=train_convert)
+    if not summary.get("final"):
+        raise RuntimeError(f"training did not save a final model in {out_dir}")
+    import dijiang
+
+    model, _ = dijiang.load_pretrained(summary["final"])
+    return model.eval(), read_jsonl(out_dir / "log.jsonl")
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens: int = 40_000,
+             out: str | Path = "runs/demo", window: int = 64, seed: int = 0, block_size: int = 256,
+             eval_window: int = 512, eval_windows: int = 8, sample_tokens: int = 30,
+             prompt: str = DEFAULT_PROMPT, eval_text: str | None = None, train_text: str | None = None,
+             convert_fn: Callable | None = None, train_fn: Callable | None = None,
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Run the demo; returns the rows, the table and where the files went. See the module docstring."""
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    if window < 1:
+        raise ValueError(f"the demo's hybrid needs a window >= 1 token, got {window}")
+    start = time.perf_counter()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    def elapsed() -> str:
+        return f"[{time.perf_counter() - start:6.1f}s]"
+
+    source: str | Path = model_name
+    if model is None:
+        import dijiang
+
+        log(f"{elapsed()} loading {model_name}")
+        model, tokenizer = dijiang.load_pretrained(model_name)
+    else:  # the trainer loads its model by name: hand it a saved copy of the one we were given
+        if tokenizer is None:
+            raise ValueError("run_demo: pass the tokenizer along with the model")
+        source = out_dir / "teacher"
+        model.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    model.eval()
+    eval_text = eval_text if eval_text is not None else load_text("pydoc")
+    rows: list[dict] = []
+
+    def measure(name: str, candidate) -> None:
+        result = perplexity(candidate, tokenizer, eval_text, window=eval_window, max_windows=eval_windows)
+        sample = greedy_sample(candidate, tokenizer, prompt, sample_tokens)
+        rows.append({"model": name, "perplexity": result.perplexity, "sample": sample})
+        log(f"{elapsed()} {name}: perplexity {result.perplexity:.4g} over {result.num_targets} tokens")
+
+    measure("teacher (softmax)", model)
+    for name, model_window in (("DiJiang, converted", 0), (f"DiJiang + {window}-token window, converted", window)):
+        converted = (convert_fn or default_convert)(copy.deepcopy(model), model_window)
+        measure(name, converted)
+        del converted
+
+    train_file = out_dir / "train_text.txt"
+    train_file.write_text(train_text if train_text is not None else stdlib_training_text(tokens * 6, seed))
+    log(f"{elapsed()} fine-tuning the hybrid on {tokens:,} tokens of {train_file} (block {block_size})")
+    fine_tuned, train_log = (train_fn or default_train)(
+        source, window=window, tokens=tokens, out_dir=out_dir / "train", seed=seed, block_size=block_size,
+        train_file=train_file, convert_fn=convert_fn)
+    measure(f"DiJiang + {window}-token window, fine-tuned {_short_count(tokens)} tokens", fine_tuned)
+
+    teacher_ppl = rows[0]["perplexity"]
+    for row in rows:
+        row["ratio"] = row["perplexity"] / teacher_ppl
+    table = markdown_table(rows, [("model", "model"), ("perplexity", "perplexity"), ("ratio", "ratio to teacher"),
+                                  ("sample", f"greedy sample of {prompt!r}")])
+    _write_outputs(out_dir, rows, table, train_log, settings={
+        "model": str(source), "tokens": tokens, "window": window, "seed": seed, "block_size": block_size,
+        "eval_window": eval_window, "eval_windows": eval_windows, "prompt": prompt})
+    seconds = time.perf_counter() - start
+    log("")
+    log(table)
+    log("")
+    log(SCALE_NOTE)
+    log(f"wrote {out_dir / 'table.md'}, {out_dir / 'demo.png'}, {out_dir / 'results.json'} in {seconds:.0f} s")
+    return DemoResult(rows, table, out_dir, seconds, train_log)
+
+
+def _short_count(tokens: int) -> str:
+    return f"{tokens / 1e6:g}M" if tokens >= 1_000_000 else f"{tokens / 1e3:g}K" if tokens >= 1000 else str(tokens)
+
+
+def _write_outputs(out_dir: Path, rows: list[dict], table: str, train_log: list[dict], settings: dict) -> None:
+    from dijiang.plots import plot_demo
+
+    (out_dir / "table.md").write_text(table + "\n\n" + SCALE_NOTE + "\n")
+    (out_dir / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    plot_demo(rows, train_log, out_dir / "demo.png")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _run_demo_cli(args) -> int:
+    run_demo(model_name=args.model, tokens=args.tokens, out=args.out, window=args.window, seed=args.seed,
+             block_size=args.block_size, eval_window=args.eval_window, eval_windows=args.eval_windows,
+             prompt=args.prompt)
+    return 0
+
+
+def parse_count(text: str) -> int:
+    """'200K' -> 200000, '1.5M' -> 1500000, '5000' -> 5000."""
+    text = str(text).strip().upper().replace("_", "")
+    scale = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count like 40K or 2M, got {text!r}") from None
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="teacher -> DiJiang -> short fine-tune -> perplexity table, on a CPU in minutes",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="teacher: 'smollm2', a hub name or a local folder")
+    parser.add_argument("--tokens", type=parse_count, default=40_000, help="fine-tuning tokens (e.g. 40K)")
+    parser.add_argument("--out", default="runs/demo", help="output folder")
+    parser.add_argument("--window", type=int, default=64, help="exact-softmax window of the hybrid, in tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=256, help="fine-tuning sequence length")
+    parser.add_argument("--eval-window", type=int, default=512, help="perplexity window length")
+    parser.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per model")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the greedy samples")
+    parser.set_defaults(func=_run_demo_cli)

@@ -1,0 +1,614 @@
+"""Fused DiJiang attention on the GPU (Triton): the softmax feature map is computed inside the
+attention kernels, so phi(q), phi(k) never reach device memory, forward and backward.
+
+    phi(x) = softmax_m(sqrt(scale) * x @ P + log_weight[h])          x: [d], P: [d, m]
+    o_t    = sum_{j<=t} exp((t - j) log_decay_h) (phi(q_t) . phi(k_j)) v_j  (+ initial state term)
+    normalize=True: o_t / (same sum with v = 1 + eps)
+
+Equals ``dijiang.ops.linear_attention(phi(q), phi(k), v, log_decay, normalize=...)`` (same state
+layout: ``[B, H, m, dv (+1 normaliser column)]`` float32).
+
+Algorithm (chunk size C = 64, chunks grouped in segments of L chunks):
+
+forward
+  F1  one program per (segment, b*h): walks its L chunks, computes phi(k) and the segment-local
+      state entering each chunk (stored, float32) and the segment's own state sum.
+  F2  one small sequential scan per (b*h) over segments: segment-entering states (and the final state).
+  F3  one program per (chunk, b*h): phi(q), phi(k), the intra-chunk decayed quadratic part and the
+      inter-chunk part from the (segment-local + decayed segment-entering) state; writes o
+      (and the normaliser per token when normalize=True).
+backward (same structure, time reversed)
+  B1  per segment: local backward states dL/dS (from the segment's own later chunks), per chunk.
+  B2  reverse scan over segments (starts from dL/d final_state, ends with dL/d initial_state).
+  B3  per chunk: recomputes phi(q), phi(k), all of dq, dk, dv, the softmax backward, per-chunk
+      partial sums for d log_weight and d log_decay.
+
+Decay gradient (no cancellation): with S_c = g^{n_c} S_{c-1} + sum_j g^{n_c-1-j} K_j^T v_j and
+o_t = intra(g) + g^{i+1} Q_t S_{c-1}, the chain rule through the chunk recurrence gives per chunk
+   sum_ij (i-j) A_ij M_ij                         (intra pairs; A = QK^T * decay mask, M = dO V^T)
+ + sum_i (i+1) Q_i . dQ_inter_i                   (queries reading the entering state)
+ + n_c g^{n_c} <dL/dS_c, S_{c-1}> + sum_j (n_c-1-j) K_j . dK_inter_j   (the state update)
+where every quantity is already in the backward kernel. Summed in torch over chunks and batch.
+
+Numbers: bf16 (or fp16/fp32) inputs, fp32 accumulation; the feature-map product x @ P is a tf32
+dot with P kept in float32; states are float32 in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional (CPU machines, CI)
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["fused_dijiang_attention", "torch_dijiang_attention", "dijiang_feature_map", "triton_supported"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_DIMS = (16, 32, 64, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch reference / fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def dijiang_feature_map(x: Tensor, proj: Tensor, log_weight: Tensor | None, scale: float) -> Tensor:
+    """softmax_m(sqrt(scale) x @ P + log_weight), fp32 math, output fp32. x: [B, T, H, d]."""
+    z = (x.float() * math.sqrt(scale)) @ proj.float()
+    if log_weight is not None:
+        z = z + log_weight.float()
+    return torch.softmax(z, dim=-1)
+
+
+def torch_dijiang_attention(q, k, v, proj, log_weight, log_decay, *, scale=None, normalize=False,
+                            initial_state=None, output_final_state=False, chunk_size=64,
+                            attention_mask=None, eps=1e-6):
+    """Separate feature map + ``dijiang.ops.linear_attention`` (chunk form): the fallback path."""
+    from . import linear_attention
+
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    fq = dijiang_feature_map(q, proj, log_weight, scale).to(q.dtype)
+    fk = dijiang_feature_map(k, proj, log_weight, scale).to(k.dtype)
+    return linear_attention(fq, fk, v, log_decay, mode="chunk", chunk_size=chunk_size,
+                            initial_state=initial_state, output_final_state=output_final_state,
+                            normalize=normalize, attention_mask=attention_mask, eps=eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _phi(x, P, w, s, valid):
+        """Softmax features of a [C, D] tile; rows outside the sequence are zero."""
+        z = tl.dot(x.to(tl.float32), P) * s + w[None, :]
+        z = z - tl.max(z, axis=1)[:, None]
+        e = tl.exp(z)
+        f = e / tl.sum(e, axis=1)[:, None]
+        return tl.where(valid[:, None], f, 0.0)
+
+    @triton.jit
+    def _f1_segment_states(
+        k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, zloc_ptr, seg_ptr,
+        T, H, NC, NSEG, s,
+        C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        pid_s = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        DT = v_ptr.dtype.element_ty
+        E = M * DV + M * NORM
+        lam = tl.load(ld_ptr + h).to(tl.float32)
+        ar_c = tl.arange(0, C)
+        ar_d = tl.arange(0, D)
+        ar_m = tl.arange(0, M)
+        ar_v = tl.arange(0, DV)
+        P = tl.load(p_ptr + ar_d[:, None] * M + ar_m[None, :])
+        w = tl.load(w_ptr + h * M + ar_m)
+        kb = k_ptr + (b.to(tl.int64) * T * H + h) * D
+        vb = v_ptr + (b.to(tl.int64) * T * H + h) * DV
+        S = tl.zeros([M, DV], dtype=tl.float32)
+        z = tl.zeros([M], dtype=tl.float32)
+        for ci in range(0, L):
+            c = pid_s * L + ci
+            if c < NC:
+                t0 = c * C
+                rows = t0 + ar_c
+                valid = rows < T
+                n = tl.minimum(T - t0, C)
+                base = (bh.to(tl.int64) * NC + c)
+                tl.store(hloc_ptr + base * M * DV + ar_m[:, None] * DV + ar_v[None, :], S)
+                if NORM:
+                    tl.store(zloc_ptr + base * M + ar_m, z)
+                kx = tl.load(kb + rows[:, None] * H * D + ar_d[None, :], mask=valid[:, None], other=0.0)
+                K = _phi(kx, P, w, s, valid)
+                vx = tl.load(vb + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None], other=0.0)
+                wk = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
+                Kw = K * wk[:, None]
+                dec = tl.exp((n * 1.0) * lam)
+                S = S * dec + tl.dot(tl.trans(Kw.to(DT)), vx)
+                if NORM:
+                    z = z * dec + tl.sum(Kw, axis=0)
+        sb = seg_ptr + (bh.to(tl.int64) * NSEG + pid_s) * E
+        tl.store(sb + ar_m[:, None] * DV + ar_v[None, :], S)
+        if NORM:
+            tl.store(sb + M * DV + ar_m, z)
+
+    @triton.jit
+    def _scan_segments(
+        seg_ptr, init_ptr, final_ptr, ld_ptr, T, H, NSEG, E, SEGLEN,
+        BLK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    ):
+        """seg[s] <- state entering segment s (REVERSE: dL/dS at the end of segment s)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        h = bh % H
+        offs = pid * BLK + tl.arange(0, BLK)
+        msk = offs < E
+        lam = tl.load(ld_ptr + h).to(tl.float32)
+        if HAS_INIT:
+            S = tl.load(init_ptr + bh.to(tl.int64) * E + offs, mask=msk, other=0.0)
+        else:
+            S = tl.zeros([BLK], dtype=tl.float32)
+        for i in range(0, NSEG):
+            if REVERSE:
+                si = NSEG - 1 - i
+            else:
+                si = i
+            p = seg_ptr + (bh.to(tl.int64) * NSEG + si) * E + offs
+            u = tl.load(p, mask=msk, other=0.0)
+            tl.store(p, S, mask=msk)
+            n = tl.minimum(SEGLEN, T - si * SEGLEN)
+            S = S * tl.exp((n * 1.0) * lam) + u
+        if STORE_FINAL:
+            tl.store(final_ptr + bh.to(tl.int64) * E + offs, S, mask=msk)
+
+    @triton.jit
+    def _f3_output(
+        q_ptr, k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, zloc_ptr, seg_ptr, o_ptr, den_ptr,
+        T, H, NC, NSEG, s, eps,
+        C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        c = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        DT = v_ptr.dtype.element_ty
+        E = M * DV + M * NORM
+        sg = c // L
+        lam = tl.load(ld_ptr + h).to(tl.float32)
+        ar_c = tl.arange(0, C)
+        ar_d = tl.arange(0, D)
+        ar_m = tl.arange(0, M)
+        ar_v = tl.arange(0, DV)
+        t0 = c * C
+        rows = t0 + ar_c
+        valid = rows < T
+        P = tl.load(p_ptr + ar_d[:, None] * M + ar_m[None, :])
+        w = tl.load(w_ptr + h * M + ar_m)
+        tok = (b.to(tl.int64) * T * H + h)
+        qx = tl.load(q_ptr + tok * D + rows[:, None] * H * D + ar_d[None, :], mask=valid[:, None], other=0.0)
+        kx = tl.load(k_ptr + tok * D + rows[:, None] * H * D + ar_d[None, :], mask=valid[:, None], other=0.0)
+        vx = tl.load(v_ptr + tok * DV + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None], other=0.0)
+        Q = _phi(qx, P, w, s, valid)
+        K = _phi(kx, P, w, s, valid)
+        ii = ar_c[:, None]
+        jj = ar_c[None, :]
+        Dm = tl.where(ii >= jj, tl.exp((ii - jj).to(tl.float32) * lam), 0.0)
+        A = tl.dot(Q.to(DT), tl.trans(K.to(DT))) * Dm
+        o = tl.dot(A.to(DT), vx)
+        g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
+        base = bh.to(tl.int64) * NC + c
+        sb = seg_ptr + (bh.to(tl.int64) * NSEG + sg) * E
+        fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
+        hs = tl.load(hloc_ptr + base * M * DV + ar_m[:, None] * DV + ar_v[None, :])
+        hs += fs * tl.load(sb + ar_m[:, None] * DV + ar_v[None, :])
+        Qg = Q * g_in[:, None]
+        o += tl.dot(Qg.to(DT), hs.to(DT))
+        if NORM:
+            zs = tl.load(zloc_ptr + base * M + ar_m) + fs * tl.load(sb + M * DV + ar_m)
+            den = tl.sum(A, axis=1) + tl.sum(Qg * zs[None, :], axis=1)
+            o = o / (den + eps)[:, None]
+            tl.store(den_ptr + bh.to(tl.int64) * T + rows, den, mask=valid)
+        tl.store(o_ptr + tok * DV + rows[:, None] * H * DV + ar_v[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=valid[:, None])
+
+    @triton.jit
+    def _b1_segment_dstates(
+        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr, dzloc_ptr, seg_ptr,
+        T, H, NC, NSEG, s, eps,
+        C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        pid_s = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        DT = do_ptr.dtype.element_ty
+        E = M * DV + M * NORM
+        lam = tl.load(ld_ptr + h).to(tl.float32)
+        ar_c = tl.arange(0, C)
+        ar_d = tl.arange(0, D)
+        ar_m = tl.arange(0, M)
+        ar_v = tl.arange(0, DV)
+        P = tl.load(p_ptr + ar_d[:, None] * M + ar_m[None, :])
+        w = tl.load(w_ptr + h * M + ar_m)
+        tok = (b.to(tl.int64) * T * H + h)
+        G = tl.zeros([M, DV], dtype=tl.float32)
+        g = tl.zeros([M], dtype=tl.float32)
+        for r in range(0, L):
+            c = pid_s * L + L - 1 - r
+            if c < NC:
+                t0 = c * C
+                rows = t0 + ar_c
+                valid = rows < T
+                n = tl.minimum(T - t0, C)
+                base = bh.to(tl.int64) * NC + c
+                tl.store(dloc_ptr + base * M * DV + ar_m[:, None] * DV + ar_v[None, :], G)
+                if NORM:
+                    tl.store(dzloc_ptr + base * M + ar_m, g)
+                qx = tl.load(q_ptr + tok * D + rows[:, None] * H * D + ar_d[None, :], mask=valid[:, None], other=0.0)
+                Q = _phi(qx, P, w, s, valid)
+                dox = tl.load(do_ptr + tok * DV + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None],
+                              other=0.0).to(tl.float32)
+                g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
+                Qg = Q * g_in[:, None]
+                dec = tl.exp((n * 1.0) * lam)
+                if NORM:
+                    ox = tl.load(o_ptr + tok * DV + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None],
+                                 other=0.0).to(tl.float32)
+                    dd = tl.load(den_ptr + bh.to(tl.int64) * T + rows, mask=valid, other=1.0) + eps
+                    dden = -tl.sum(dox * ox, axis=1) / dd
+                    tl.store(dden_ptr + bh.to(tl.int64) * T + rows, dden, mask=valid)
+                    dn = dox / dd[:, None]
+                    g = g * dec + tl.sum(Qg * dden[:, None], axis=0)
+                else:
+                    dn = dox
+                G = G * dec + tl.dot(tl.trans(Qg.to(DT)), dn.to(DT))
+        sb = seg_ptr + (bh.to(tl.int64) * NSEG + pid_s) * E
+        tl.store(sb + ar_m[:, None] * DV + ar_v[None, :], G)
+        if NORM:
+            tl.store(sb + M * DV + ar_m, g)
+
+    @triton.jit
+    def _b3_grads(
+        q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, dden_ptr, p_ptr, w_ptr, ld_ptr,
+        hloc_ptr, zloc_ptr, segf_ptr, dloc_ptr, dzloc_ptr, segb_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dw_ptr, dlam_ptr,
+        T, H, NC, NSEG, s, eps,
+        C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        c = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        DT = v_ptr.dtype.element_ty
+        E = M * DV + M * NORM
+        sg = c // L
+        lam = tl.load(ld_ptr + h).to(tl.float32)
+        ar_c = tl.arange(0, C)
+        ar_d = tl.arange(0, D)
+        ar_m = tl.arange(0, M)
+        ar_v = tl.arange(0, DV)
+        t0 = c * C
+        rows = t0 + ar_c
+        valid = rows < T
+        n = tl.minimum(T - t0, C)
+        P = tl.load(p_ptr + ar_d[:, None] * M + ar_m[None, :])
+        w = tl.load(w_ptr + h * M + ar_m)
+        tok = (b.to(tl.int64) * T * H + h)
+        qoff = tok * D + rows[:, None] * H * D + ar_d[None, :]
+        voff = tok * DV + rows[:, None] * H * DV + ar_v[None, :]
+        qx = tl.load(q_ptr + qoff, mask=valid[:, None], other=0.0)
+        kx = tl.load(k_ptr + qoff, mask=valid[:, None], other=0.0)
+        vx = tl.load(v_ptr + voff, mask=valid[:, None], other=0.0)
+        dox = tl.load(do_ptr + voff, mask=valid[:, None], other=0.0)
+        Q = _phi(qx, P, w, s, valid)
+        K = _phi(kx, P, w, s, valid)
+        Qb = Q.to(DT)
+        Kb = K.to(DT)
+        if NORM:
+            dd = tl.load(den_ptr + bh.to(tl.int64) * T + rows, mask=valid, other=1.0) + eps
+            dden = tl.load(dden_ptr + bh.to(tl.int64) * T + rows, mask=valid, other=0.0)
+            dn = (dox.to(tl.float32) / dd[:, None]).to(DT)
+        else:
+            dn = dox
+        ii = ar_c[:, None]
+        jj = ar_c[None, :]
+        dist = (ii - jj).to(tl.float32)
+        Dm = tl.where(ii >= jj, tl.exp(dist * lam), 0.0)
+        A = tl.dot(Qb, tl.trans(Kb)) * Dm
+        Mx = tl.dot(dn, tl.trans(vx))
+        if NORM:
+            Mx += dden[:, None]
+        Md = Mx * Dm
+        term = tl.sum(tl.sum(dist * A * Mx, axis=1), axis=0)
+        # states: forward entering chunk c, backward dL/dS after chunk c
+        base = bh.to(tl.int64) * NC + c
+        sbf = segf_ptr + (bh.to(tl.int64) * NSEG + sg) * E
+        sbb = segb_ptr + (bh.to(tl.int64) * NSEG + sg) * E
+        fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
+        seg_end = tl.minimum((sg + 1) * L * C, T)
+        fb = tl.exp((seg_end - (t0 + n)).to(tl.float32) * lam)
+        moff = ar_m[:, None] * DV + ar_v[None, :]
+        hs = tl.load(hloc_ptr + base * M * DV + moff) + fs * tl.load(sbf + moff)
+        dhs = tl.load(dloc_ptr + base * M * DV + moff) + fb * tl.load(sbb + moff)
+        g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
+        g_out = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
+        dQi = tl.dot(dn, tl.trans(hs.to(DT)))
+        dKi = tl.dot(vx, tl.trans(dhs.to(DT)))
+        dec = tl.exp((n * 1.0) * lam)
+        st = tl.sum(tl.sum(dhs * hs, axis=1), axis=0)
+        if NORM:
+            zs = tl.load(zloc_ptr + base * M + ar_m) + fs * tl.load(sbf + M * DV + ar_m)
+            dzs = tl.load(dzloc_ptr + base * M + ar_m) + fb * tl.load(sbb + M * DV + ar_m)
+            dQi += dden[:, None] * zs[None, :]
+            dKi += dzs[None, :]
+            st += tl.sum(dzs * zs, axis=0)
+        dQi = dQi * g_in[:, None]
+        dKi = dKi * g_out[:, None]
+        term += tl.sum((ar_c + 1).to(tl.float32) * tl.sum(Q * dQi, axis=1), axis=0)
+        term += (n * 1.0) * dec * st
+        term += tl.sum((n - 1 - ar_c).to(tl.float32) * tl.sum(K * dKi, axis=1), axis=0)
+        Mdb = Md.to(DT)
+        dQ = tl.dot(Mdb, Kb) + dQi
+        dK = tl.dot(tl.trans(Mdb), Qb) + dKi
+        dV = tl.dot(tl.trans(A.to(DT)), dn) + g_out[:, None] * tl.dot(Kb, dhs.to(DT))
+        # softmax backward (invalid rows have Q = K = 0, so their gradients vanish)
+        dXq = Q * (dQ - tl.sum(Q * dQ, axis=1)[:, None])
+        dXk = K * (dK - tl.sum(K * dK, axis=1)[:, None])
+        Pt = tl.trans(P)
+        dqx = tl.dot(dXq, Pt) * s
+        dkx = tl.dot(dXk, Pt) * s
+        tl.store(dq_ptr + qoff, dqx.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(dk_ptr + qoff, dkx.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(dv_ptr + voff, dV.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(dw_ptr + base * M + ar_m, tl.sum(dXq + dXk, axis=0))
+        tl.store(dlam_ptr + base, term)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers and the autograd wrapper
+# ---------------------------------------------------------------------------------------------
+
+
+SEGMENT_CHUNKS_OVERRIDE: int | None = None  # tests: force the segment length (chunks)
+
+
+def _segment_chunks(num_chunks: int, bh: int) -> int:
+    """Chunks per segment: enough segments to fill the GPU, at most 16 sequential steps each."""
+    if SEGMENT_CHUNKS_OVERRIDE is not None:
+        return max(1, int(SEGMENT_CHUNKS_OVERRIDE))
+    return max(1, min(16, (num_chunks * bh) // 264))
+
+
+def _warps(m: int, dv: int, d: int) -> int:
+    return 8 if max(m, dv, d) >= 128 else 4
+
+
+class _Cfg:
+    __slots__ = ("B", "T", "H", "D", "M", "DV", "C", "NC", "L", "NSEG", "E", "s", "eps", "norm", "warps")
+
+    def __init__(self, q, v, proj, scale, eps, normalize, chunk_size):
+        self.B, self.T, self.H, self.D = q.shape
+        self.M = proj.shape[1]
+        self.DV = v.shape[-1]
+        self.C = chunk_size
+        self.NC = -(-self.T // self.C)
+        self.L = _segment_chunks(self.NC, self.B * self.H)
+        self.NSEG = -(-self.NC // self.L)
+        self.norm = int(normalize)
+        self.E = self.M * self.DV + self.M * self.norm
+        self.s = math.sqrt(scale)
+        self.eps = float(eps)
+        self.warps = _warps(self.M, self.DV, self.D)
+
+
+def _flat_state(state: Tensor | None, cfg: _Cfg) -> Tensor | None:
+    """[B, H, m, dv(+1)] -> [B*H, E] float32 (S row-major, then the normaliser column)."""
+    if state is None:
+        return None
+    st = state.float().reshape(cfg.B * cfg.H, cfg.M, cfg.DV + cfg.norm)
+    parts = [st[..., : cfg.DV].reshape(cfg.B * cfg.H, cfg.M * cfg.DV)]
+    if cfg.norm:
+        parts.append(st[..., cfg.DV])
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def _unflat_state(flat: Tensor, cfg: _Cfg) -> Tensor:
+    bh = cfg.B * cfg.H
+    S = flat[:, : cfg.M * cfg.DV].reshape(bh, cfg.M, cfg.DV)
+    if cfg.norm:
+        S = torch.cat([S, flat[:, cfg.M * cfg.DV :, None]], dim=2)
+    return S.reshape(cfg.B, cfg.H, cfg.M, cfg.DV + cfg.norm)
+
+
+def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool):
+    dev = q.device
+    BH = cfg.B * cfg.H
+    f32 = torch.float32
+    hloc = torch.empty(BH, cfg.NC, cfg.M, cfg.DV, device=dev, dtype=f32)
+    zloc = torch.empty(BH, cfg.NC, cfg.M, device=dev, dtype=f32) if cfg.norm else hloc
+    seg = torch.empty(BH, cfg.NSEG, cfg.E, device=dev, dtype=f32)
+    consts = dict(C=cfg.C, D=cfg.D, M=cfg.M, DV=cfg.DV, L=cfg.L, NORM=cfg.norm)
+    _f1_segment_states[(cfg.NSEG, BH)](k, v, P, w, ld, hloc, zloc, seg, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s,
+                                       num_warps=4, **consts)
+    final = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_final else seg
+    blk = 1024
+    _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
+        seg, init_flat if init_flat is not None else seg, final, ld, cfg.T, cfg.H, cfg.NSEG, cfg.E, cfg.L * cfg.C,
+        BLK=blk, REVERSE=False, HAS_INIT=init_flat is not None, STORE_FINAL=want_final, num_warps=4)
+    o = torch.empty_like(v)
+    den = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else hloc
+    _f3_output[(cfg.NC, BH)](q, k, v, P, w, ld, hloc, zloc, seg, o, den, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s,
+                             cfg.eps, num_warps=cfg.warps, **consts)
+    return o, den, hloc, zloc, seg, (final if want_final else None)
+
+
+def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, cfg: _Cfg, want_dinit: bool):
+    dev = q.device
+    BH = cfg.B * cfg.H
+    f32 = torch.float32
+    consts = dict(C=cfg.C, D=cfg.D, M=cfg.M, DV=cfg.DV, L=cfg.L, NORM=cfg.norm)
+    dloc = torch.empty(BH, cfg.NC, cfg.M, cfg.DV, device=dev, dtype=f32)
+    dzloc = torch.empty(BH, cfg.NC, cfg.M, device=dev, dtype=f32) if cfg.norm else dloc
+    dden = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else dloc
+    segb = torch.empty(BH, cfg.NSEG, cfg.E, device=dev, dtype=f32)
+    _b1_segment_dstates[(cfg.NSEG, BH)](q, do, o, den, dden, P, w, ld, dloc, dzloc, segb, cfg.T, cfg.H, cfg.NC,
+                                        cfg.NSEG, cfg.s, cfg.eps, num_warps=4, **consts)
+    dinit = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_dinit else segb
+    blk = 1024
+    _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
+        segb, dfinal_flat if dfinal_flat is not None else segb, dinit, ld, cfg.T, cfg.H, cfg.NSEG, cfg.E,
+        cfg.L * cfg.C, BLK=blk, REVERSE=True, HAS_INIT=dfinal_flat is not None, STORE_FINAL=want_dinit,
+        num_warps=4)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dw = torch.empty(BH, cfg.NC, cfg.M, device=dev, dtype=f32)
+    dlam = torch.empty(BH, cfg.NC, device=dev, dtype=f32)
+    _b3_grads[(cfg.NC, BH)](q, k, v, do, den, dden, P, w, ld, hloc, zloc, segf, dloc, dzloc, segb,
+                            dq, dk, dv, dw, dlam, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps,
+                            num_warps=cfg.warps, **consts)
+    dw = dw.reshape(cfg.B, cfg.H, cfg.NC, cfg.M).sum(dim=(0, 2))
+    dlam = dlam.reshape(cfg.B, cfg.H, cfg.NC).sum(dim=(0, 2))
+    return dq, dk, dv, dw, dlam, (dinit if want_dinit else None)
+
+
+class _FusedDiJiang(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final):
+        P = proj.detach().float().contiguous()
+        w = log_weight.detach().float().contiguous()
+        ld = log_decay.detach().float().contiguous()
+        init_flat = _flat_state(initial_state, cfg)
+        o, den, hloc, zloc, segf, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final)
+        ctx.cfg = cfg
+        ctx.has_init = initial_state is not None
+        ctx.save_for_backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf)
+        final_state = _unflat_state(final, cfg) if want_final else None
+        if final_state is not None:
+            return o, final_state
+        return o, o.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, P, w, ld, o, den, hloc, zloc, segf = ctx.saved_tensors
+        cfg = ctx.cfg
+        dfinal_flat = _flat_state(dfinal, cfg) if (dfinal is not None and dfinal.numel() > 0) else None
+        dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf,
+                                                do.contiguous(), dfinal_flat, cfg, ctx.has_init)
+        dinit_state = _unflat_state(dinit, cfg) if dinit is not None else None
+        return dq, dk, dv, None, dw, dlam, dinit_state, None, None
+
+
+def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: int = 64) -> tuple[bool, str]:
+    """Whether the fused Triton path takes these inputs; else (False, reason)."""
+    if not HAS_TRITON:
+        return False, "triton is not installed"
+    if not (q.is_cuda or _INTERPRET):
+        return False, "inputs are not on a CUDA device"
+    d, m, dv = q.shape[-1], proj.shape[-1], v.shape[-1]
+    for name, x in (("d", d), ("m", m), ("dv", dv)):
+        if x not in SUPPORTED_DIMS:
+            return False, f"{name}={x} not in {SUPPORTED_DIMS}"
+    if chunk_size not in (16, 32, 64):
+        return False, f"chunk_size={chunk_size} not in (16, 32, 64)"
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
+        return False, f"dtypes {q.dtype}, {k.dtype}, {v.dtype} not one float dtype"
+    return True, ""
+
+
+def fused_dijiang_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    proj: Tensor,
+    log_weight: Tensor | None,
+    log_decay: Tensor,
+    *,
+    scale: float | None = None,
+    normalize: bool = False,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    attention_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """DiJiang attention with the softmax feature map fused into the kernels.
+
+    Args:
+        q, k: ``[B, T, H, d]`` raw (post-RoPE) queries and keys, k already expanded to H heads.
+        v: ``[B, T, H, dv]``.
+        proj: ``[d, m]`` frozen projection P (no gradient is computed for it).
+        log_weight: ``[H, m]`` learnable log feature weights, or None (zeros).
+        log_decay: ``[H]``, ``<= 0``.
+        scale: attention scale, default ``d ** -0.5``; the logits use ``sqrt(scale)``.
+        normalize, initial_state, output_final_state, eps, attention_mask: as
+            :func:`dijiang.ops.linear_attention`.
+        backend: ``"auto"`` (Triton when supported, else torch), ``"triton"`` (raise if unsupported)
+            or ``"torch"`` (separate feature map + the torch chunk op).
+
+    Returns:
+        ``(o [B, T, H, dv] in v.dtype, final_state [B, H, m, dv(+1)] float32 or None)``.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
+    B, T, H, d = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} (expand kv heads first), got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, dv] = [{B}, {T}, {H}, dv], got {tuple(v.shape)}")
+    if T < 1:
+        raise ValueError("sequence length T must be >= 1")
+    if proj.dim() != 2 or proj.shape[0] != d:
+        raise ValueError(f"proj must be [d, m] with d={d}, got {tuple(proj.shape)}")
+    m = proj.shape[1]
+    if log_weight is not None and tuple(log_weight.shape) != (H, m):
+        raise ValueError(f"log_weight must be [H, m] = [{H}, {m}], got {tuple(log_weight.shape)}")
+    if log_decay.dim() != 1 or log_decay.shape[0] != H:
+        raise ValueError(f"log_decay must have shape [H] = [{H}], got {tuple(log_decay.shape)}")
+    if initial_state is not None:
+        want = (B, H, m, v.shape[-1] + int(normalize))
+        if tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must be {list(want)}, got {tuple(initial_state.shape)}")
+    scale = d**-0.5 if scale is None else float(scale)
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+
+    ok, why = triton_supported(q, k, v, proj, chunk_size)
+    if attention_mask is not None:
+        ok, why = False, "attention_mask is not supported by the fused kernel"
+    if backend == "triton" and not ok:
+        raise ValueError(f"fused Triton DiJiang attention cannot run: {why}")
+    if backend == "torch" or not ok:
+        return torch_dijiang_attention(q, k, v, proj, log_weight, log_decay, scale=scale, normalize=normalize,
+                                       initial_state=initial_state, output_final_state=output_final_state,
+                                       chunk_size=chunk_size, attention_mask=attention_mask, eps=eps)
+    if log_weight is None:
+        log_weight = q.new_zeros(H, m, dtype=torch.float32)
+    cfg = _Cfg(q, v, proj, scale, eps, normalize, chunk_size)
+    o, final = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
+                                   initial_state, cfg, output_final_state)
+    return o, (final if output_final_state else None)

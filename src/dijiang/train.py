@@ -1,0 +1,702 @@
+"""Fine-tune a converted model against its frozen softmax teacher.
+
+Stage 1 (optional, `attention_transfer_tokens`): only the parameters DiJiang added train, each converted
+attention module learning to reproduce its teacher module's output on the teacher's own inputs.
+Stage 2: end to end, KD (KL to the teacher's logits) + LM loss, full fine-tuning or LoRA.
+
+One process on CPU, or several under `accelerate launch` (DDP; FSDP for stage 2). Checkpoints hold
+everything needed to continue bit for bit after a kill: trainable weights (safetensors), optimizer state,
+RNG states of every rank, and the data position (batches are a pure function of seed and position).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dijiang import data as data_lib
+from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
+
+DEFAULT_TEACHER_TOKENS = 100_000  # sampled from the teacher when no data source is given
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "log.jsonl"
+TEACHER_TEXT_FILE = "teacher_text.jsonl"
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def parse_token_count(value: int | float | str) -> int:
+    """'20M' -> 20_000_000; K, M, G are decimal (1e3, 1e6, 1e9); '1.5M', '2e6' and 300 work too."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a token count like 20M, got {value!r}")
+    if isinstance(value, (int, float)):
+        count = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgG]?)\s*", str(value))
+        if not match:
+            raise ValueError(f"expected a token count like 500K, 20M or 1G, got {value!r}")
+        count = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2).lower()]
+    if count < 0 or count != count:
+        raise ValueError(f"token count must be >= 0, got {value!r}")
+    return int(round(count))
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default="smollm2", metadata=_help("embedded name (smollm2), local dir or hub name"))
+    teacher: str | None = field(default=None, metadata=_help("teacher model (default: the unconverted model)", type=str))
+    out: str = field(default="runs/train", metadata=_help("output folder: log, checkpoints, final model"))
+    data: list = field(default_factory=list, metadata=_help("text sources: files, folders, .jsonl, hf:NAME, pydoc"))
+    text_field: str = field(default="text", metadata=_help("field of .jsonl / dataset records holding the text"))
+    teacher_text_tokens: str = field(
+        default="0", metadata=_help(f"tokens to sample from the teacher as training text (default {DEFAULT_TEACHER_TOKENS} when no --data)")
+    )
+    eval_data: list = field(default_factory=lambda: ["pydoc"], metadata=_help("evaluation text sources"))
+    eval_blocks: int = field(default=16, metadata=_help("blocks per evaluation set"))
+    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)"))
+    held_out: float = field(default=0.0, metadata=_help("held-out part of the training text: fraction (<1) or blocks"))
+    tokens: str = field(default="20M", metadata=_help("stage-2 token budget (K/M/G suffixes)"))
+    attention_transfer_tokens: str = field(default="0", metadata=_help("stage-1 (attention transfer) token budget"))
+    block_size: int = field(default=512, metadata=_help("tokens per training sequence"))
+    batch_size: int = field(default=8, metadata=_help("sequences per micro-batch per process"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    lr: float = field(default=1e-4, metadata=_help("peak learning rate of pretrained weights"))
+    new_lr: float = field(default=1e-3, metadata=_help("peak learning rate of the parameters DiJiang added"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay (matrices only)"))
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup: float = field(default=0.05, metadata=_help("warm-up: fraction of the steps (<1) or a number of steps"))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("final learning rate as a fraction of the peak"))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm (0: off)"))
+    kd_weight: float = field(default=1.0, metadata=_help("weight of KL(teacher || student)"))
+    lm_weight: float = field(default=0.2, metadata=_help("weight of the next-token cross-entropy"))
+    temperature: float = field(default=1.0, metadata=_help("distillation temperature"))
+    lora_rank: int = field(default=0, metadata=_help("LoRA rank (0: full fine-tuning)"))
+    lora_alpha: float = 32.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                               metadata=_help("module names LoRA adapts"))
+    attention: dict = field(default_factory=dict, metadata=_help("DiJiang settings, KEY=VALUE (window=64 ...)"))
+    layers: list | None = field(default=None, metadata=_help("layer indices to convert (default all)", type=int))
+    gradient_checkpointing: bool = False
+    mixed_precision: str = field(default="auto", metadata=_help("auto (bf16 on CUDA), bf16, fp16 or no"))
+    save_every: int = field(default=500, metadata=_help("checkpoint every N steps (0: never)"))
+    keep_checkpoints: int = 2
+    max_steps: int | None = field(default=None, metadata=_help("stop after N steps (the schedule keeps its length)", type=int))
+    seed: int = 0
+    resume: bool = field(default=False, metadata=_help("continue from the last checkpoint in --out"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**normalised)
+
+    def validated(self) -> "TrainConfig":
+        for name in ("block_size", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kd_weight < 0 or self.lm_weight < 0 or self.kd_weight + self.lm_weight == 0:
+            raise ValueError("kd_weight and lm_weight must be >= 0 and not both 0")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if isinstance(self.eval_data, str):
+            self.eval_data = [self.eval_data]
+        for name in ("tokens", "attention_transfer_tokens", "teacher_text_tokens"):
+            parse_token_count(getattr(self, name))
+        if parse_token_count(self.tokens) < self.block_size:
+            raise ValueError(f"token budget {self.tokens} is smaller than one block ({self.block_size} tokens)")
+        return self
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup_steps`, then cosine down to `min_ratio` at the last step.
+
+    `step` is the 0-based index of the update about to be taken.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_steps_of(warmup: float, total_steps: int) -> int:
+    return int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
+
+
+# ---------------------------------------------------------------- model preparation
+
+
+def dijiang_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(path, module) of every converted attention module (outermost modules with `new_parameters()`)."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if callable(getattr(module, "new_parameters", None)) and not any(name.startswith(p + ".") for p, _ in found):
+            found.append((name, module))
+    return found
+
+
+def new_parameter_ids(model) -> set[int]:
+    return {id(p) for _, module in dijiang_layers(model) for p in module.new_parameters()}
+
+
+def load_model(name: str, dtype=torch.float32):
+    from dijiang.conversion import load_pretrained
+
+    return load_pretrained(name, dtype=dtype)
+
+
+def build_student(model, config: TrainConfig, convert_fn: Callable | None):
+    """Convert in place, then choose what trains: everything, or LoRA adapters + the new parameters."""
+    if convert_fn is None:
+        from dijiang.conversion import convert as convert_fn
+    student = convert_fn(model, config.attention or None, config.layers)
+    if not dijiang_layers(student):
+        raise ValueError("the conversion produced no DiJiang layers (no module with new_parameters())")
+    student.config.use_cache = False
+    if config.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(config.lora_targets), bias="none")
+        student = get_peft_model(student, lora)
+    else:
+        student.requires_grad_(True)
+    for _, module in dijiang_layers(student):
+        for parameter in module.new_parameters():
+            parameter.requires_grad_(True)
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student
+
+
+def freeze(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_optimizer(named_parameters, new_ids: set[int], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with four groups: {pretrained, new} x {matrices (decayed), vectors (not)}; each keeps its peak lr."""
+    groups = {}
+    for _, parameter in named_parameters:
+        if not parameter.requires_grad:
+            continue
+        is_new = id(parameter) in new_ids
+        key = ("new" if is_new else "pretrained", parameter.ndim >= 2)
+        if key not in groups:
+            peak = config.new_lr if is_new else config.lr
+            groups[key] = {"params": [], "weight_decay": config.weight_decay if key[1] else 0.0,
+                           "peak_lr": peak, "lr": peak, "name": f"{key[0]}_{'matrix' if key[1] else 'vector'}"}
+        groups[key]["params"].append(parameter)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad")
+    return torch.optim.AdamW(list(groups.values()), betas=(config.beta1, config.beta2))
+
+
+def set_lr(optimizer, multiplier: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * multiplier
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path):
+    documents = data_lib.read_documents(config.data, config.text_field) if config.data else []
+    teacher_tokens = parse_token_count(config.teacher_text_tokens) or (0 if config.data else DEFAULT_TEACHER_TOKENS)
+    if teacher_tokens:
+        documents += _teacher_text(teacher, tokenizer, teacher_tokens, config.seed, accelerator, out)
+    packed = data_lib.build_blocks(documents, tokenizer, config.block_size, config.held_out, config.seed)
+    eval_sets = {}
+    if len(packed.held_out):
+        eval_sets["held_out"] = packed.held_out[: config.eval_blocks]
+    for source in config.eval_data or []:
+        blocks = data_lib.pack_blocks(
+            data_lib.tokenize_documents(data_lib.read_documents([source], config.text_field), tokenizer), config.block_size
+        )
+        if not len(blocks):
+            raise ValueError(f"evaluation source {source!r} holds less than one block of {config.block_size} tokens")
+        eval_sets[Path(source).name or source] = blocks[: config.eval_blocks]
+    return packed, eval_sets
+
+
+def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out: Path) -> list[str]:
+    """Sampled once by the main process and cached in `out`, so that every rank and every resume see the same text."""
+    cache = out / TEACHER_TEXT_FILE
+    key = {"tokens": n_tokens, "seed": seed}
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and _cached_key(cache) != key:
+            print(f"sampling {n_tokens} tokens of training text from the teacher ...", file=sys.stderr)
+            documents = data_lib.sample_teacher_text(teacher, tokenizer, n_tokens, seed=seed)
+            lines = [json.dumps(key)] + [json.dumps({"text": doc}) for doc in documents]
+            _write_atomic(cache, "\n".join(lines) + "\n")
+    lines = cache.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines[1:]]
+
+
+def _cached_key(path: Path):
+    if not path.exists():
+        return None
+    with path.open(encoding="utf-8") as lines:
+        return json.loads(lines.readline() or "null")
+
+
+def data_fingerprint(blocks: torch.Tensor) -> str:
+    weights = torch.arange(1, blocks.shape[1] + 1, dtype=torch.long)
+    return f"{tuple(blocks.shape)}:{int((blocks * weights).sum())}"
+
+
+class Batches:
+    """Each micro-step takes one global batch (batch_size x processes) from the stream; this rank keeps its slice."""
+
+    def __init__(self, blocks: torch.Tensor, config: TrainConfig, rank: int, world: int, position: int = 0):
+        self.stream = data_lib.BlockStream(blocks, config.seed, position)
+        self.batch_size, self.rank, self.world = config.batch_size, rank, world
+
+    def next(self, device) -> torch.Tensor:
+        global_batch = self.stream.next_blocks(self.batch_size * self.world)
+        return global_batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].to(device)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / CHECKPOINT_DIR
+    return sorted(root.glob("step_*")) if root.exists() else []
+
+
+def trainable_state(model, names: list[str]) -> dict[str, torch.Tensor]:
+    parameters = dict(model.named_parameters())
+    return {name: parameters[name].detach().cpu().contiguous().clone() for name in names}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, names: list[str], optimizer, progress: dict, accelerator, keep: int):
+    """Write into a hidden folder, then rename it: a folder named step_* is always complete."""
+    from safetensors.torch import save_file
+
+    root = out / CHECKPOINT_DIR
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file(trainable_state(model, names), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**progress, "step": step}, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(folder: Path, model, names: list[str], accelerator) -> tuple[dict, dict]:
+    """Load weights into `model` and restore this rank's RNG; returns (progress, optimizer state)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    if sorted(tensors) != sorted(names):
+        raise ValueError(
+            f"checkpoint {folder} holds different parameters than this run trains "
+            "(was it written with other --lora-rank / --layers / --attention settings?)"
+        )
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+    rng_file = folder / f"rng_rank{accelerator.process_index}.pt"
+    if not rng_file.exists():
+        raise ValueError(f"{folder} was written by fewer processes; resume with the same number of processes")
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+    return json.loads((folder / "state.json").read_text()), optimizer_state
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint: they are run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------- steps
+
+
+def attention_transfer_step(student, teacher, paths: list[str], input_ids: torch.Tensor, accelerator) -> torch.Tensor:
+    """Run the teacher, capture each attention module's inputs and output, run the student module on the same inputs."""
+    captured_inputs, teacher_outputs, handles = {}, {}, []
+    for path in paths:
+        module = teacher.get_submodule(path)
+
+        def keep_inputs(_module, args, kwargs, path=path):
+            captured_inputs[path] = (args, kwargs)
+
+        def keep_output(_module, _args, output, path=path):
+            teacher_outputs[path] = output[0] if isinstance(output, tuple) else output
+
+        handles += [module.register_forward_pre_hook(keep_inputs, with_kwargs=True),
+                    module.register_forward_hook(keep_output)]
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            teacher(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    student_outputs = []
+    with accelerator.autocast():
+        for path in paths:
+            args, kwargs = captured_inputs[path]
+            output = student.get_submodule(path)(*args, **kwargs)
+            student_outputs.append(output[0] if isinstance(output, tuple) else output)
+    return attention_transfer_loss(student_outputs, [teacher_outputs[p] for p in paths])
+
+
+def distillation_step(student, teacher, input_ids: torch.Tensor, config: TrainConfig, accelerator) -> dict:
+    teacher_logits = None
+    if config.kd_weight:
+        with torch.no_grad(), accelerator.autocast():
+            teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
+    with accelerator.autocast():
+        student_logits = student(input_ids=input_ids, use_cache=False).logits
+    return distillation_loss(student_logits, teacher_logits, input_ids, config.kd_weight, config.lm_weight, config.temperature)
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks: torch.Tensor, batch_size: int, accelerator) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size].to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(input_ids=batch, use_cache=False).logits
+        total += lm_loss(logits, batch).item() * len(batch)
+        count += len(batch)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True is what makes accelerate see a torchrun launch on a CPU-only machine as multi-process (gloo)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run both stages; returns a summary (steps, tokens, last losses, evaluation losses, paths, the model).
+
+    convert_fn(model, settings, layers) -> model replaces `dijiang.convert` (tests inject tiny variants);
+    on_step(step, record) is called after each logged step (tests use it to kill the process mid-run).
+    """
+    config = config.validated()
+    accelerator = _accelerator(config)
+    out = Path(config.out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if checkpoint_dirs(out) and not config.resume:
+            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model, tokenizer = load_model(config.model)
+    if config.teacher:
+        teacher, teacher_tokenizer = load_model(config.teacher)
+        data_lib.check_same_tokenizer(teacher_tokenizer, tokenizer)
+    else:
+        teacher = copy.deepcopy(model)
+    teacher = freeze(teacher).to(accelerator.device)
+    student = build_student(model, config, convert_fn).to(accelerator.device)
+    student.train()
+
+    packed, eval_sets = prepare_data(config, teacher, tokenizer, accelerator, out)
+    world = accelerator.num_processes
+    tokens_per_step = config.block_size * config.batch_size * config.grad_accum * world
+    stage_steps = [
+        math.ceil(parse_token_count(config.attention_transfer_tokens) / tokens_per_step),
+        math.ceil(parse_token_count(config.tokens) / tokens_per_step),
+    ]
+    total_steps = sum(stage_steps)
+    last_step = min(total_steps, config.max_steps) if config.max_steps is not None else total_steps
+
+    new_ids = new_parameter_ids(student)
+    saved_names = [name for name, p in student.named_parameters() if p.requires_grad]
+    paths = [name for name, _ in dijiang_layers(student)]
+    progress = {"step": 0, "position": 0, "fingerprint": data_fingerprint(packed.train)}
+    optimizer_state = None
+    if config.resume and checkpoint_dirs(out):
+        folder = checkpoint_dirs(out)[-1]
+        progress, optimizer_state = load_checkpoint(folder, student, saved_names, accelerator)
+        if progress["fingerprint"] != data_fingerprint(packed.train):
+            raise ValueError(f"the training data differs from the data of checkpoint {folder}; resume needs the same sources and seed")
+        if accelerator.is_main_process:
+            truncate_log(out / LOG_FILE, progress["step"])
+            print(f"resuming from {folder} (step {progress['step']})", file=sys.stderr)
+    elif accelerator.is_main_process and (out / LOG_FILE).exists():
+        (out / LOG_FILE).unlink()
+    accelerator.wait_for_everyone()
+
+    batches = Batches(packed.train, config, accelerator.process_index, world, progress["position"])
+    step = progress["step"]
+    record: dict = {}
+    bar = _progress_bar(config, accelerator, total_steps, last_step, step)
+    for stage in (1, 2):
+        first = stage_steps[0] if stage == 2 else 0
+        stage_end = first + stage_steps[stage - 1]
+        if step >= stage_end or step >= last_step:
+            continue
+        model_for_stage, optimizer = _stage_setup(stage, student, new_ids, set(saved_names), config, accelerator)
+        if optimizer_state is not None and progress.get("stage", 1 if progress["step"] < stage_steps[0] else 2) == stage:
+            optimizer.load_state_dict(optimizer_state)
+        optimizer_state = None
+        warmup = warmup_steps_of(config.warmup, stage_steps[stage - 1])
+        while step < min(stage_end, last_step):
+            started = time.perf_counter()
+            set_lr(optimizer, lr_multiplier(step - first, stage_steps[stage - 1], warmup, config.min_lr_ratio))
+            parts = _optimizer_step(stage, model_for_stage, teacher, paths, optimizer, batches, config, accelerator)
+            step += 1
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "stage": stage, "tokens": step * tokens_per_step, **parts,
+                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_step / elapsed}
+            if config.eval_every and step % config.eval_every == 0:
+                record.update(_evaluate(student, eval_sets, config, accelerator))
+            _log(out, record, bar, accelerator)
+            if (config.save_every and step % config.save_every == 0) or step == last_step:
+                progress = {"step": step, "stage": stage, "position": batches.stream.position,
+                            "fingerprint": data_fingerprint(packed.train)}
+                save_checkpoint(out, step, accelerator.unwrap_model(model_for_stage), saved_names, optimizer,
+                                progress, accelerator, config.keep_checkpoints)
+            if on_step is not None:
+                on_step(step, record)
+        student = accelerator.unwrap_model(model_for_stage)
+    if bar is not None:
+        bar.close()
+
+    summary = {"steps": step, "tokens": step * tokens_per_step, "last": record, "out": str(out)}
+    summary["eval"] = _evaluate(student, eval_sets, config, accelerator)
+    if accelerator.is_main_process:
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+        if step == total_steps:
+            summary["final"] = _save_final(student, tokenizer, out)
+    accelerator.wait_for_everyone()
+    summary["model"] = student  # after summary.json: callers in the same process get the trained model
+    return summary
+
+
+def _stage_setup(stage: int, student, new_ids: set[int], trained_names: set[str], config: TrainConfig, accelerator):
+    """Stage 1 trains the new parameters outside of any DDP wrapper (it calls attention modules directly,
+    so gradients are averaged by hand); stage 2 wraps the whole model."""
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(id(parameter) in new_ids if stage == 1 else name in trained_names)
+        parameter.grad = None
+    if stage == 1:
+        new_only = [(n, p) for n, p in student.named_parameters() if id(p) in new_ids]
+        return student, build_optimizer(new_only, new_ids, config)
+    optimizer = build_optimizer(list(student.named_parameters()), new_ids, config)
+    wrapped, optimizer = accelerator.prepare(student, optimizer)
+    return wrapped, optimizer
+
+
+def _optimizer_step(stage, model, teacher, paths, optimizer, batches, config, accelerator) -> dict:
+    sums: dict[str, float] = {}
+    for micro in range(config.grad_accum):
+        input_ids = batches.next(accelerator.device)
+        sync = micro == config.grad_accum - 1 or stage == 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            if stage == 1:
+                parts = {"loss": attention_transfer_step(model, teacher, paths, input_ids, accelerator)}
+                parts["at"] = parts["loss"]
+            else:
+                parts = distillation_step(model, teacher, input_ids, config, accelerator)
+            accelerator.backward(parts["loss"] / config.grad_accum)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float() / config.grad_accum
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    if stage == 1 and accelerator.num_processes > 1:
+        for parameter in trainable:
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
+    if config.grad_clip:
+        if stage == 2:
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    names = sorted(sums)
+    reduced = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="mean")
+    return {name: float(value) for name, value in zip(names, reduced.tolist())}
+
+
+def _evaluate(student, eval_sets: dict, config: TrainConfig, accelerator) -> dict:
+    results = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(student)
+        for name, blocks in eval_sets.items():
+            loss = evaluate_loss(model, blocks, config.batch_size, accelerator)
+            results[f"eval_{name}_loss"] = loss
+            results[f"eval_{name}_ppl"] = math.exp(min(loss, 50))
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _progress_bar(config, accelerator, total_steps, last_step, step):
+    if not (config.progress and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=last_step, initial=step, desc=f"train ({total_steps} steps)", unit="step", dynamic_ncols=True)
+
+
+def _log(out: Path, record: dict, bar, accelerator) -> None:
+    if not accelerator.is_main_process:
+        return
+    with (out / LOG_FILE).open("a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+
+def _save_final(student, tokenizer, out: Path) -> str | None:
+    final = out / "final"
+    model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+    try:
+        from dijiang.conversion import save_converted
+
+        save_converted(model, tokenizer, final)
+    except Exception as error:  # the trained weights are safe in the checkpoints either way
+        print(f"warning: could not save the final model with save_pretrained ({type(error).__name__}: {error}); "
+              f"the last checkpoint in {out / CHECKPOINT_DIR} holds the trained weights", file=sys.stderr)
+        return None
+    return str(final)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def load_recipe(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such recipe: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path} must be a mapping of option: value")
+    TrainConfig.from_dict(values)  # reject unknown options early, with the list of known ones
+    return values
+
+
+def _parse_key_values(items: list[str]) -> dict:
+    import yaml
+
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        settings[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return settings
+
+
+def add_cli(subparsers) -> None:
+    import argparse
+
+    parser = subparsers.add_parser(
+        "train", help="fine-tune a converted model against its softmax teacher",
+        description="Fine-tune a DiJiang model: optional attention transfer, then KD + LM. "
+                    "--recipe FILE.yaml sets defaults; explicit flags override it.",
+    )
+    parser.add_argument("--recipe", help="YAML file of options (keys as below, with - or _)")
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        kwargs = {"dest": spec.name, "default": argparse.SUPPRESS, "help": spec.metadata.get("help")}
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, dict):
+            kwargs.update(nargs="*", metavar="KEY=VALUE")
+        elif isinstance(default, list) or spec.name == "layers":
+            kwargs.update(nargs="*", type=spec.metadata.get("type", str))
+        else:
+            kwargs["type"] = spec.metadata.get("type", type(default))
+        parser.add_argument(flag, **kwargs)
+    parser.set_defaults(func=run_cli)
+
+
+def config_from_args(args) -> TrainConfig:
+    values = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    explicit = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig) if hasattr(args, spec.name)}
+    if "attention" in explicit:
+        explicit["attention"] = {**values.get("attention", {}), **_parse_key_values(explicit["attention"])}
+    return TrainConfig.from_dict({**values, **explicit})
+
+
+def run_cli(args) -> int:
+    summary = train(config_from_args(args))
+    print(json.dumps({key: summary[key] for key in ("steps", "tokens", "eval", "out") if key in summary}, indent=1))
+    return 0

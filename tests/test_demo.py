@@ -1,0 +1,104 @@
+import argparse
+import json
+
+import pytest
+import torch
+
+import dijiang
+from dijiang import demo
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+        "How vexingly quick daft zebras jump! In Python, a list comprehension builds a list. ") * 6
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def run_tiny_demo(tmp_path, **overrides):
+    tokenizer = tiny_tokenizer()
+    kwargs = dict(model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, tokens=512, out=tmp_path / "demo",
+                  window=8, block_size=32, eval_window=48, eval_windows=2, sample_tokens=5,
+                  eval_text=TEXT, train_text=TEXT, log=lambda _: None)
+    kwargs.update(overrides)
+    return demo.run_demo(**kwargs)
+
+
+def check_outputs(result):
+    assert [row["model"] for row in result.rows][0] == "teacher (softmax)"
+    assert len(result.rows) == 4 and result.rows[0]["ratio"] == 1.0
+    lines = result.table.splitlines()
+    assert lines[0].startswith("| model | perplexity | ratio to teacher | greedy sample")
+    assert len(lines) == 2 + 4
+    assert (result.out_dir / "table.md").read_text().startswith(result.table)
+    assert (result.out_dir / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((result.out_dir / "results.json").read_text())
+    assert len(saved["rows"]) == 4 and saved["settings"]["window"] == 8
+
+
+def test_demo_wiring_with_injected_pieces(tmp_path):
+    calls = []
+
+    def fake_convert(model, window):
+        calls.append(("convert", window))
+        return model
+
+    def fake_train(source, *, window, tokens, out_dir, seed, block_size, train_file, convert_fn):
+        calls.append(("train", window, tokens, block_size, train_file.read_text() == TEXT))
+        model, _ = dijiang.load_pretrained(source)  # the demo saved the model it was given
+        return model, [{"step": 1, "tokens": tokens, "loss": 3.0}]
+
+    result = run_tiny_demo(tmp_path, convert_fn=fake_convert, train_fn=fake_train)
+    assert calls == [("convert", 0), ("convert", 8), ("train", 8, 512, 32, True)]
+    check_outputs(result)
+    # nothing was really converted or trained: every perplexity equals the teacher's
+    assert all(row["ratio"] == pytest.approx(1.0) for row in result.rows)
+    assert len({row["sample"] for row in result.rows}) == 1
+
+
+def test_demo_end_to_end_on_a_tiny_llama(tmp_path):
+    result = run_tiny_demo(tmp_path)
+    check_outputs(result)
+    assert result.train_log and all(r["loss"] > 0 for r in result.train_log)
+    assert result.rows[1]["ratio"] != pytest.approx(1.0)  # the conversion changed the model
+
+
+def test_demo_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="window"):
+        run_tiny_demo(tmp_path, window=0)
+    with pytest.raises(ValueError, match="tokens"):
+        run_tiny_demo(tmp_path, tokens=0)
+
+
+def test_demo_cli_and_counts():
+    parser = argparse.ArgumentParser()
+    demo.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--tokens", "120K", "--window", "32", "--seed", "3", "--out", "x"])
+    assert (args.tokens, args.window, args.seed, args.out) == (120_000, 32, 3, "x")
+    assert demo.parse_count("1.5M") == 1_500_000 and demo.parse_count("5000") == 5000
+    with pytest.raises(argparse.ArgumentTypeError):
+        demo.parse_count("lots")
+
+
+def test_stdlib_training_text_is_offline_and_sized():
+    text = demo.stdlib_training_text(50_000, seed=1)
+    assert len(text) >= 50_000 and "def " in text
+    assert text == demo.stdlib_training_text(50_000, seed=1)

@@ -1,0 +1,126 @@
+"""dijiang.fast_decode: the static decode loop gives model.generate's greedy tokens; sampling is seeded."""
+import pytest
+import torch
+import transformers
+
+import dijiang
+from dijiang.fast_decode import FastDecoder, fast_generate, supports_fast_decode
+from test_conversion import VOCAB, tiny_model
+
+SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
+            "norm": dict(stabiliser="norm", normalize=False)}
+
+
+def left_padded(lengths=(7, 4), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, VOCAB, (n,), generator=gen)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def reference(model, ids, mask, new, **kwargs):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                              pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["pure", "window"])
+def test_greedy_equals_generate_batch2_left_padded(family, kind):
+    model = dijiang.convert(tiny_model(family, seed=1), SETTINGS[kind])
+    ids, mask = left_padded()
+    expected = reference(model, ids, mask, 12)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12), expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["official", "norm"])
+def test_greedy_other_families_and_layer_options(family, kind):
+    model = dijiang.convert(tiny_model(family, seed=2), SETTINGS[kind])
+    ids, mask = left_padded(seed=3)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=10), reference(model, ids, mask, 10))
+
+
+@pytest.mark.parametrize("kind", ["pure", "window"])
+def test_hybrid_with_softmax_layers_uses_static_kv(kind):
+    model = dijiang.convert(tiny_model("llama", seed=1), SETTINGS[kind], layers=[0, 2])
+    ids, mask = left_padded()
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12), reference(model, ids, mask, 12))
+    teacher = tiny_model("qwen3", seed=1)  # unconverted: every layer on the static KV buffer
+    assert torch.equal(fast_generate(teacher, ids, mask, max_new_tokens=8), reference(teacher, ids, mask, 8))
+
+
+def test_eos_padding_and_early_stop_like_generate():
+    model = dijiang.convert(tiny_model("llama", seed=1))
+    ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(5))
+    free = reference(model, ids, None, 12)
+    some = [int(free[0, 8]), int(free[1, 7])]  # rows 0 and 1 stop, row 2 probably runs on
+    assert torch.equal(fast_generate(model, ids, max_new_tokens=12, eos_token_id=some, pad_token_id=0),
+                       reference(model, ids, None, 12, eos_token_id=some))
+    every = [int(t) for t in free[:, 6]]  # every row stops at its first token: output is one token long
+    out = fast_generate(model, ids, max_new_tokens=12, eos_token_id=every, pad_token_id=0)
+    assert torch.equal(out, reference(model, ids, None, 12, eos_token_id=every))
+    assert out.shape[1] == 7
+
+
+def test_sampling_reproducible_by_seed():
+    model = dijiang.convert(tiny_model("llama", seed=1), dict(window=4))
+    ids, mask = left_padded()
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.9, eos_token_id=None)
+    a = fast_generate(model, ids, mask, seed=3, **kw)
+    b = fast_generate(model, ids, mask, seed=3, **kw)
+    c = fast_generate(model, ids, mask, seed=4, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (2, ids.shape[1] + 16) and int(a.max()) < VOCAB
+    tiny_p = fast_generate(model, ids, mask, seed=3, **{**kw, "top_p": 1e-6})  # top-p -> greedy
+    assert torch.equal(tiny_p, fast_generate(model, ids, mask, max_new_tokens=16, eos_token_id=None))
+
+
+def test_decoder_is_reused_and_state_is_static():
+    model = dijiang.convert(tiny_model("llama", seed=1))
+    ids, mask = left_padded()
+    fast_generate(model, ids, mask, max_new_tokens=4)
+    decoders = list(model._dijiang_fast_decoders.values())
+    states = [p.state.data_ptr() for p in decoders[0].plans]
+    second = fast_generate(model, ids[:, 1:], mask[:, 1:], max_new_tokens=4)
+    assert list(model._dijiang_fast_decoders.values()) == decoders  # same decoder, same buffers
+    assert [p.state.data_ptr() for p in decoders[0].plans] == states
+    assert torch.equal(second, reference(model, ids[:, 1:], mask[:, 1:], 4))
+
+
+def test_unsupported_family_falls_back_with_a_note():
+    model = dijiang.convert(tiny_model("gpt2"))
+    ids, mask = left_padded()
+    assert not supports_fast_decode(model)[0]
+    with pytest.warns(UserWarning, match="falling back to model.generate"):
+        out = fast_generate(model, ids, mask, max_new_tokens=5, pad_token_id=0)
+    assert torch.equal(out, reference(model, ids, mask, 5))
+
+
+def test_bad_inputs():
+    model = dijiang.convert(tiny_model("llama"))
+    with pytest.raises(ValueError, match="temperature"):
+        FastDecoder(model, 1, 16, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        FastDecoder(model, 1, 16, top_p=0.0)
+    decoder = FastDecoder(model, 2, 16)
+    with pytest.raises(ValueError, match="batch size 2"):
+        decoder.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="capacity"):
+        decoder.generate(torch.ones(2, 10, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        fast_generate(model, torch.ones(4, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["pure", "window"])
+def test_cuda_graph_greedy_equals_generate(kind):
+    model = dijiang.convert(tiny_model("llama", seed=1), SETTINGS[kind]).cuda()
+    ids, mask = (t.cuda() for t in left_padded())
+    expected = reference(model, ids, mask, 12)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12, compile=False), expected)

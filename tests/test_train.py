@@ -1,0 +1,243 @@
+"""Training loop on a tiny Llama: schedule, budgets, options, stages, checkpoints, exact resume after kill -9, DDP."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dijiang.train import (
+    TrainConfig, add_cli, checkpoint_dirs, config_from_args, lr_multiplier, parse_token_count, train,
+    warmup_steps_of,
+)
+from train_fixtures import save_tiny_model, tiny_tokenizer, write_text_corpus
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_assets")
+    return {"model": save_tiny_model(root / "model"), "corpus": write_text_corpus(root / "corpus")}
+
+
+def small_config(assets, out, **overrides) -> TrainConfig:
+    values = dict(model=str(assets["model"]), out=str(out), data=[str(assets["corpus"])], eval_data=[],
+                  tokens="1536", block_size=32, batch_size=4, save_every=3, progress=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def worker_env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("20M", 20_000_000), ("500k", 500_000), ("1.5M", 1_500_000), ("2G", 2_000_000_000), ("300", 300),
+    (4096, 4096), ("2e6", 2_000_000), (" 7 K ", 7000),
+])
+def test_parse_token_count(text, expected):
+    assert parse_token_count(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["20X", "M", "", "-5", "1,000", True])
+def test_parse_token_count_rejects_garbage(bad):
+    with pytest.raises(ValueError):
+        parse_token_count(bad)
+
+
+def test_warmup_then_cosine_schedule_values():
+    total, warmup, floor = 110, 10, 0.1
+    values = [lr_multiplier(step, total, warmup, floor) for step in range(total)]
+    assert values[:3] == pytest.approx([0.1, 0.2, 0.3]) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    middle = 10 + (total - 1 - 10) / 2  # halfway through the decay: floor + (1 - floor) / 2
+    assert lr_multiplier(middle, total, warmup, floor) == pytest.approx(0.55)
+    assert values[-1] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(values[9:], values[10:]))
+    assert lr_multiplier(0, 1, 0, 0.1) == pytest.approx(1.0)
+    assert warmup_steps_of(0.05, 1000) == 50 and warmup_steps_of(200, 1000) == 200
+
+
+# ---------------------------------------------------------------- configuration and errors
+
+
+def test_unknown_options_are_rejected_with_the_known_list(tmp_path):
+    with pytest.raises(ValueError, match="unknown training option.*'learning_rate'.*known"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("tokens: 1M\nbatch_sise: 4\n")
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    with pytest.raises(ValueError, match="batch_sise"):
+        config_from_args(parser.parse_args(["train", "--recipe", str(recipe)]))
+
+
+def test_recipe_sets_defaults_and_flags_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tokens: 1M\nblock-size: 128\nlr: 3.0e-4\nattention: {window: 16, feature_map: dijiang}\n"
+                      "data: [a.txt, b]\n")
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["train", "--recipe", str(recipe), "--tokens", "2M", "--attention", "window=8",
+                              "--no-progress", "--layers", "0", "1"])
+    config = config_from_args(args)
+    assert args.func.__name__ == "run_cli"
+    assert (config.tokens, config.block_size, config.lr, config.progress) == ("2M", 128, 3e-4, False)
+    assert config.attention == {"window": 8, "feature_map": "dijiang"}
+    assert config.data == ["a.txt", "b"] and config.layers == [0, 1]
+
+
+def test_shipped_recipes_are_valid():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes
+    from dijiang.train import load_recipe
+
+    for recipe in recipes:
+        TrainConfig.from_dict(load_recipe(recipe)).validated()
+
+
+def test_budget_smaller_than_one_block_is_an_error(assets, tmp_path):
+    with pytest.raises(ValueError, match="smaller than one block"):
+        train(small_config(assets, tmp_path / "out", tokens="16"))
+    with pytest.raises(ValueError, match="token count"):
+        train(small_config(assets, tmp_path / "out", tokens="lots"))
+
+
+def test_missing_and_empty_data_are_errors(assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(small_config(assets, tmp_path / "a", data=[str(tmp_path / "nope")]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no training text"):
+        train(small_config(assets, tmp_path / "b", data=[str(tmp_path / "empty")]))
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(ValueError, match="fewer than one block"):
+        train(small_config(assets, tmp_path / "c", data=[str(tmp_path / "short.txt")]))
+
+
+def test_teacher_with_another_tokenizer_is_refused(assets, tmp_path):
+    other = save_tiny_model(tmp_path / "other", tokenizer=tiny_tokenizer(vocab_size=330))
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        train(small_config(assets, tmp_path / "out", teacher=str(other)))
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def test_two_stage_run_logs_checkpoints_evaluates_and_saves(assets, tmp_path):
+    out = tmp_path / "out"
+    config = small_config(assets, out, attention_transfer_tokens="512", eval_data=["pydoc"], eval_blocks=2,
+                          held_out=2, save_every=5, keep_checkpoints=2)
+    summary = train(config)
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 17))  # 512/128 + 1536/128 steps
+    assert [r["stage"] for r in log] == [1] * 4 + [2] * 12
+    assert all(set(r) >= {"step", "tokens", "loss", "lr", "tokens_per_s"} for r in log)
+    assert "at" in log[0] and {"kd", "lm"} <= set(log[-1])
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert log[-1]["tokens"] == 16 * 128
+    assert log[-1]["lr"] == pytest.approx(config.lr * config.min_lr_ratio)
+    assert [d.name for d in checkpoint_dirs(out)] == ["step_00000015", "step_00000016"]
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    assert set(summary["eval"]) == {"eval_held_out_loss", "eval_held_out_ppl", "eval_pydoc_loss", "eval_pydoc_ppl"}
+    assert summary["final"] and (out / "final" / "config.json").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train(config)
+
+
+def test_attention_transfer_trains_only_the_new_parameters(assets, tmp_path):
+    from dijiang.conversion import load_pretrained
+    from dijiang.train import new_parameter_ids
+
+    summary = train(small_config(assets, tmp_path / "out", attention_transfer_tokens="512", max_steps=4))
+    student = summary["model"]
+    original, _ = load_pretrained(str(assets["model"]))
+    before = dict(original.named_parameters())
+    new_ids = new_parameter_ids(student)
+    changed_new = 0
+    for name, parameter in student.named_parameters():
+        if id(parameter) in new_ids:
+            changed_new += 1
+        else:
+            assert torch.equal(parameter, before[name]), name
+    assert changed_new > 0
+    log = read_log(tmp_path / "out")
+    assert log[-1]["at"] < log[0]["at"]
+
+
+def test_lora_trains_adapters_and_new_parameters_only(assets, tmp_path):
+    out = tmp_path / "out"
+    train(small_config(assets, out, lora_rank=4, tokens="512"))
+    names = list(load_file(str(checkpoint_dirs(out)[-1] / "trainable.safetensors")))
+    assert any("lora_A" in n for n in names) and any("decay" in n for n in names)
+    assert not any(n.endswith("mlp.up_proj.weight") or "embed_tokens" in n for n in names)
+    assert (out / "final" / "config.json").exists()  # merged back into plain weights
+
+
+def test_resume_after_kill_9_continues_bit_for_bit(assets, tmp_path):
+    config = small_config(assets, tmp_path / "killed", attention_transfer_tokens="256", save_every=3,
+                          grad_accum=2, batch_size=2)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config.__dict__))
+    worker = [sys.executable, str(TESTS / "ddp_worker.py"), str(config_file)]
+    killed = subprocess.run(worker + ["--kill-at", "8"], env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [r["step"] for r in read_log(config.out)][-1] == 8
+    assert checkpoint_dirs(Path(config.out))[-1].name == "step_00000006"
+
+    resumed_config = {**config.__dict__, "resume": True}
+    config_file.write_text(json.dumps(resumed_config))
+    resumed = subprocess.run(worker, env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    reference_config = {**config.__dict__, "out": str(tmp_path / "reference")}
+    config_file.write_text(json.dumps(reference_config))
+    reference = subprocess.run(worker, env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    after, expected = read_log(config.out), read_log(reference_config["out"])
+    assert [r["step"] for r in after] == [r["step"] for r in expected] == list(range(1, 15))
+    for got, want in zip(after, expected):
+        for key in ("loss", "lr", "tokens"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (got["step"], key)
+    final = load_file(str(checkpoint_dirs(Path(config.out))[-1] / "trainable.safetensors"))
+    final_reference = load_file(str(checkpoint_dirs(Path(reference_config["out"]))[-1] / "trainable.safetensors"))
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, final_reference[name], rtol=1e-6, atol=1e-7)
+
+
+def test_ddp_on_cpu_matches_one_process_over_the_same_global_batch(assets, tmp_path):
+    ddp_config = small_config(assets, tmp_path / "ddp", attention_transfer_tokens="256", tokens="768",
+                              batch_size=2, save_every=0)
+    config_file = tmp_path / "ddp.json"
+    config_file.write_text(json.dumps(ddp_config.__dict__))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(29500 + os.getpid() % 1000), str(TESTS / "ddp_worker.py"), str(config_file), "--dump-params"]
+    result = subprocess.run(launch, env=worker_env(), capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    single = train(small_config(assets, tmp_path / "single", attention_transfer_tokens="256", tokens="768",
+                                batch_size=4, save_every=0))
+    ddp_log, single_log = read_log(ddp_config.out), read_log(tmp_path / "single")
+    assert [r["tokens"] for r in ddp_log] == [r["tokens"] for r in single_log]
+    for got, want in zip(ddp_log, single_log):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-7), got["step"]
+    rank0 = load_file(str(Path(ddp_config.out) / "params_rank0.safetensors"))
+    rank1 = load_file(str(Path(ddp_config.out) / "params_rank1.safetensors"))
+    single_params = dict(single["model"].named_parameters())
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), name
+        torch.testing.assert_close(tensor, single_params[name].detach(), rtol=1e-4, atol=1e-5)

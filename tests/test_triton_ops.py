@@ -1,0 +1,222 @@
+"""GPU tests of the fused Triton DiJiang attention against a plain float64 quadratic reference.
+
+Skipped without CUDA (CI). Run on a GPU machine: ``pytest -m gpu tests/test_triton_ops.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+try:
+    from dijiang.ops import triton_dijiang as tdj
+except Exception:  # pragma: no cover - import problems show up as a skip reason
+    tdj = None
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or tdj is None or not tdj.HAS_TRITON,
+                         reason="needs CUDA and triton")
+
+
+def reference_attention(q, k, v, proj, log_weight, log_decay, initial_state=None, *, normalize=False,
+                        scale=None, eps=1e-6):
+    """Feature map + materialised [T, T] decayed scores, in the inputs' dtype (use float64).
+
+    Returns (o [B, T, H, dv], final_state [B, H, m, dv(+1)])."""
+    B, T, H, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    lw = 0.0 if log_weight is None else log_weight
+    Q = torch.softmax(math.sqrt(scale) * q @ proj + lw, dim=-1)
+    K = torch.softmax(math.sqrt(scale) * k @ proj + lw, dim=-1)
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
+    t = torch.arange(T, device=q.device, dtype=q.dtype)
+    dist = t[:, None] - t[None, :]
+    causal = dist >= 0
+    decay = torch.exp(dist.clamp_min(0)[None] * log_decay[:, None, None]) * causal  # [H, T, T]
+    scores = torch.einsum("bthm,bjhm->bhtj", Q, K) * decay
+    o = torch.einsum("bhtj,bjhv->bthv", scores, vv)
+    if initial_state is not None:
+        lead = torch.exp((t[:, None] + 1) * log_decay[None, :])  # [T, H]
+        o = o + lead[None, :, :, None] * torch.einsum("bthm,bhmv->bthv", Q, initial_state)
+    to_end = torch.exp((T - 1 - t)[:, None] * log_decay[None, :])  # [T, H]
+    final = torch.einsum("bjhm,jh,bjhv->bhmv", K, to_end, vv)
+    if initial_state is not None:
+        final = final + torch.exp(T * log_decay)[None, :, None, None] * initial_state
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + eps)
+    return o, final
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, d, m, dv, dtype, device, *, normalize=False, init=False, seed=None):
+    """Fresh random inputs; q, k scaled like post-RoPE activations of a trained model (|x| ~ sqrt(d))."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device)
+
+    q = rnd(B, T, H, d, s=1.5).to(dtype)
+    k = rnd(B, T, H, d, s=1.5).to(dtype)
+    v = rnd(B, T, H, dv).to(dtype)
+    proj = rnd(d, m)  # like DCT x normal radii: columns of norm ~ |radius|
+    log_weight = rnd(H, m, s=0.3)
+    # decays from ~1/2 to ~1/512 per token, like RetNet's range
+    log_decay = torch.log1p(-torch.exp(torch.linspace(math.log(1 / 2), math.log(1 / 512), H))).to(device)
+    state = None
+    if init:
+        state = rnd(B, H, m, dv + int(normalize), s=0.5)
+        if normalize:
+            state[..., -1] = state[..., -1].abs() + 1.0  # a normaliser is positive
+        state = state.float()
+    return q, k, v, proj, log_weight, log_decay, state
+
+
+def _check(B, T, H, d, m, dv, *, normalize, init, final, dtype=torch.bfloat16, chunk_size=64, tol=2e-2):
+    dev = "cuda"
+    inp = make_inputs(B, T, H, d, m, dv, dtype, dev, normalize=normalize, init=init)
+    q, k, v, proj, lw, ld, st = inp
+    leaves = [q, k, v, lw, ld] + ([st] if st is not None else [])
+    leaves = [x.detach().clone().requires_grad_(True) for x in leaves]
+    o_init = leaves[5] if st is not None else None
+    o, fs = tdj.fused_dijiang_attention(*leaves[:3], proj, leaves[3], leaves[4], normalize=normalize,
+                                        initial_state=o_init, output_final_state=final, chunk_size=chunk_size,
+                                        backend="triton")
+    assert o.dtype == v.dtype and o.shape == v.shape
+    assert torch.isfinite(o).all()
+    ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
+    ro, rfs = reference_attention(*ref_leaves[:3], proj.double(), ref_leaves[3], ref_leaves[4],
+                                  ref_leaves[5] if st is not None else None, normalize=normalize)
+    do = torch.randn_like(ro)
+    loss_ref = (ro * do).sum()
+    loss = (o.double() * do).sum()
+    if final:
+        assert fs is not None and fs.dtype == torch.float32 and fs.shape == rfs.shape
+        dS = torch.randn_like(rfs)
+        loss = loss + (fs.double() * dS).sum()
+        loss_ref = loss_ref + (rfs * dS).sum()
+    else:
+        assert fs is None
+    errs = {"o": rel_err(o, ro)}
+    if final:
+        errs["final_state"] = rel_err(fs, rfs)
+    grads = torch.autograd.grad(loss, leaves)
+    grads_ref = torch.autograd.grad(loss_ref, ref_leaves)
+    for name, a, b in zip(["dq", "dk", "dv", "dlog_weight", "dlog_decay", "dinitial_state"], grads, grads_ref):
+        assert torch.isfinite(a).all(), name
+        errs[name] = rel_err(a, b)
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,m", [(64, 64), (128, 128), (64, 128)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_matches_reference(d, m, normalize):
+    _check(2, 200, 3, d, m, d, normalize=normalize, init=False, final=False)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_state_in_out(normalize):
+    _check(1, 333, 2, 64, 64, 64, normalize=normalize, init=True, final=True)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 1000, 4097])
+def test_fused_lengths(T):
+    _check(1, T, 2, 64, 64, 64, normalize=False, init=True, final=True)
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_segments_forced():
+    """Segments of several chunks (the long-sequence path) at a size the reference can afford."""
+    old = tdj.SEGMENT_CHUNKS_OVERRIDE
+    try:
+        for seg in (1, 3, 16):
+            tdj.SEGMENT_CHUNKS_OVERRIDE = seg
+            _check(1, 2500, 2, 64, 64, 64, normalize=True, init=True, final=True)
+            _check(1, 2500, 2, 64, 64, 64, normalize=False, init=True, final=True)
+    finally:
+        tdj.SEGMENT_CHUNKS_OVERRIDE = old
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_float32_tight():
+    errs = _check(1, 300, 2, 64, 64, 64, normalize=True, init=True, final=True, dtype=torch.float32, tol=5e-3)
+    assert errs["o"] < 5e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_state_chaining_equals_one_call():
+    dev = "cuda"
+    q, k, v, proj, lw, ld, _ = make_inputs(1, 500, 2, 64, 64, 64, torch.bfloat16, dev)
+    o_full, s_full = tdj.fused_dijiang_attention(q, k, v, proj, lw, ld, output_final_state=True)
+    o1, s1 = tdj.fused_dijiang_attention(q[:, :200], k[:, :200], v[:, :200], proj, lw, ld, output_final_state=True)
+    o2, s2 = tdj.fused_dijiang_attention(q[:, 200:], k[:, 200:], v[:, 200:], proj, lw, ld, initial_state=s1,
+                                         output_final_state=True)
+    assert rel_err(torch.cat([o1, o2], 1), o_full) < 1e-2
+    assert rel_err(s2, s_full) < 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_matches_torch_path():
+    pytest.importorskip("dijiang.ops.chunk")
+    q, k, v, proj, lw, ld, st = make_inputs(2, 300, 2, 64, 64, 64, torch.bfloat16, "cuda", normalize=True, init=True)
+    a, sa = tdj.fused_dijiang_attention(q, k, v, proj, lw, ld, normalize=True, initial_state=st,
+                                        output_final_state=True, backend="triton")
+    b, sb = tdj.fused_dijiang_attention(q, k, v, proj, lw, ld, normalize=True, initial_state=st,
+                                        output_final_state=True, backend="torch")
+    assert rel_err(a, b) < 2e-2 and rel_err(sa, sb) < 2e-2
+
+
+@gpu
+@pytest.mark.gpu
+def test_unsupported_shapes():
+    q, k, v, proj, lw, ld, _ = make_inputs(1, 10, 2, 48, 48, 48, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError):
+        tdj.fused_dijiang_attention(q, k, v, proj, lw, ld, backend="triton")
+    o, _ = tdj.fused_dijiang_attention(q, k, v, proj, lw, ld)  # auto: falls back to torch
+    assert o.shape == v.shape
+
+
+def test_bad_inputs_raise_on_cpu():
+    """Shape validation runs everywhere (no GPU needed)."""
+    if tdj is None:
+        pytest.skip("dijiang.ops.triton_dijiang does not import")
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError):
+        tdj.fused_dijiang_attention(q, q[..., :8], q, torch.randn(16, 16), None, torch.zeros(2))
+    with pytest.raises(ValueError):
+        tdj.fused_dijiang_attention(q, q, q, torch.randn(8, 16), None, torch.zeros(2))
+    with pytest.raises(ValueError):
+        tdj.fused_dijiang_attention(q, q, q, torch.randn(16, 16), None, torch.zeros(3))
+    with pytest.raises(ValueError):
+        tdj.fused_dijiang_attention(q, q, q, torch.randn(16, 16), None, torch.zeros(2), backend="nope")
+
+
+def test_cpu_fallback_matches_reference():
+    """On CPU the op dispatches to the torch path; it must equal the reference (float64 math)."""
+    if tdj is None:
+        pytest.skip("dijiang.ops.triton_dijiang does not import")
+    pytest.importorskip("dijiang.ops.chunk")
+    q, k, v, proj, lw, ld, st = make_inputs(1, 50, 2, 16, 32, 16, torch.float64, "cpu", normalize=True, init=True,
+                                            seed=1)
+    st = st.double()
+    o, s = tdj.fused_dijiang_attention(q, k, v, proj.double(), lw.double(), ld.double(), normalize=True,
+                                       initial_state=st, output_final_state=True, chunk_size=16)
+    ro, rs = reference_attention(q, k, v, proj.double(), lw.double(), ld.double(), st, normalize=True)
+    assert rel_err(o, ro) < 1e-5 and rel_err(s, rs) < 1e-5
