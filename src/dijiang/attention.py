@@ -28,6 +28,8 @@ class DiJiangSettings:
     feature_map: registry name in ``dijiang.feature_maps`` (``dijiang``, ``official``, ``performer``, ``pff``, ``elu``).
     num_features: m, features per head (default head_dim; a multiple of head_dim for DCT-based maps).
     stabiliser: ``softmax`` (divide by the feature sum, official) or ``norm`` (||x||^2/2, unbiased).
+    qmc / radius: the QMC sequence (sobol, halton) and radius law (``normal``: the paper's Phi^-1(u);
+        ``chi``: chi_d radii, which give the frequencies the second moment of N(0, I)).
     window: 0 for pure DiJiang; W > 0 keeps exact softmax over the last W tokens and DiJiang beyond.
     normalize: divide by the linear-attention denominator (the paper's Eq. 4). Ignored when window > 0
         (the window hybrid always shares one normaliser between its two parts).
@@ -39,6 +41,7 @@ class DiJiangSettings:
     num_features: int | None = None
     stabiliser: str = "softmax"
     qmc: str = "sobol"
+    radius: str = "normal"
     seed: int = 0
     window: int = 0
     normalize: bool = True
@@ -118,6 +121,7 @@ class DiJiangAttention(nn.Module):
         self.feature_map = build_feature_map(
             settings.feature_map, d, H, settings.num_features, scale=self.scale,
             stabiliser=settings.stabiliser, seed=settings.seed + layer_idx, qmc=settings.qmc,
+            radius=settings.radius,
         ).to(**factory)
         logits = initial_decay_logits(H, settings.decay_range).to(param.device)
         if settings.learn_decay:

@@ -205,7 +205,7 @@ def sample_teacher_text(
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,
-                max_new_tokens=min(max_new_tokens, max(8, n_tokens - produced)),
+                max_new_tokens=min(max_new_tokens, max(8, -(-(n_tokens - produced) // batch_size))),
                 pad_token_id=pad_id,
             )
             for prompt, answer_ids in zip(batch, output[:, width:].tolist()):

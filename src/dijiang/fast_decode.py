@@ -527,7 +527,9 @@ class FastDecoder:
         if self.do_sample:
             self.noise.exponential_(generator=self.generator)
         self._emit(self._select(out.logits[:, -1].float()))
-        self._prefill_state = (out.past_key_values, attention_mask, width)
+        # kept only until the graph is captured (the warm-up steps are undone from it)
+        self._prefill_state = (out.past_key_values, attention_mask, width) if self.use_graph and self.graph is None \
+            else None
 
     @torch.no_grad()
     def decode(self, steps: int, check_every: int = 32) -> int:
@@ -541,6 +543,7 @@ class FastDecoder:
             for buffer, value in zip((self.tok, self.pos, self.cur, self.step_idx, self.out, self.alive,
                                       self.unfinished), saved):
                 buffer.copy_(value)
+            self._prefill_state = None
         has_eos = self.eos.numel() > 0
         done = 0
         for i in range(steps):

@@ -452,6 +452,10 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     """
     config = config.validated()
     accelerator = _accelerator(config)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        # checkpoints and stage 1 read parameters by name from the unwrapped model, which sharding breaks
+        raise ValueError(f"dijiang train does not support {accelerator.distributed_type.name} yet; launch with DDP "
+                         "(accelerate launch --multi_gpu, or torchrun)")
     out = Path(config.out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

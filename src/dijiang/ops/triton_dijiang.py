@@ -399,8 +399,17 @@ def _segment_chunks(num_chunks: int, bh: int) -> int:
     return max(1, min(16, (num_chunks * bh) // 264))
 
 
+TUNE: dict = {"warps": None, "stages": None}  # benchmarks: override the per-chunk kernels' launch config
+
+
 def _warps(m: int, dv: int, d: int) -> int:
+    if TUNE.get("warps"):
+        return int(TUNE["warps"])
     return 8 if max(m, dv, d) >= 128 else 4
+
+
+def _stages() -> dict:
+    return {"num_stages": int(TUNE["stages"])} if TUNE.get("stages") else {}
 
 
 class _Cfg:
@@ -458,7 +467,7 @@ def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool):
     o = torch.empty_like(v)
     den = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else hloc
     _f3_output[(cfg.NC, BH)](q, k, v, P, w, ld, hloc, zloc, seg, o, den, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s,
-                             cfg.eps, num_warps=cfg.warps, **consts)
+                             cfg.eps, num_warps=cfg.warps, **_stages(), **consts)
     return o, den, hloc, zloc, seg, (final if want_final else None)
 
 
@@ -486,7 +495,7 @@ def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, cfg:
     dlam = torch.empty(BH, cfg.NC, device=dev, dtype=f32)
     _b3_grads[(cfg.NC, BH)](q, k, v, do, den, dden, P, w, ld, hloc, zloc, segf, dloc, dzloc, segb,
                             dq, dk, dv, dw, dlam, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps,
-                            num_warps=cfg.warps, **consts)
+                            num_warps=cfg.warps, **_stages(), **consts)
     dw = dw.reshape(cfg.B, cfg.H, cfg.NC, cfg.M).sum(dim=(0, 2))
     dlam = dlam.reshape(cfg.B, cfg.H, cfg.NC).sum(dim=(0, 2))
     return dq, dk, dv, dw, dlam, (dinit if want_dinit else None)

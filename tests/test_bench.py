@@ -1,0 +1,39 @@
+"""`dijiang bench` on a tiny random model, CPU, seconds: the table, the report and the plot are written."""
+import json
+
+from dijiang import cli
+from dijiang.bench import main
+
+ARGS = ["--model", "tiny", "--contexts", "16,32", "--batches", "1,2", "--batch-contexts", "16", "--new-tokens", "4",
+        "--hf-new-tokens", "3", "--train-contexts", "16", "--train-tokens", "32", "--repeats", "1"]
+
+
+def test_bench_writes_table_report_and_plot(tmp_path, capsys):
+    out, png, data = tmp_path / "bench.md", tmp_path / "bench.png", tmp_path / "bench.json"
+    assert main(ARGS + ["--out", str(out), "--png", str(png), "--json", str(data)]) == 0
+    text = out.read_text()
+    assert "| model | batch | context | prefill tok/s" in text and "## Training throughput" in text
+    for kind in ("teacher", "pure", "window"):
+        assert f"| {kind} | 1 | 32 |" in text and f"| {kind} | 2 | 16 |" in text and f"| {kind} | 16 |" in text
+    assert "command: `" in text and "torch " in text and "device: CPU" in text
+    assert png.exists() and png.stat().st_size > 1000
+    rows = json.loads(data.read_text())
+    assert len(rows["inference"]) == 9 and len(rows["training"]) == 3
+    assert all(r["greedy_match"] == "3/3" for r in rows["inference"] if "greedy_match" in r)
+    assert "| teacher |" in capsys.readouterr().out  # the table is printed too
+    merged = tmp_path / "merged.md"
+    assert main(["--from-json", f"{data},{data}", "--out", str(merged)]) == 0
+    assert merged.exists() and (tmp_path / "merged.png").exists()
+
+
+def test_cli_subcommand_is_registered():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    from dijiang.bench import add_cli
+
+    add_cli(sub)
+    args = parser.parse_args(["bench", "--model", "tiny"])
+    assert args.func is not None and args.contexts.startswith("1024")
+    assert "bench" in cli.SUBCOMMAND_MODULES
