@@ -136,10 +136,8 @@ def ceilings(device):
 def tune(args):
     """Fused op only: launch-config variants at long T, and a per-kernel breakdown (torch profiler)."""
     device = "cuda"
-    variants = [("default", {}), ("warps=4", {"warps": 4}), ("warps=8", {"warps": 8}), ("stages=1", {"stages": 1}),
-                ("stages=2", {"stages": 2}), ("stages=3", {"stages": 3}), ("L=4", {"L": 4}), ("L=8", {"L": 8}),
-                ("L=32", {"L": 32})]
-    shapes = [(16, 64, 65536), (32, 128, 32768), (16, 64, 4096)]
+    variants = [("default", {}), ("L=32", {"L": 32}), ("warps=4", {"warps": 4})]
+    shapes = [(16, 64, 65536), (32, 128, 32768)]
     out = []
     for H, D, T in shapes:
         for name, var in variants:
@@ -153,22 +151,33 @@ def tune(args):
             print(json.dumps(out[-1]), flush=True)
     tdj.TUNE.update({"warps": None, "stages": None})
     tdj.SEGMENT_CHUNKS_OVERRIDE = None
-    # kernel breakdown at 16x64, 64k
+    # kernel breakdown (GPU time per kernel) and host time per call, 16x64 at 4k and 64k
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v, proj, lw, ld = make(1, 65536, 16, 64, 64, torch.bfloat16, device)
-    leaves = [x.detach().requires_grad_(True) for x in (q, k, v, lw, ld)]
-    do = torch.randn_like(q)
-    for _ in range(3):
-        o = tdj.fused_dijiang_attention(*leaves[:3], proj, leaves[3], leaves[4])[0]
-        o.backward(do)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+    for T in (4096, 65536):
+        q, k, v, proj, lw, ld = make(1, T, 16, 64, 64, torch.bfloat16, device)
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v, lw, ld)]
+        do = torch.randn_like(q)
+
+        def step():
             o = tdj.fused_dijiang_attention(*leaves[:3], proj, leaves[3], leaves[4])[0]
             o.backward(do)
+
+        for _ in range(3):
+            step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        host = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 20 * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"T={T}: host (launch) ms per fwd+bwd call {host:.3f}, wall incl. sync {wall:.3f}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

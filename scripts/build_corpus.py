@@ -780,7 +780,7 @@ def austen_books(extracted: Path) -> dict[str, str]:
 
 
 def parse_sources(path: Path) -> list[dict]:
-    """Lines: PACKAGE VERSION CONVERTER GLOB[,GLOB...] [exclude=GLOB,...] [group=N] [max=N]."""
+    """Lines: PACKAGE VERSION CONVERTER GLOB[,GLOB...] [exclude=GLOB,...] [group=CHARS] [max_mb=MB] [name=NAME]."""
     sources = []
     for number, line in enumerate(path.read_text().split("\n"), 1):
         line = line.split(" #")[0].strip()
@@ -799,6 +799,7 @@ def parse_sources(path: Path) -> list[dict]:
             "package": package, "version": version, "converter": converter, "globs": globs.split(","),
             "exclude": options.get("exclude", "").split(",") if options.get("exclude") else [],
             "group": int(options.get("group", 20000)), "name": options.get("name", package),
+            "max_chars": int(float(options["max_mb"]) * 1e6) if "max_mb" in options else None,
         })
     return sources
 
@@ -845,6 +846,8 @@ def select_files(root: Path, globs: list[str], exclude: list[str]) -> list[Path]
 def documents_of_source(source: dict, root: Path, budget_chars: int | None, seed: int) -> tuple[list[dict], dict]:
     """Converted, filtered documents of one source; stats on files and rejects."""
     files = select_files(root, source["globs"], source["exclude"])
+    if source.get("max_chars") is not None:  # a per-source cap (a seeded sample of its documents)
+        budget_chars = source["max_chars"] if budget_chars is None else min(budget_chars, source["max_chars"])
     if budget_chars is not None:
         random.Random(f"{seed}-{source['name']}").shuffle(files)
     stats = {"files": len(files), "files_used": 0, "rejected": {}}

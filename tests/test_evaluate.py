@@ -366,3 +366,24 @@ def test_lm_eval_missing_gives_clear_message(monkeypatch):
     monkeypatch.setattr(lm_eval_adapter, "_REGISTERED", {})
     with pytest.raises(ImportError, match="pip install lm-eval"):
         lm_eval_adapter.lm_class()
+
+
+def test_eval_cli_end_to_end(model, tokenizer, tmp_path, capsys):
+    import argparse
+    import json
+
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(CORPUS)
+    parser = argparse.ArgumentParser()
+    evaluate.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--teacher", str(tmp_path / "tiny"), "--convert", "--convert-window", "8",
+                              "--text", str(tmp_path / "text.txt"), "--window", "32", "--max-windows", "2",
+                              "--fidelity", "--fidelity-tokens", "40", "--passkey", "64", "--passkey-trials", "1",
+                              "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher |" in printed and "| student |" in printed and "model.layers.1.self_attn" in printed
+    results = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert set(results) == {"perplexity", "fidelity", "passkey"}
+    assert is_png(tmp_path / "out" / "fidelity.png")

@@ -165,16 +165,25 @@ if HAS_TRITON:
             S = tl.load(init_ptr + bh.to(tl.int64) * E + offs, mask=msk, other=0.0)
         else:
             S = tl.zeros([BLK], dtype=tl.float32)
+        # the loads do not depend on the carried state: fetch one segment ahead to hide their latency
+        if REVERSE:
+            first = NSEG - 1
+        else:
+            first = 0
+        u = tl.load(seg_ptr + (bh.to(tl.int64) * NSEG + first) * E + offs, mask=msk, other=0.0)
         for i in range(0, NSEG):
             if REVERSE:
                 si = NSEG - 1 - i
+                nxt = si - 1
             else:
                 si = i
-            p = seg_ptr + (bh.to(tl.int64) * NSEG + si) * E + offs
-            u = tl.load(p, mask=msk, other=0.0)
-            tl.store(p, S, mask=msk)
+                nxt = si + 1
+            has_next = (i + 1) < NSEG
+            u_next = tl.load(seg_ptr + (bh.to(tl.int64) * NSEG + nxt) * E + offs, mask=msk & has_next, other=0.0)
+            tl.store(seg_ptr + (bh.to(tl.int64) * NSEG + si) * E + offs, S, mask=msk)
             n = tl.minimum(SEGLEN, T - si * SEGLEN)
             S = S * tl.exp((n * 1.0) * lam) + u
+            u = u_next
         if STORE_FINAL:
             tl.store(final_ptr + bh.to(tl.int64) * E + offs, S, mask=msk)
 
@@ -460,7 +469,7 @@ def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool):
     _f1_segment_states[(cfg.NSEG, BH)](k, v, P, w, ld, hloc, zloc, seg, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s,
                                        num_warps=4, **consts)
     final = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_final else seg
-    blk = 1024
+    blk = 256
     _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
         seg, init_flat if init_flat is not None else seg, final, ld, cfg.T, cfg.H, cfg.NSEG, cfg.E, cfg.L * cfg.C,
         BLK=blk, REVERSE=False, HAS_INIT=init_flat is not None, STORE_FINAL=want_final, num_warps=4)
@@ -483,7 +492,7 @@ def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, cfg:
     _b1_segment_dstates[(cfg.NSEG, BH)](q, do, o, den, dden, P, w, ld, dloc, dzloc, segb, cfg.T, cfg.H, cfg.NC,
                                         cfg.NSEG, cfg.s, cfg.eps, num_warps=4, **consts)
     dinit = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_dinit else segb
-    blk = 1024
+    blk = 256
     _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
         segb, dfinal_flat if dfinal_flat is not None else segb, dinit, ld, cfg.T, cfg.H, cfg.NSEG, cfg.E,
         cfg.L * cfg.C, BLK=blk, REVERSE=True, HAS_INIT=dfinal_flat is not None, STORE_FINAL=want_dinit,
