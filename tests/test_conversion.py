@@ -180,3 +180,12 @@ def test_bad_inputs():
         dijiang.convert(converted)
     with pytest.raises(FileNotFoundError):
         dijiang.load_pretrained("./no/such/dir")
+
+
+def test_training_mode_forward_needs_no_cache_flags():
+    model = dijiang.convert(tiny_model("llama")).train()
+    assert model.config.use_cache
+    ids = torch.randint(3, VOCAB, (2, 10))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)

@@ -146,3 +146,19 @@ def test_sample_teacher_text_is_deterministic_and_long_enough():
     prompts = set(data.TEACHER_PROMPTS)
     assert all(doc.split("\n\n")[0] in prompts for doc in first)
     assert sum(len(tokenizer(d)["input_ids"]) for d in first) >= 200
+
+
+def test_reads_compressed_jsonl_and_text(tmp_path):
+    import gzip
+    import json
+    import lzma
+
+    from dijiang import data as data_lib
+
+    records = [{"text": "first document"}, {"text": "second document"}]
+    with lzma.open(tmp_path / "part.jsonl.xz", "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(json.dumps(r) for r in records) + "\n")
+    with gzip.open(tmp_path / "notes.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("plain compressed text")
+    assert data_lib.read_documents([str(tmp_path / "part.jsonl.xz")]) == ["first document", "second document"]
+    assert data_lib.read_documents([str(tmp_path / "notes.txt.gz")]) == ["plain compressed text"]

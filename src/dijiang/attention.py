@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dijiang.feature_maps import FEATURE_MAPS, build_feature_map
+from dijiang.feature_maps import FEATURE_MAPS, ProjectedFeatureMap, build_feature_map
 from dijiang.ops import linear_attention, window_attention
+from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
 
 MODES = ("chunk", "recurrent", "parallel")
 
@@ -35,6 +36,9 @@ class DiJiangSettings:
         (the window hybrid always shares one normaliser between its two parts).
     use_norm / use_gate: the official output path, GroupNorm(one group per head) and a SiLU gate.
     decay_range: (1 - gamma) of the first and last head at init; RetNet's range.
+    backend: ``auto`` runs pure DiJiang layers through the fused Triton kernel (feature map inside the
+        attention kernel) on CUDA when the feature map is a softmax-stabilised projection and no padding
+        mask is present; ``torch`` always uses the feature map + ``dijiang.ops`` path.
     """
 
     feature_map: str = "dijiang"
@@ -51,6 +55,7 @@ class DiJiangSettings:
     decay_range: tuple[float, float] = (1 / 32, 1 / 512)
     mode: str = "chunk"
     chunk_size: int = 64
+    backend: str = "auto"
 
     def __post_init__(self):
         self.decay_range = tuple(self.decay_range)
@@ -60,6 +65,9 @@ class DiJiangSettings:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0 (0 = pure linear attention), got {self.window}")
+        if self.backend not in ("auto", "torch"):
+            raise ValueError(f"backend must be 'auto' (fused Triton kernel on CUDA where it applies) or 'torch', "
+                             f"got {self.backend!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         low, high = self.decay_range
@@ -157,6 +165,13 @@ class DiJiangAttention(nn.Module):
         initial_state = layer_cache.state if layer_cache is not None else None
         mask = self.padding.current(T)
         mode = "recurrent" if T == 1 else self.settings.mode
+        if self._can_fuse(q, mode, mask):
+            o, state = fused_dijiang_attention(
+                q, k, v, self.feature_map.projection, self.feature_map.log_weight, self.log_decay,
+                scale=self.feature_map.scale, normalize=self.settings.normalize, initial_state=initial_state,
+                output_final_state=layer_cache is not None, chunk_size=self.settings.chunk_size,
+            )
+            return self._finish(o, state, layer_cache, hidden_states)
         qf, kf = self.feature_map(q), self.feature_map(k)
         if self.settings.window:
             lin_weight = F.softplus(self.window_mix.float())
@@ -171,6 +186,16 @@ class DiJiangAttention(nn.Module):
                 initial_state=initial_state, output_final_state=layer_cache is not None,
                 normalize=self.settings.normalize, attention_mask=mask,
             )
+        return self._finish(o, state, layer_cache, hidden_states)
+
+    def _can_fuse(self, q: torch.Tensor, mode: str, mask) -> bool:
+        fm = self.feature_map
+        return (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
+                and not self.settings.window and isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax"
+                and triton_supported(q, q, q, fm.projection, self.settings.chunk_size)[0])
+
+    def _finish(self, o, state, layer_cache, hidden_states):
+        B, T, _ = hidden_states.shape
         if layer_cache is not None:
             layer_cache.update_state(state, T)
         o = o.reshape(B, T, self.num_heads * self.head_dim)

@@ -121,15 +121,19 @@ def _install_padding_hook(model) -> PaddingContext:
             padding.mask = None
         cache = bound.arguments.get("past_key_values")
         use_cache = bound.arguments.get("use_cache")
+        changes = {}
+        if use_cache is None and module.training and "use_cache" in signature.parameters:
+            changes["use_cache"] = use_cache = False  # HF would build a generic cache from config.use_cache
         if use_cache is None:
-            use_cache = getattr(model.config, "use_cache", False) and not model.training
+            use_cache = getattr(model.config, "use_cache", False)
         if "past_key_values" in signature.parameters and _needs_dijiang_cache(cache, use_cache):
-            kwargs = dict(bound.arguments)
-            kwargs.pop("kwargs", None)
-            kwargs.update(bound.arguments.get("kwargs", {}))
-            kwargs["past_key_values"] = DiJiangCache.for_model(model)
-            return (), kwargs
-        return None
+            changes["past_key_values"] = DiJiangCache.for_model(model)
+        if not changes:
+            return None
+        new_kwargs = dict(bound.arguments)
+        new_kwargs.update(new_kwargs.pop("kwargs", {}))
+        new_kwargs.update(changes)
+        return (), new_kwargs
 
     base.register_forward_pre_hook(record, with_kwargs=True)
     model._dijiang_padding = padding

@@ -11,7 +11,10 @@ Offline default with no sources at all: text sampled from the teacher (`sample_t
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +106,17 @@ def _text_files(folder: Path) -> list[Path]:
     return files
 
 
+COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+
+
+def _plain_name(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix in COMPRESSED else path
+
+
 def _read_file(path: Path, text_field: str) -> list[str]:
-    if path.suffix == ".jsonl":
+    if _plain_name(path).suffix == ".jsonl":
         return _read_jsonl(path, text_field)
-    raw = path.read_bytes()
+    raw = COMPRESSED[path.suffix](path).read() if path.suffix in COMPRESSED else path.read_bytes()
     if b"\x00" in raw[:8192]:
         return []  # binary file inside a folder of text
     try:
@@ -117,7 +127,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     documents = []
-    with path.open(encoding="utf-8") as lines:
+    opener = COMPRESSED.get(path.suffix)
+    with (opener(path, "rt", encoding="utf-8") if opener else path.open(encoding="utf-8")) as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue

@@ -118,7 +118,8 @@ class DiJiangLMCore:
                 totals.append(0.0)
                 continue
             windows = sliding_windows(ids.numel(), self.max_length)
-            totals.append(-float(window_nll(self.model, ids, windows).sum()))
+            totals.append(-sum(float(window_nll(self.model, ids, windows[i:i + self.batch_size]).sum())
+                               for i in range(0, len(windows), self.batch_size)))
         return totals
 
     @torch.no_grad()

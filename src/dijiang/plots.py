@@ -34,7 +34,7 @@ def _draw_loss(ax, records: Sequence[dict]) -> None:
     ax.plot(xs, [r["loss"] for r in records], lw=1.2)
     ax.set_xlabel("training tokens" if use_tokens else "step")
     ax.set_ylabel("loss")
-    ax.set_title("fine-tune loss")
+    ax.set_title("fine-tune loss (training objective)")
     ax.grid(alpha=0.3)
 
 

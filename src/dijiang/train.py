@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -101,6 +102,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_steps: int | None = field(default=None, metadata=_help("stop after N steps (the schedule keeps its length)", type=int))
     seed: int = 0
+    data_cache: bool = field(default=True, metadata=_help("cache the packed training blocks under $DIJIANG_CACHE/blocks"))
     resume: bool = field(default=False, metadata=_help("continue from the last checkpoint in --out"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
 
@@ -230,11 +232,21 @@ def set_lr(optimizer, multiplier: float) -> None:
 
 
 def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path):
-    documents = data_lib.read_documents(config.data, config.text_field) if config.data else []
     teacher_tokens = parse_token_count(config.teacher_text_tokens) or (0 if config.data else DEFAULT_TEACHER_TOKENS)
-    if teacher_tokens:
-        documents += _teacher_text(teacher, tokenizer, teacher_tokens, config.seed, accelerator, out)
-    packed = data_lib.build_blocks(documents, tokenizer, config.block_size, config.held_out, config.seed)
+    cache = None if teacher_tokens or not config.data_cache else blocks_cache_file(config, tokenizer)
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        packed = data_lib.PackedData(train=saved["train"], held_out=saved["held_out"])
+    else:
+        documents = data_lib.read_documents(config.data, config.text_field) if config.data else []
+        if teacher_tokens:
+            documents += _teacher_text(teacher, tokenizer, teacher_tokens, config.seed, accelerator, out)
+        packed = data_lib.build_blocks(documents, tokenizer, config.block_size, config.held_out, config.seed)
+        if cache is not None and accelerator.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f".{cache.name}.{os.getpid()}")
+            torch.save({"train": packed.train, "held_out": packed.held_out}, partial)
+            partial.replace(cache)
     eval_sets = {}
     if len(packed.held_out):
         eval_sets["held_out"] = packed.held_out[: config.eval_blocks]
@@ -246,6 +258,22 @@ def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path
             raise ValueError(f"evaluation source {source!r} holds less than one block of {config.block_size} tokens")
         eval_sets[Path(source).name or source] = blocks[: config.eval_blocks]
     return packed, eval_sets
+
+
+def blocks_cache_file(config: TrainConfig, tokenizer) -> Path:
+    """Where the packed blocks of these sources, tokenizer and packing options are cached (tokenising a large
+    corpus takes longer than a short fine-tune). Files are identified by path, size and modification time."""
+    from dijiang.conversion import CACHE_DIR
+
+    sources = []
+    for source in config.data:
+        path = Path(source)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        sources.append([source, [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    key = json.dumps([sources, config.text_field, type(tokenizer).__name__, len(tokenizer),
+                      tokenizer(data_lib.PROBE_TEXT)["input_ids"],
+                      config.block_size, config.held_out, config.seed])
+    return CACHE_DIR / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
 
 def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out: Path) -> list[str]:
