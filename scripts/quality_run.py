@@ -13,6 +13,7 @@ data/heldout/austen-pride-and-prejudice.txt, neither of which is in the corpus.
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import math
@@ -21,7 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "data" / "heldout" / "austen-pride-and-prejudice.txt"
@@ -42,7 +44,7 @@ JOBS = {
     "abl-dijiang-2d": ("ablation: dijiang, m = 2d", {"num_features": 128}, None, "1M", {}),
     "abl-two-softmax": ("ablation: dijiang, layers 0 and 15 kept softmax", {}, ALL_BUT(0, 15), "1M", {}),
 }
-BASE_OPTIONS = dict(block_size=1024, batch_size=16, lr=1e-4, new_lr=1e-3, kd_weight=1.0, lm_weight=0.2,
+BASE_OPTIONS = dict(block_size=1024, batch_size=8, grad_accum=2, lr=1e-4, new_lr=1e-3, kd_weight=1.0, lm_weight=0.2,
                     warmup=0.05, eval_blocks=16, save_every=100, keep_checkpoints=1)
 
 
@@ -61,8 +63,9 @@ def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None 
     description, settings, layers, budget, extra = JOBS[name]
     budget = tokens or budget
     out = runs / name
-    tokens_per_step = BASE_OPTIONS["block_size"] * BASE_OPTIONS["batch_size"]
-    eval_every = max(1, parse_token_count(budget) // 20 // tokens_per_step)
+    tokens_per_step = BASE_OPTIONS["block_size"] * BASE_OPTIONS["batch_size"] * BASE_OPTIONS["grad_accum"]
+    evals = 20 if parse_token_count(budget) >= 5_000_000 else 4  # short ablation runs: a few points suffice
+    eval_every = max(1, parse_token_count(budget) // evals // tokens_per_step)
     config = TrainConfig(model=model, out=str(out), data=corpus_parts(corpus), eval_data=list(EVAL_TEXTS.values()),
                          tokens=budget, attention=settings, layers=layers, eval_every=eval_every, resume=resume,
                          progress=sys.stderr.isatty(), **{**BASE_OPTIONS, **extra})
@@ -148,6 +151,7 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
 
 def write_report(runs: Path, out_md: Path) -> str:
     results = load_results(runs)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
     if not results:
         raise FileNotFoundError(f"no */result.json under {runs}")
     plot_curves(results, out_md.parent / "results_curves.png")
@@ -163,7 +167,12 @@ def write_report(runs: Path, out_md: Path) -> str:
     for name in ("hybrid", "pure"):
         if name in results:
             parts += [f"## {name}: perplexity against training tokens", curve_table(results[name])]
-    parts.append("## Reproduce\n\n" + "\n".join(f"- `{r['command']}`" for r in results.values()))
+    notes = out_md.parent / "results_notes.md"
+    if notes.exists():  # hand-written reading of the numbers, kept beside the generated table
+        parts.append(notes.read_text().strip())
+    parts.append("## Reproduce\n\n" + "\n".join(f"- `{r['command']}`" for r in results.values())
+                 + "\n\nOn the lent GPU: `bash scripts/gpu_quality.sh start`, then `status`, then `collect` "
+                 "(the script's header says what it expects).")
     text = "\n\n".join(parts) + "\n"
     out_md.write_text(text)
     return text
