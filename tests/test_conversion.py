@@ -189,3 +189,16 @@ def test_training_mode_forward_needs_no_cache_flags():
     out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("kind", ["pure", "window"])
+def test_checkpointed_attention_gives_the_same_gradients(kind):
+    ids = torch.randint(3, VOCAB, (2, 12))
+    grads = []
+    for checkpoint in (False, True):
+        model = dijiang.convert(tiny_model("llama"), {**SETTINGS[kind], "checkpoint": checkpoint}).train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name

@@ -162,3 +162,17 @@ def test_reads_compressed_jsonl_and_text(tmp_path):
         handle.write("plain compressed text")
     assert data_lib.read_documents([str(tmp_path / "part.jsonl.xz")]) == ["first document", "second document"]
     assert data_lib.read_documents([str(tmp_path / "notes.txt.gz")]) == ["plain compressed text"]
+
+
+def test_glob_patterns_expand_sorted_and_fail_when_empty(tmp_path, monkeypatch):
+    import pytest
+
+    from dijiang import data as data_lib
+
+    for name, text in [("b.txt", "second"), ("a.txt", "first"), ("skip.md", "not matched")]:
+        (tmp_path / name).write_text(text)
+    assert data_lib.read_documents([str(tmp_path / "*.txt")]) == ["first", "second"]
+    monkeypatch.chdir(tmp_path)
+    assert data_lib.read_documents(["*.txt"]) == ["first", "second"]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        data_lib.read_documents([str(tmp_path / "*.jsonl")])

@@ -241,3 +241,15 @@ def test_ddp_on_cpu_matches_one_process_over_the_same_global_batch(assets, tmp_p
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), name
         torch.testing.assert_close(tensor, single_params[name].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_every_shipped_recipe_is_a_valid_training_config():
+    from pathlib import Path
+
+    from dijiang.train import TrainConfig, load_recipe
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for recipe in recipes:
+        config = TrainConfig.from_dict(load_recipe(recipe)).validated()
+        assert config.tokens and config.block_size >= 1, recipe

@@ -16,6 +16,8 @@ _EXPORTS = {
     "convert": "dijiang.conversion",
     "load_pretrained": "dijiang.conversion",
     "DiJiangCache": "dijiang.cache",
+    "fast_generate": "dijiang.fast_decode",
+    "TrainConfig": "dijiang.train",
 }
 
 

@@ -8,11 +8,13 @@ original key and adds only the new DiJiang parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from dijiang.feature_maps import FEATURE_MAPS, ProjectedFeatureMap, build_feature_map
@@ -36,6 +38,8 @@ class DiJiangSettings:
         (the window hybrid always shares one normaliser between its two parts).
     use_norm / use_gate: the official output path, GroupNorm(one group per head) and a SiLU gate.
     decay_range: (1 - gamma) of the first and last head at init; RetNet's range.
+    checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
+        intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
     backend: ``auto`` runs pure DiJiang layers through the fused Triton kernel (feature map inside the
         attention kernel) on CUDA when the feature map is a softmax-stabilised projection and no padding
         mask is present; ``torch`` always uses the feature map + ``dijiang.ops`` path.
@@ -56,6 +60,7 @@ class DiJiangSettings:
     mode: str = "chunk"
     chunk_size: int = 64
     backend: str = "auto"
+    checkpoint: bool = False
 
     def __post_init__(self):
         self.decay_range = tuple(self.decay_range)
@@ -172,21 +177,26 @@ class DiJiangAttention(nn.Module):
                 output_final_state=layer_cache is not None, chunk_size=self.settings.chunk_size,
             )
             return self._finish(o, state, layer_cache, hidden_states)
+        attend = functools.partial(self._attend, mode=mode, mask=mask, initial_state=initial_state,
+                                   output_final_state=layer_cache is not None)
+        if self.settings.checkpoint and self.training and torch.is_grad_enabled():
+            o, state = torch.utils.checkpoint.checkpoint(attend, q, k, v, use_reentrant=False)
+        else:
+            o, state = attend(q, k, v)
+        return self._finish(o, state, layer_cache, hidden_states)
+
+    def _attend(self, q, k, v, *, mode, mask, initial_state, output_final_state):
         qf, kf = self.feature_map(q), self.feature_map(k)
         if self.settings.window:
             lin_weight = F.softplus(self.window_mix.float())
-            o, state = window_attention(
+            return window_attention(
                 q, k, v, qf, kf, self.log_decay, lin_weight, window=self.settings.window, scale=self.scale,
-                mode=mode, initial_state=initial_state, output_final_state=layer_cache is not None,
-                attention_mask=mask,
+                mode=mode, initial_state=initial_state, output_final_state=output_final_state, attention_mask=mask,
             )
-        else:
-            o, state = linear_attention(
-                qf, kf, v, self.log_decay, mode=mode, chunk_size=self.settings.chunk_size,
-                initial_state=initial_state, output_final_state=layer_cache is not None,
-                normalize=self.settings.normalize, attention_mask=mask,
-            )
-        return self._finish(o, state, layer_cache, hidden_states)
+        return linear_attention(
+            qf, kf, v, self.log_decay, mode=mode, chunk_size=self.settings.chunk_size, initial_state=initial_state,
+            output_final_state=output_final_state, normalize=self.settings.normalize, attention_mask=mask,
+        )
 
     def _can_fuse(self, q: torch.Tensor, mode: str, mask) -> bool:
         fm = self.feature_map

@@ -90,10 +90,17 @@ def _read_source(source: str, text_field: str) -> list[str]:
         return _read_file(path, text_field)
     if source == "pydoc":
         return [pydoc_topics_text()]
+    if any(char in source for char in "*?["):
+        matches = sorted(Path().glob(source) if not Path(source).is_absolute() else
+                         Path(source).parent.glob(Path(source).name))
+        if not matches:
+            raise FileNotFoundError(f"data pattern {source!r} matches no file")
+        return [doc for match in matches for doc in _read_source(str(match), text_field)]
     if source.startswith("hf:"):
         return _read_hub_dataset(source[3:], text_field)
     raise FileNotFoundError(
-        f"data source {source!r} does not exist (expected a file, a folder, 'pydoc', or hf:NAME for a Hugging Face dataset)"
+        f"data source {source!r} does not exist (expected a file, a folder, a glob pattern, 'pydoc', "
+        "or hf:NAME for a Hugging Face dataset)"
     )
 
 

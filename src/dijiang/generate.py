@@ -32,14 +32,26 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--fast", action="store_true",
+                        help="static-state decode loop (CUDA graph on GPU; dijiang.fast_decode); prints at the end")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.set_defaults(func=_run_cli)
 
 
 def _run_cli(args) -> int:
     from dijiang.conversion import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device)
     model.eval()
+    if args.fast:
+        from dijiang.fast_decode import fast_generate
+
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+        out = fast_generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                            temperature=max(args.temperature, 1e-5), top_p=args.top_p, seed=args.seed)
+        print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        return 0
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     print(args.prompt, end="", flush=True)
     generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
