@@ -41,6 +41,8 @@ import time
 import zlib
 from pathlib import Path
 
+from dijiang.data import SHINGLE_WORDS, overlaps, shingles, words_of  # noqa: F401  (shared with the demo)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCES = ROOT / "scripts" / "corpus_sources.txt"
 DEFAULT_OUT = ROOT / ".corpus"
@@ -51,7 +53,7 @@ HELDOUT_VERSION = "1.0.0-1"
 HELDOUT_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 AUSTEN_BOOKS = ["prideprejudice", "sensesensibility", "mansfieldpark", "emma", "northangerabbey", "persuasion"]
 
-SHINGLE = 13  # words
+SHINGLE = SHINGLE_WORDS  # 13 words
 MIN_CHARS = 400
 MAX_DOC_CHARS = 60_000  # longer documents are split at paragraph boundaries
 PART_CHARS = 60_000_000  # uncompressed characters per part (~13-16 MB as xz)
@@ -550,23 +552,6 @@ def split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
         pieces.append("\n\n".join(current))
     return pieces
 
-
-_WORD = re.compile(r"\w+")
-
-
-def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def shingles(text: str, n: int = SHINGLE) -> set[int]:
-    """Hashes of every n-word window of `text` (lowercased \\w+ words), for near-duplicate tests."""
-    words = words_of(text)
-    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
-
-
-def overlaps(text: str, eval_shingles: set[int], n: int = SHINGLE) -> bool:
-    words = words_of(text)
-    return any(hash(tuple(words[i : i + n])) in eval_shingles for i in range(len(words) - n + 1))
 
 
 def exact_key(text: str) -> str:

@@ -22,6 +22,10 @@ def tiny_model(family: str, seed: int = 0):
                               tie_word_embeddings=False, **common)
         if family == "qwen2":
             config.attention_bias = True
+    elif family == "gemma3_text":  # sliding-window and global layers, q/k norms, query_pre_attn_scalar
+        config = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                               max_position_embeddings=512, sliding_window=8, **common)
     elif family == "gpt_neox":
         config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                             num_attention_heads=4, max_position_embeddings=512,
@@ -38,7 +42,7 @@ def tiny_model(family: str, seed: int = 0):
     return model
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "opt"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_neox", "gpt2", "opt"]
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official()}
 
 

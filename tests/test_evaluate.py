@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from train_fixtures import tiny_llama, tiny_tokenizer
 
 from dijiang import evaluate, plots
 from dijiang.evaluate import (Window, attention_fidelity, load_text, markdown_table, passkey_correct,
@@ -11,29 +12,6 @@ from dijiang.evaluate import (Window, attention_fidelity, load_text, markdown_ta
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
           "How vexingly quick daft zebras jump! 0123456789 pass key. ") * 4
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
-def tiny_llama(vocab_size, seed=0, layers=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         attn_implementation="eager")
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import gzip
 import json
 import lzma
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,3 +369,25 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     probe = [tok(PROBE_TEXT, add_special_tokens=False)["input_ids"] for tok in (teacher_tokenizer, student_tokenizer)]
     if probe[0] != probe[1]:
         raise ValueError("tokenizer mismatch: teacher and student encode the same probe text differently")
+
+
+# ---------------------------------------------------------------- overlap with evaluation text
+
+SHINGLE_WORDS = 13
+_WORD = re.compile(r"\w+")
+
+
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def shingles(text: str, n: int = SHINGLE_WORDS) -> set[int]:
+    """Hashes of every n-word window of `text` (lowercased words), for near-duplicate tests."""
+    words = words_of(text)
+    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def overlaps(text: str, eval_shingles: set[int], n: int = SHINGLE_WORDS) -> bool:
+    """Whether `text` shares any n-word run with the text whose shingles are `eval_shingles`."""
+    words = words_of(text)
+    return any(hash(tuple(words[i : i + n])) in eval_shingles for i in range(len(words) - n + 1))

@@ -54,14 +54,20 @@ def greedy_sample(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens
 def stdlib_training_text(num_chars: int, seed: int = 0) -> str:
     """Offline training text that every Python install has: the standard library's own source files.
 
-    It is Python code and docstrings, related to but distinct from the evaluation text (pydoc topics).
+    It is Python code and docstrings, not the reference documentation that the evaluation text (pydoc topics)
+    is generated from; any file sharing a 13-word run with the evaluation text is left out all the same.
     """
+    from dijiang.data import overlaps, pydoc_topics_text, shingles
+
+    eval_shingles = shingles(pydoc_topics_text())
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
     random.Random(seed).shuffle(files)
     parts, total = [], 0
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
+        if overlaps(text, eval_shingles):
+            continue
         parts.append(text)
         total += len(text)
         if total >= num_chars:
