@@ -229,7 +229,7 @@ def load_pretrained(name_or_path: str = "smollm2", *, dtype=torch.float32, devic
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    path = Path(str(name_or_path))
+    path = Path(str(name_or_path)).expanduser()
     if name_or_path in EMBEDDED_MODELS:
         cached = CACHE_DIR / name_or_path
         if not (cached / "config.json").exists():
@@ -243,12 +243,16 @@ def load_pretrained(name_or_path: str = "smollm2", *, dtype=torch.float32, devic
             raise FileNotFoundError(f"no such GGUF file: {path}")
         model, tokenizer = _load_gguf(path.parent, path.name, kwargs)
         return model.to(device), tokenizer
-    elif not path.exists() and (str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path) and
-                                str(name_or_path).count("/") > 1):
+    elif not path.exists() and _looks_local(str(name_or_path)):
         raise FileNotFoundError(f"no such model directory: {name_or_path}")
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model.to(device), tokenizer
+
+
+def _looks_local(name: str) -> bool:
+    """Hub names are 'org/model'; anything rooted or deeper is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _load_gguf(folder: Path, gguf: str, kwargs: dict):
