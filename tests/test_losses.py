@@ -79,3 +79,20 @@ def test_attention_transfer_loss_is_mean_of_per_layer_mse():
     assert attention_transfer_loss(student, teacher).item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError):
         attention_transfer_loss(student, teacher[:1])
+
+
+def test_kd_loss_in_pieces_has_the_same_value_and_gradient(monkeypatch):
+    import torch
+
+    from dijiang import losses
+
+    torch.manual_seed(0)
+    student = torch.randn(3, 7, 11, requires_grad=True)
+    teacher = torch.randn(3, 7, 11)
+    whole = losses.kd_loss(student, teacher, temperature=2.0)
+    (grad_whole,) = torch.autograd.grad(whole, student)
+    monkeypatch.setattr(losses, "KD_ROWS", 4)  # 21 rows -> 6 checkpointed pieces
+    pieces = losses.kd_loss(student, teacher, temperature=2.0)
+    (grad_pieces,) = torch.autograd.grad(pieces, student)
+    assert torch.allclose(whole, pieces, atol=1e-6)
+    assert torch.allclose(grad_whole, grad_pieces, atol=1e-6)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,15 +34,31 @@ def kd_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    rows_s, rows_t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
+    pieces = []
+    for s, t in zip(rows_s.split(KD_ROWS), rows_t.split(KD_ROWS)):
+        if torch.is_grad_enabled() and s.requires_grad:
+            # recompute the fp32 softmaxes in the backward: they would otherwise keep several
+            # [tokens, vocab] fp32 tensors alive (GiBs at 16 x 1024 tokens and a 49k vocabulary)
+            pieces.append(torch.utils.checkpoint.checkpoint(_kl_rows, s, t, temperature, use_reentrant=False))
+        else:
+            pieces.append(_kl_rows(s, t, temperature))
+    per_token = torch.cat(pieces).view(student_logits.shape[:-1])
     if mask is None:
         mean = per_token.mean()
     else:
         weights = mask.to(per_token.dtype)
         mean = (per_token * weights).sum() / weights.sum().clamp_min(1)
     return mean * temperature**2
+
+
+KD_ROWS = 2048  # token positions per piece of the KD loss
+
+
+def _kl_rows(student_rows: torch.Tensor, teacher_rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p_student = F.log_softmax(student_rows.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_rows.float() / temperature, dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
 
 
 def distillation_loss(
