@@ -8,7 +8,9 @@ set -uo pipefail
 WORK=~/quality
 RUNS=$WORK/runs
 export PYTHONPATH=~/site:$WORK/src PYTHONUNBUFFERED=1 DIJIANG_CACHE=~/dijiang_cache TOKENIZERS_PARALLELISM=true
-STREAMS=("hybrid" "pure abl-dijiang abl-official abl-pff" "abl-performer abl-elu abl-dijiang-chi abl-dijiang-2d abl-two-softmax")
+# Streams run side by side (one process each); jobs within a stream run one after another. Two streams fit
+# an H100 (a window-hybrid process holds ~30 GiB at 8 x 1024); three OOMed. Override: STREAMS="a b;c d".
+IFS=';' read -r -a STREAMS <<< "${STREAMS:-hybrid-lp hybrid-w128 hybrid-at;pure abl-dijiang abl-official abl-pff abl-performer abl-elu abl-dijiang-2d abl-two-softmax abl-dijiang-chi}"
 
 case "${1:-}" in
 start)

@@ -34,7 +34,15 @@ FINAL_WINDOW, FINAL_WINDOWS = 512, 40  # the calibration run's held-out protocol
 ALL_BUT = lambda *kept: [i for i in range(30) if i not in kept]  # noqa: E731  (SmolLM2 has 30 layers)
 JOBS = {
     "hybrid": ("window 64 + DiJiang, KD", {"window": 64}, None, "20M", {}),
+    "hybrid-lp": ("window 64 + DiJiang, learned projection (init DCT x QMC), KD", {"window": 64, "learn_projection": True},
+                  None, "3M", {}),
+    "hybrid-w128": ("window 128 + DiJiang, KD", {"window": 128}, None, "3M", {}),
+    "hybrid-w128-20m": ("the recipe: window 128 + DiJiang, KD (recipes/smollm2-135m.yaml)", {"window": 128}, None,
+                        "20M", {"recipe": "recipes/smollm2-135m.yaml"}),
+    "hybrid-at": ("window 64 + DiJiang, 0.5M attention transfer then KD", {"window": 64}, None, "2.5M",
+                  {"attention_transfer_tokens": "0.5M"}),
     "pure": ("pure DiJiang (paper setting), KD", {}, None, "5M", {}),
+    "pure-chi": ("pure DiJiang with chi radii, KD", {"radius": "chi"}, None, "5M", {}),
     "abl-dijiang": ("ablation: dijiang (DCT + QMC + weights), m = d", {}, None, "1M", {}),
     "abl-dijiang-chi": ("ablation: dijiang with chi radii", {"radius": "chi"}, None, "1M", {}),
     "abl-official": ("ablation: official feature map", {"feature_map": "official"}, None, "1M", {}),
@@ -66,9 +74,18 @@ def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None 
     tokens_per_step = BASE_OPTIONS["block_size"] * BASE_OPTIONS["batch_size"] * BASE_OPTIONS["grad_accum"]
     evals = 20 if parse_token_count(budget) >= 5_000_000 else 4  # short ablation runs: a few points suffice
     eval_every = max(1, parse_token_count(budget) // evals // tokens_per_step)
-    config = TrainConfig(model=model, out=str(out), data=corpus_parts(corpus), eval_data=list(EVAL_TEXTS.values()),
-                         tokens=budget, attention=settings, layers=layers, eval_every=eval_every, resume=resume,
-                         progress=sys.stderr.isatty(), **{**BASE_OPTIONS, **extra})
+    paths = dict(model=model, out=str(out), data=corpus_parts(corpus), eval_data=list(EVAL_TEXTS.values()),
+                 resume=resume, progress=sys.stderr.isatty())
+    if "recipe" in extra:  # the job is the recipe file itself, with this machine's paths
+        from dijiang.train import load_recipe
+
+        recipe = load_recipe(ROOT / extra["recipe"])
+        if settings != recipe.get("attention") or parse_token_count(budget) != parse_token_count(str(recipe["tokens"])):
+            raise ValueError(f"job {name} is out of step with {extra['recipe']}")
+        config = TrainConfig.from_dict({**recipe, **paths, "tokens": budget})
+    else:
+        config = TrainConfig(tokens=budget, attention=settings, layers=layers, eval_every=eval_every,
+                             **paths, **{**BASE_OPTIONS, **extra})
     summary = train(config)
     student = summary.pop("model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,7 +181,7 @@ def write_report(runs: Path, out_md: Path) -> str:
         results_table(results),
         "![perplexity vs training tokens](results_curves.png)",
     ]
-    for name in ("hybrid", "pure"):
+    for name in ("hybrid-w128-20m", "hybrid", "pure-chi", "pure"):
         if name in results:
             parts += [f"## {name}: perplexity against training tokens", curve_table(results[name])]
     notes = out_md.parent / "results_notes.md"

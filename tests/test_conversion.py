@@ -206,3 +206,26 @@ def test_checkpointed_attention_gives_the_same_gradients(kind):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_learned_projection_trains_and_round_trips(tmp_path):
+    model = dijiang.convert(tiny_model("llama"), dict(window=4, learn_projection=True)).train()
+    layer = next(layer for _, layer in iter_dijiang_layers(model))
+    projection = layer.feature_map.projection
+    assert isinstance(projection, torch.nn.Parameter) and projection.dtype == torch.float32
+    assert any(p is projection for p in layer.new_parameters())
+    ids = torch.randint(3, VOCAB, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    assert projection.grad is not None and projection.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        projection.add_(0.05 * torch.randn_like(projection))
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    half = dijiang.convert(tiny_model("llama"), dict(learn_projection=True)).to(torch.bfloat16)
+    assert next(layer for _, layer in iter_dijiang_layers(half)).feature_map.projection.dtype == torch.float32
+    with pytest.raises(ValueError, match="no projection"):
+        dijiang.convert(tiny_model("llama"), dict(feature_map="elu", learn_projection=True))

@@ -38,6 +38,9 @@ class DiJiangSettings:
         (the window hybrid always shares one normaliser between its two parts).
     use_norm / use_gate: the official output path, GroupNorm(one group per head) and a SiLU gate.
     decay_range: (1 - gamma) of the first and last head at init; RetNet's range.
+    learn_projection: train the feature map's projection (initialised by the map's own construction, e.g. DCT
+        x QMC radii) with the other new parameters, as Hedgehog/LoLCATs learn theirs. The fused kernel has no
+        gradient for it, so training then takes the torch path.
     checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
     backend: ``auto`` runs pure DiJiang layers through the fused Triton kernel (feature map inside the
@@ -61,6 +64,7 @@ class DiJiangSettings:
     chunk_size: int = 64
     backend: str = "auto"
     checkpoint: bool = False
+    learn_projection: bool = False
 
     def __post_init__(self):
         self.decay_range = tuple(self.decay_range)
@@ -134,7 +138,7 @@ class DiJiangAttention(nn.Module):
         self.feature_map = build_feature_map(
             settings.feature_map, d, H, settings.num_features, scale=self.scale,
             stabiliser=settings.stabiliser, seed=settings.seed + layer_idx, qmc=settings.qmc,
-            radius=settings.radius,
+            radius=settings.radius, learn_projection=settings.learn_projection,
         ).to(**factory)
         logits = initial_decay_logits(H, settings.decay_range).to(param.device)
         if settings.learn_decay:
@@ -202,6 +206,7 @@ class DiJiangAttention(nn.Module):
         fm = self.feature_map
         return (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
                 and not self.settings.window and isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax"
+                and not (fm.projection.requires_grad and torch.is_grad_enabled())
                 and triton_supported(q, q, q, fm.projection, self.settings.chunk_size)[0])
 
     def _finish(self, o, state, layer_cache, hidden_states):

@@ -24,6 +24,8 @@ the size of the attention and up/gate projections once more; pass ``fuse_project
 """
 from __future__ import annotations
 
+import os
+
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +44,11 @@ __all__ = ["fast_generate", "FastDecoder", "supports_fast_decode", "SUPPORTED_FA
 
 
 # ----------------------------------------------------------------------------------------------- support check
+
+# torch.compile mode of the per-layer step; the graph capture is ours, so no mode that adds cudagraphs.
+# max-autotune-no-cudagraphs: 1,076 against 878 tokens/s for the default mode (SmolLM2 pure, batch 1, H100).
+COMPILE_MODE = os.environ.get("DIJIANG_COMPILE_MODE", "max-autotune-no-cudagraphs") or None
+
 
 def _family(model) -> str:
     model_type = model.config.model_type
@@ -399,7 +406,7 @@ class FastDecoder:
             compiled = {}
             for plan in self.plans:
                 if plan.consts.kind not in compiled:
-                    compiled[plan.consts.kind] = torch.compile(plan.fn, dynamic=False)
+                    compiled[plan.consts.kind] = torch.compile(plan.fn, dynamic=False, mode=COMPILE_MODE)
                 plan.fn = compiled[plan.consts.kind]
         # rope table for every position the decoder can see
         with torch.no_grad():

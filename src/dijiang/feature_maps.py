@@ -171,6 +171,7 @@ class ProjectedFeatureMap(FeatureMap):
         seed: int = 0,
         qmc: str = "sobol",
         radius: str = "normal",
+        learn_projection: bool = False,
     ):
         super().__init__(head_dim, num_heads, num_features, scale)
         if stabiliser not in STABILISERS:
@@ -183,7 +184,10 @@ class ProjectedFeatureMap(FeatureMap):
         self.seed, self.qmc, self.radius = seed, qmc, radius
         projection = torch.as_tensor(self.build_projection(), dtype=torch.float32)
         assert projection.shape == (head_dim, num_features), projection.shape
-        self.register_buffer("projection", projection.contiguous(), persistent=True)
+        if learn_projection:  # initialised by the method's construction, then trained (Hedgehog-style)
+            self.projection = nn.Parameter(projection.contiguous())
+        else:
+            self.register_buffer("projection", projection.contiguous(), persistent=True)
         if self.learnable_weights:
             self.log_weight = nn.Parameter(torch.zeros(num_heads, num_features))
         else:
@@ -194,10 +198,13 @@ class ProjectedFeatureMap(FeatureMap):
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) / .half() must not round the frozen projection: keep it fp32, follow only the device.
-        fp32_projection = self.projection
+        fp32_projection = self.projection.detach()  # a Parameter's .data is swapped in place: keep the old tensor
         out = super()._apply(fn, recurse)
         if self.projection.dtype != torch.float32:
-            self.projection = fp32_projection.to(device=self.projection.device)
+            if isinstance(self.projection, nn.Parameter):
+                self.projection.data = fp32_projection.data.to(device=self.projection.device)
+            else:
+                self.projection = fp32_projection.to(device=self.projection.device)
         return out
 
     def log_features(self, x: Tensor) -> Tensor:
@@ -323,17 +330,25 @@ def build_feature_map(
     seed: int = 0,
     qmc: str = "sobol",
     radius: str = "normal",
+    learn_projection: bool = False,
 ) -> FeatureMap:
-    """Build a registered feature map. num_features defaults to head_dim."""
+    """Build a registered feature map. num_features defaults to head_dim.
+
+    learn_projection makes the projection P of an exp-type map a trained parameter (initialised as the map
+    defines it); the elu map has no projection and refuses it."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {name!r}; registered: {sorted(FEATURE_MAPS)}")
     dims_are_ints = isinstance(head_dim, numbers.Integral) and isinstance(num_heads, numbers.Integral)
     if not dims_are_ints or head_dim < 1 or num_heads < 1:
         raise ValueError(f"head_dim and num_heads must be ints >= 1, got {head_dim!r} and {num_heads!r}")
     m = head_dim if num_features is None else int(num_features)
-    return FEATURE_MAPS[name](
-        int(head_dim), int(num_heads), m, scale=scale, stabiliser=stabiliser, seed=seed, qmc=qmc, radius=radius
-    )
+    cls = FEATURE_MAPS[name]
+    options = dict(scale=scale, stabiliser=stabiliser, seed=seed, qmc=qmc, radius=radius)
+    if learn_projection:
+        if not issubclass(cls, ProjectedFeatureMap):
+            raise ValueError(f"feature map {name!r} has no projection to learn (learn_projection=True)")
+        options["learn_projection"] = True
+    return cls(int(head_dim), int(num_heads), m, **options)
 
 
 # ---------------------------------------------------------------------------------------------
