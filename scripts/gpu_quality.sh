@@ -15,7 +15,7 @@ IFS=';' read -r -a STREAMS <<< "${STREAMS:-hybrid-lp hybrid-w128 hybrid-at;pure 
 case "${1:-}" in
 start)
   mkdir -p $WORK/corpus $RUNS
-  cp -r src scripts data $WORK/
+  cp -r src scripts data recipes $WORK/
   cp .corpus/part-*.jsonl.xz $WORK/corpus/
   cd $WORK
   python3 -c "import dijiang; m, t = dijiang.load_pretrained('$HOME/model/smollm2.gguf'); \
@@ -28,7 +28,7 @@ dijiang.conversion.save_converted(m, t, '$HOME/model/hf')" > $RUNS/prepare.log 2
       cmd+="python3 scripts/quality_run.py --job $job --model $HOME/model/hf --corpus $WORK/corpus --runs $RUNS > $RUNS/$job.out 2>&1; "
     done
     setsid nohup bash -c "$cmd echo done > $RUNS/stream$i.done" > /dev/null 2>&1 < /dev/null &
-    sleep 20  # let the first stream cache the packed corpus blocks before the others start
+    [ ${#STREAMS[@]} -gt 1 ] && sleep 20  # let the first stream cache the packed corpus blocks before the others start
   done
   nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv
   ;;

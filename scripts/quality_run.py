@@ -63,29 +63,36 @@ def corpus_parts(corpus: Path) -> list[str]:
     return parts
 
 
-def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None = None, resume: bool = False) -> dict:
-    from dijiang.conversion import load_pretrained
-    from dijiang.evaluate import load_text, perplexity
-    from dijiang.train import TrainConfig, parse_token_count, train
+def job_config(name: str, model: str, corpus: Path, runs: Path, tokens: str | None = None, resume: bool = False):
+    """The TrainConfig of one job; a job tied to a recipe file takes that file's options."""
+    from dijiang.train import TrainConfig, load_recipe, parse_token_count
 
+    if name not in JOBS:
+        raise ValueError(f"unknown job {name!r}; known: {', '.join(JOBS)}")
     description, settings, layers, budget, extra = JOBS[name]
     budget = tokens or budget
-    out = runs / name
     tokens_per_step = BASE_OPTIONS["block_size"] * BASE_OPTIONS["batch_size"] * BASE_OPTIONS["grad_accum"]
     evals = 20 if parse_token_count(budget) >= 5_000_000 else 4  # short ablation runs: a few points suffice
     eval_every = max(1, parse_token_count(budget) // evals // tokens_per_step)
-    paths = dict(model=model, out=str(out), data=corpus_parts(corpus), eval_data=list(EVAL_TEXTS.values()),
+    paths = dict(model=model, out=str(runs / name), data=corpus_parts(corpus), eval_data=list(EVAL_TEXTS.values()),
                  resume=resume, progress=sys.stderr.isatty())
     if "recipe" in extra:  # the job is the recipe file itself, with this machine's paths
-        from dijiang.train import load_recipe
-
         recipe = load_recipe(ROOT / extra["recipe"])
-        if settings != recipe.get("attention") or parse_token_count(budget) != parse_token_count(str(recipe["tokens"])):
+        if settings != recipe.get("attention") or JOBS[name][3] != str(recipe["tokens"]):
             raise ValueError(f"job {name} is out of step with {extra['recipe']}")
-        config = TrainConfig.from_dict({**recipe, **paths, "tokens": budget})
-    else:
-        config = TrainConfig(tokens=budget, attention=settings, layers=layers, eval_every=eval_every,
-                             **paths, **{**BASE_OPTIONS, **extra})
+        return TrainConfig.from_dict({**recipe, **paths, "tokens": budget})
+    return TrainConfig(tokens=budget, attention=settings, layers=layers, eval_every=eval_every,
+                       **paths, **{**BASE_OPTIONS, **extra})
+
+
+def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None = None, resume: bool = False) -> dict:
+    from dijiang.conversion import load_pretrained
+    from dijiang.evaluate import load_text, perplexity
+    from dijiang.train import train
+
+    description, settings, layers, _, _ = JOBS[name]
+    out = runs / name
+    config = job_config(name, model, corpus, runs, tokens, resume)
     summary = train(config)
     student = summary.pop("model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,6 +117,28 @@ def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None 
     return result
 
 
+def teacher_block_eval(model: str, runs: Path) -> dict:
+    """The teacher's perplexity under the training loop's block eval, so the curves have a reference line."""
+    from dijiang import data as data_lib
+    from dijiang.conversion import load_pretrained
+    from dijiang.train import evaluate_loss
+    from accelerate import Accelerator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher, tokenizer = load_pretrained(model, device=device)
+    accelerator = Accelerator(mixed_precision="bf16" if device == "cuda" else "no")
+    result = {"protocol": f"first {BASE_OPTIONS['eval_blocks']} blocks of {BASE_OPTIONS['block_size']} tokens, "
+                          f"as the training loop's eval (teacher on {device})"}
+    for name, source in EVAL_TEXTS.items():
+        tokens = data_lib.tokenize_documents(data_lib.read_documents([source], "text"), tokenizer)
+        blocks = data_lib.pack_blocks(tokens, BASE_OPTIONS["block_size"])[: BASE_OPTIONS["eval_blocks"]]
+        result[name] = math.exp(evaluate_loss(teacher, blocks, BASE_OPTIONS["batch_size"], accelerator))
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "teacher_block_eval.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 def load_results(runs: Path) -> dict[str, dict]:
@@ -127,13 +156,18 @@ def results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def curve_table(result: dict, marks=(1e6, 5e6, 20e6)) -> str:
+def curve_table(result: dict, teacher: dict | None = None, marks=(1e6, 5e6, 20e6)) -> str:
+    teacher = teacher or {}
+    cell = lambda r, text: f"{_curve_value(r, text):.2f}" + (  # noqa: E731
+        f" ({_curve_value(r, text) / teacher[text]:.3f}x)" if text in teacher else "")
     rows = ["| tokens | pydoc ppl (block eval) | austen ppl (block eval) |", "|---|---|---|"]
+    if teacher:
+        rows.append(f"| teacher | {teacher['pydoc']:.2f} | {teacher['austen']:.2f} |")
     for mark in marks:
         near = [r for r in result["curve"] if r["tokens"] <= mark * 1.02]
         if near and mark <= result["tokens"] * 1.02:
             r = near[-1]
-            rows.append(f"| {r['tokens'] / 1e6:.1f}M | {_curve_value(r, 'pydoc'):.2f} | {_curve_value(r, 'austen'):.2f} |")
+            rows.append(f"| {r['tokens'] / 1e6:.1f}M | {cell(r, 'pydoc')} | {cell(r, 'austen')} |")
     return "\n".join(rows)
 
 
@@ -141,7 +175,10 @@ def _curve_value(record: dict, text: str) -> float:
     return next(v for k, v in record.items() if k.startswith(f"eval_{text}") and k.endswith("_ppl"))
 
 
-def plot_curves(results: dict[str, dict], path: Path) -> None:
+LONG_RUNS = ("hybrid-w128-20m", "hybrid", "pure-chi", "pure")  # the curves worth a plot (>= 5M tokens)
+
+
+def plot_curves(results: dict[str, dict], path: Path, teacher: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,12 +186,16 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, text in zip(axes, ("pydoc", "austen")):
-        for name, r in results.items():
-            if not r["curve"]:
+        for name in LONG_RUNS:
+            r = results.get(name)
+            if not r or not r["curve"]:
                 continue
             xs = [c["tokens"] / 1e6 for c in r["curve"]]
             ys = [_curve_value(c, text) for c in r["curve"]]
-            ax.plot(xs, ys, marker=".", label=name)
+            ax.plot(xs, ys, marker=".", label=f"{name}: {r['description']}")
+        if teacher and text in teacher:
+            ax.axhline(teacher[text], color="k", lw=1, label="teacher (same blocks)")
+            ax.axhline(teacher[text] * 1.10, color="k", ls="--", lw=1, label="1.10 x teacher")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training tokens (M)")
@@ -164,6 +205,43 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ablation_names(results: dict[str, dict]) -> list[str]:
+    return [name for name in results if name.startswith("abl-")]
+
+
+def plot_ablation(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(ablation_names(results), key=lambda n: results[n]["final"]["pydoc"]["ratio"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.4
+    for offset, text in ((-width / 2, "pydoc"), (width / 2, "austen")):
+        ax.bar([i + offset for i in range(len(names))], [results[n]["final"][text]["ratio"] for n in names],
+               width, label=text)
+    ax.set_xticks(range(len(names)), [n.removeprefix("abl-") for n in names], rotation=20)
+    ax.set_ylabel("student / teacher perplexity")
+    ax.set_title("pure DiJiang ablation after 1M training tokens (lower is better)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ablation_table(results: dict[str, dict]) -> str:
+    lines = ["| row | feature map / variant | tokens | pydoc ratio | austen ratio | reproduce |", "|---|---|---|---|---|---|"]
+    for name in sorted(ablation_names(results), key=lambda n: results[n]["final"]["pydoc"]["ratio"]):
+        r = results[name]
+        lines.append(f"| {name} | {r['description'].removeprefix('ablation: ')} | {r['tokens'] / 1e6:.1f}M "
+                     f"| {r['final']['pydoc']['ratio']:.2f} | {r['final']['austen']['ratio']:.2f} "
+                     f"| `python scripts/quality_run.py --job {name} --model smollm2 --corpus .corpus --runs runs/quality` |")
+    return "\n".join(lines)
 
 
 def write_report(runs: Path, out_md: Path) -> str:
@@ -171,25 +249,42 @@ def write_report(runs: Path, out_md: Path) -> str:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     if not results:
         raise FileNotFoundError(f"no */result.json under {runs}")
-    plot_curves(results, out_md.parent / "results_curves.png")
-    any_result = next(iter(results.values()))
+    order = [n for n in LONG_RUNS if n in results] + sorted(n for n in results if n not in LONG_RUNS)
+    results = {name: results[name] for name in order}
+    teacher_file = runs / "teacher_block_eval.json"
+    teacher = json.loads(teacher_file.read_text()) if teacher_file.exists() else None
+    plot_curves(results, out_md.parent / "results_curves.png", teacher)
+    devices = sorted({f"{r['device']}, torch {r['torch']}, {r['date']}" for r in results.values()})
     parts = [
         "# Quality run: SmolLM2-135M-Instruct converted by DiJiang",
-        f"Device: {any_result['device']}, torch {any_result['torch']}, {any_result['date']}. "
-        f"Final perplexities: {FINAL_WINDOWS} windows of {FINAL_WINDOW} tokens (the calibration protocol of "
-        "ANCHORS.md), teacher and student on the same windows.",
+        f"Device: {'; '.join(devices)}. Final perplexities: {FINAL_WINDOWS} windows of {FINAL_WINDOW} tokens (the "
+        "calibration protocol of ANCHORS.md), teacher and student on the same windows. Training corpus: "
+        "docs/corpus.md (no Python documentation, no Austen).",
         results_table(results),
         "![perplexity vs training tokens](results_curves.png)",
     ]
-    for name in ("hybrid-w128-20m", "hybrid", "pure-chi", "pure"):
+    for name in LONG_RUNS:
         if name in results:
-            parts += [f"## {name}: perplexity against training tokens", curve_table(results[name])]
+            parts += [f"## {name}: perplexity against training tokens", curve_table(results[name], teacher)]
+    if teacher:
+        parts.append(f"Block eval: {teacher['protocol']}; the ratio in brackets is "
+                     "against the teacher on the same blocks. The final table above uses the 40 x 512 protocol.")
+    if ablation_names(results):
+        plot_ablation(results, out_md.parent / "results_ablation.png")
+        parts += ["## Ablation (the analogue of the paper's Table 2), pure DiJiang, KD, 1M tokens each",
+                  ablation_table(results), "![ablation](results_ablation.png)"]
     notes = out_md.parent / "results_notes.md"
     if notes.exists():  # hand-written reading of the numbers, kept beside the generated table
         parts.append(notes.read_text().strip())
-    parts.append("## Reproduce\n\n" + "\n".join(f"- `{r['command']}`" for r in results.values())
-                 + "\n\nOn the lent GPU: `bash scripts/gpu_quality.sh start`, then `status`, then `collect` "
-                 "(the script's header says what it expects).")
+    parts.append("## Reproduce\n\n" + "\n".join(
+        f"- `python scripts/quality_run.py --job {name} --model smollm2 --corpus .corpus --runs runs/quality`"
+        for name in results)
+        + "\n- `python scripts/quality_run.py --teacher-blocks --model smollm2 --runs runs/quality` (the teacher's "
+          "line in the curves)"
+        + "\n- `python scripts/quality_run.py --report runs/quality` (this page and its plots)"
+        + "\n\nBuild the corpus first with `python scripts/build_corpus.py`. On the lent GPU: "
+        "`bash scripts/gpu_quality.sh start`, then `status`, then `collect` (the script's header says what it "
+        "expects; `STREAMS` picks the jobs). Raw logs of every job: `docs/quality_logs/`.")
     text = "\n\n".join(parts) + "\n"
     out_md.write_text(text)
     return text
@@ -206,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the pipeline on a CPU")
     parser.add_argument("--report", type=Path, default=None, help="write docs/results.md from RUNS/*/result.json")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--teacher-blocks", action="store_true",
+                        help="write RUNS/teacher_block_eval.json (the teacher under the curves' block eval)")
     args = parser.parse_args(argv)
     if args.list:
         for name, (description, settings, layers, budget, _) in JOBS.items():
@@ -214,8 +311,11 @@ def main(argv=None) -> int:
     if args.report:
         print(write_report(args.report, ROOT / "docs" / "results.md"))
         return 0
+    if args.teacher_blocks:
+        teacher_block_eval(args.model, args.runs)
+        return 0
     if not args.job:
-        parser.error("give --job, --report or --list")
+        parser.error("give --job, --report, --teacher-blocks or --list")
     if args.smoke:
         global FINAL_WINDOW, FINAL_WINDOWS
         FINAL_WINDOW, FINAL_WINDOWS = 128, 2

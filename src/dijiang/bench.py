@@ -396,7 +396,7 @@ def run(args) -> int:
     meta = dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="minutes"),
                 model=args.model, dtype=str(dtype).replace("torch.", ""), window=args.window,
-                command=args.command or "dijiang bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                command=args.command or _command_line(),
                 new_tokens=args.new_tokens, hf_new_tokens=args.hf_new_tokens, png_name=png.name)
     plot(inference_rows, png)
     text = write_report(out, inference_rows, training_rows, meta)
@@ -408,16 +408,32 @@ def run(args) -> int:
     return 0
 
 
+def _command_line() -> str:
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:  # run as `dijiang bench ...` / `python -m dijiang bench ...`
+        argv = argv[1:]
+    return "dijiang bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _label_window(row: dict, meta: dict) -> dict:
+    if row.get("kind") == "window" and meta.get("window") is not None:
+        return {**row, "kind": f"window{meta['window']}"}
+    return row
+
+
 def report_from_json(args) -> int:
     """Merge the JSON of several runs (e.g. device calls split by batch size) into one report and plot."""
     inference_rows, training_rows, metas = [], [], []
     for name in args.from_json.split(","):
         data = json.loads(Path(name).read_text())
         metas.append(data["meta"])
-        inference_rows += data["inference"]
-        training_rows += data["training"]
+        inference_rows += [_label_window(row, data["meta"]) for row in data["inference"]]
+        training_rows += [_label_window(row, data["meta"]) for row in data["training"]]
     meta = dict(metas[0])
-    meta["command"] = "; ".join(m["command"] for m in metas)
+    if len({m.get("window") for m in metas}) > 1:  # runs with different windows: the rows name theirs
+        meta["window"] = "/".join(sorted({str(m.get("window")) for m in metas}))
+    meta["command"] = "; ".join(m["command"].replace("dijiang bench bench ", "dijiang bench ") for m in metas)
+    meta["date"] = ", ".join(sorted({m["date"] for m in metas}))
     out = Path(args.out)
     png = Path(args.png) if args.png else out.with_suffix(".png")
     meta["png_name"] = png.name

@@ -1,0 +1,79 @@
+"""scripts/quality_run.py: job configs (the recipe job is the recipe file) and the report, on fake results."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality_run():
+    spec = importlib.util.spec_from_file_location("quality_run", ROOT / "scripts" / "quality_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part-000.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    return folder
+
+
+def test_every_job_builds_a_valid_config(quality_run, corpus, tmp_path):
+    for name in quality_run.JOBS:
+        config = quality_run.job_config(name, "smollm2", corpus, tmp_path / "runs")
+        assert config.out == str(tmp_path / "runs" / name)
+        assert config.data == [str(corpus / "part-000.jsonl")]
+
+
+def test_recipe_job_runs_the_recipe_file(quality_run, corpus, tmp_path):
+    from dijiang.train import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
+    config = quality_run.job_config("hybrid-w128-20m", "/models/hf", corpus, tmp_path)
+    for key in ("block_size", "batch_size", "grad_accum", "lr", "new_lr", "kd_weight", "lm_weight", "eval_every"):
+        assert getattr(config, key) == recipe[key], key
+    assert config.attention == recipe["attention"] == {"window": 128}
+    assert config.model == "/models/hf" and config.tokens == "20M"
+
+
+def test_recipe_job_out_of_step_with_its_file_is_refused(quality_run, corpus, tmp_path, monkeypatch):
+    description, _, layers, budget, extra = quality_run.JOBS["hybrid-w128-20m"]
+    monkeypatch.setitem(quality_run.JOBS, "hybrid-w128-20m", (description, {"window": 64}, layers, budget, extra))
+    with pytest.raises(ValueError, match="out of step"):
+        quality_run.job_config("hybrid-w128-20m", "m", corpus, tmp_path)
+    with pytest.raises(ValueError, match="unknown job"):
+        quality_run.job_config("no-such-job", "m", corpus, tmp_path)
+
+
+def _fake_result(name, ratio, tokens):
+    curve = [{"tokens": t, "eval_pydoc_ppl": 10.0 * ratio * (2 if t == 1_000_000 else 1), "eval_austen.txt_ppl": 20.0 * ratio}
+             for t in (1_000_000, 5_000_000, 20_000_000) if t <= tokens]
+    final = {text: {"teacher": base, "student": base * ratio, "ratio": ratio} for text, base in (("pydoc", 10.0),
+                                                                                                 ("austen", 20.0))}
+    return {"job": name, "description": f"fake {name}", "settings": {}, "layers": None, "tokens": tokens,
+            "final": final, "curve": curve, "train_tokens_per_s": 1000.0, "device": "cpu", "torch": "x",
+            "date": "2026-11-22", "command": "c"}
+
+
+def test_report_tables_curves_and_ablation(quality_run, tmp_path):
+    runs = tmp_path / "runs"
+    for name, ratio, tokens in (("hybrid-w128-20m", 1.05, 20_000_000), ("abl-elu", 20.0, 1_000_000),
+                                ("abl-performer", 12.0, 1_000_000)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "result.json").write_text(json.dumps(_fake_result(name, ratio, tokens)))
+    (runs / "teacher_block_eval.json").write_text(json.dumps({"protocol": "p", "pydoc": 10.0, "austen": 20.0}))
+    out = tmp_path / "docs" / "results.md"
+    text = quality_run.write_report(runs, out)
+    assert text.index("| hybrid-w128-20m |") < text.index("| abl-elu |")  # the long runs come first
+    assert "| 20.0M | 10.50 (1.050x) | 21.00 (1.050x) |" in text  # the curve against the teacher's blocks
+    ablation = text[text.index("## Ablation"):]
+    assert ablation.index("| abl-performer |") < ablation.index("| abl-elu |")  # sorted, best first
+    assert "`python scripts/quality_run.py --job abl-elu --model smollm2" in ablation
+    for png in ("results_curves.png", "results_ablation.png"):
+        assert (out.parent / png).stat().st_size > 1000
