@@ -5,6 +5,8 @@ Methods (each is the whole op, feature map included where it has one):
   fused      dijiang.ops.triton_dijiang.fused_dijiang_attention (Triton, feature map fused in)
   torch      separate feature map + dijiang.ops.linear_attention(mode="chunk") (pure torch)
   quadratic  the official code's form: feature map, materialised [T, T] decay-masked scores (<= 8k)
+  window     the in-layer window hybrid: exact softmax over the last --window tokens + DiJiang beyond
+             (separate feature map + dijiang.ops.window_attention(mode="chunk"), pure torch, linear in T)
 
 Times: median ms (CUDA: triton.testing.do_bench with return_mode="median"; CPU: perf_counter median),
 forward and forward+backward (backward of sum(o * do)). Prints a markdown table, writes a markdown
@@ -34,7 +36,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dijiang.ops import triton_dijiang as tdj  # noqa: E402
 
-METHODS = ("sdpa", "fused", "torch", "quadratic")
+METHODS = ("sdpa", "fused", "torch", "quadratic", "window")
+WINDOW = 64  # --window
 
 
 def make(B, T, H, D, m, dtype, device, seed=0):
@@ -80,7 +83,17 @@ def build(method, q, k, v, proj, lw, ld, scale):
             q, k, v, lw, ld)
     if method == "quadratic":
         return (lambda: quadratic_form(q, k, v, proj, lw, ld, scale)), (q, k, v, lw, ld)
-    raise ValueError(method)
+    if method == "window":
+        from dijiang.ops.window import window_attention
+
+        def fn():
+            fq = tdj.dijiang_feature_map(q, proj, lw, scale).to(q.dtype)
+            fk = tdj.dijiang_feature_map(k, proj, lw, scale).to(k.dtype)
+            return window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=WINDOW, scale=scale,
+                                    mode="chunk")[0]
+
+        return fn, (q, k, v, lw, ld)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
 def time_ms(fn, device, budget_ms=300.0):
@@ -192,6 +205,7 @@ def fmt(x):
 
 
 def main(argv=None):
+    global WINDOW
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default=None, help="HxD list, e.g. 16x64,32x128")
@@ -199,6 +213,7 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--quadratic-max", type=int, default=8192)
     ap.add_argument("--torch-max", type=int, default=65536)
+    ap.add_argument("--window", type=int, default=WINDOW, help="softmax window of the window method")
     ap.add_argument("--md", default=str(ROOT / "docs" / "bench_ops.md"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "bench_ops.png"))
     ap.add_argument("--json", default=None)
@@ -218,13 +233,17 @@ def main(argv=None):
     else:
         lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536] if cuda else [128, 256, 512]
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    WINDOW = args.window
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
     for H, D in shapes:
         for T in lengths:
             row = {"H": H, "D": D, "T": T}
             for meth in methods:
-                if meth == "quadratic" and T > args.quadratic_max or meth == "torch" and T > args.torch_max:
+                if meth == "quadratic" and T > args.quadratic_max or meth in ("torch", "window") and T > args.torch_max:
                     row[meth] = (None, None)
                     continue
                 try:
@@ -239,7 +258,8 @@ def main(argv=None):
 
     fused_label = "fused (Triton)" if cuda else "fused (CPU: torch fallback)"
     labels = {"sdpa": "SDPA causal" + (" (flash)" if cuda else ""), "fused": fused_label,
-              "torch": "torch chunk + separate map", "quadratic": "official quadratic"}
+              "torch": "torch chunk + separate map", "quadratic": "official quadratic",
+              "window": f"window-{WINDOW} hybrid (torch chunk + map)"}
     head = "| H x D | T | " + " | ".join(f"{labels[m]} fwd / fwd+bwd" for m in methods)
     if "sdpa" in methods and "fused" in methods:
         head += " | fused speed-up vs SDPA, fwd / fwd+bwd"
@@ -271,13 +291,14 @@ def main(argv=None):
             extra = f"\nMeasured ceilings on this device: {json.dumps(ceilings(device))}\n"
         except Exception as exc:  # pragma: no cover
             extra = f"\n(ceiling measurement failed: {exc})\n"
-    cmd = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                else sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    cmd = " ".join(["python benchmarks/bench_ops.py"] + (argv if argv is not None else sys.argv[1:]))
     md = f"""# Attention op benchmark
 
 Median milliseconds, B = 1, {str(dtype).replace('torch.', '')}, m = d = D (DiJiang feature-map features),
 forward and forward+backward (backward of sum(o * do)); every DiJiang method includes its feature map.
 "official quadratic" materialises the [T, T] decay-masked score matrix (run up to {args.quadratic_max}).
+"window-{WINDOW} hybrid" is the in-layer window hybrid's op (exact softmax over the last {WINDOW} tokens + DiJiang
+beyond), plain PyTorch, chunked by the window.
 
 - device: {dev_name}
 - torch {torch.__version__}{', triton ' + __import__('triton').__version__ if tdj.HAS_TRITON else ''}, python {platform.python_version()}
@@ -306,7 +327,8 @@ def plot(rows, methods, labels, path, dev_name):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     shapes = sorted({(r["H"], r["D"]) for r in rows})
     styles = ["-", "--", ":", "-."]
-    colors = {"sdpa": "tab:red", "fused": "tab:blue", "torch": "tab:green", "quadratic": "tab:gray"}
+    colors = {"sdpa": "tab:red", "fused": "tab:blue", "torch": "tab:green", "quadratic": "tab:gray",
+              "window": "tab:purple"}
     for ax, idx, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
         for si, (H, D) in enumerate(shapes):
             for meth in methods:

@@ -1,5 +1,4 @@
 """scripts/build_corpus.py: cleaning, the shingle dedup rule, parts + manifest round trip (fast, no network)."""
-import importlib.util
 import json
 import lzma
 import struct
@@ -8,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "build_corpus.py"
-_spec = importlib.util.spec_from_file_location("build_corpus", _PATH)
-bc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bc)
+from script_loader import load_script
+
+bc = load_script("scripts/build_corpus.py")
 
 PROSE = (
     "The scheduler decides which task runs next on each processor. It keeps a queue of runnable tasks "

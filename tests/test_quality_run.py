@@ -1,19 +1,13 @@
 """scripts/quality_run.py: job configs (the recipe job is the recipe file) and the report, on fake results."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from script_loader import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def quality_run():
-    spec = importlib.util.spec_from_file_location("quality_run", ROOT / "scripts" / "quality_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/quality_run.py")
 
 
 @pytest.fixture
