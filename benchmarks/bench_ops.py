@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from dijiang.ops import triton_dijiang as tdj  # noqa: E402
 
 METHODS = ("sdpa", "fused", "torch", "quadratic", "window")
-WINDOW = 64  # --window
+DEFAULT_WINDOW = 64
 
 
 def make(B, T, H, D, m, dtype, device, seed=0):
@@ -63,7 +63,7 @@ def quadratic_form(q, k, v, proj, lw, ld, scale):
     return (scores @ v.transpose(1, 2)).transpose(1, 2)
 
 
-def build(method, q, k, v, proj, lw, ld, scale):
+def build(method, q, k, v, proj, lw, ld, scale, window=DEFAULT_WINDOW):
     if method == "sdpa":
         qt, kt, vt = (x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad) for x in (q, k, v))
 
@@ -89,7 +89,7 @@ def build(method, q, k, v, proj, lw, ld, scale):
         def fn():
             fq = tdj.dijiang_feature_map(q, proj, lw, scale).to(q.dtype)
             fk = tdj.dijiang_feature_map(k, proj, lw, scale).to(k.dtype)
-            return window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=WINDOW, scale=scale,
+            return window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=window, scale=scale,
                                     mode="chunk")[0]
 
         return fn, (q, k, v, lw, ld)
@@ -111,14 +111,14 @@ def time_ms(fn, device, budget_ms=300.0):
     return statistics.median(times)
 
 
-def bench_one(method, B, T, H, D, m, dtype, device):
+def bench_one(method, B, T, H, D, m, dtype, device, window=DEFAULT_WINDOW):
     q, k, v, proj, lw, ld = make(B, T, H, D, m, dtype, device)
     scale = D**-0.5
-    fwd_fn, _ = build(method, q, k, v, proj, lw, ld, scale)
+    fwd_fn, _ = build(method, q, k, v, proj, lw, ld, scale, window)
     with torch.no_grad():
         fwd = time_ms(fwd_fn, device)
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v, lw, ld)]
-    fb_fn, params = build(method, *leaves[:3], proj, leaves[3], leaves[4], scale)
+    fb_fn, params = build(method, *leaves[:3], proj, leaves[3], leaves[4], scale, window)
     do = torch.randn(B, T, H, D, device=device, dtype=dtype)
     do_t = do.transpose(1, 2).contiguous() if method == "sdpa" else do
 
@@ -205,7 +205,6 @@ def fmt(x):
 
 
 def main(argv=None):
-    global WINDOW
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default=None, help="HxD list, e.g. 16x64,32x128")
@@ -213,7 +212,7 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--quadratic-max", type=int, default=8192)
     ap.add_argument("--torch-max", type=int, default=65536)
-    ap.add_argument("--window", type=int, default=WINDOW, help="softmax window of the window method")
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="softmax window of the window method")
     ap.add_argument("--md", default=str(ROOT / "docs" / "bench_ops.md"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "bench_ops.png"))
     ap.add_argument("--json", default=None)
@@ -236,7 +235,6 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    WINDOW = args.window
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
     for H, D in shapes:
@@ -247,7 +245,7 @@ def main(argv=None):
                     row[meth] = (None, None)
                     continue
                 try:
-                    row[meth] = bench_one(meth, 1, T, H, D, D, dtype, device)
+                    row[meth] = bench_one(meth, 1, T, H, D, D, dtype, device, args.window)
                 except torch.OutOfMemoryError:
                     row[meth] = ("OOM", "OOM")
                     torch.cuda.empty_cache()
@@ -259,7 +257,7 @@ def main(argv=None):
     fused_label = "fused (Triton)" if cuda else "fused (CPU: torch fallback)"
     labels = {"sdpa": "SDPA causal" + (" (flash)" if cuda else ""), "fused": fused_label,
               "torch": "torch chunk + separate map", "quadratic": "official quadratic",
-              "window": f"window-{WINDOW} hybrid (torch chunk + map)"}
+              "window": f"window-{args.window} hybrid (torch chunk + map)"}
     head = "| H x D | T | " + " | ".join(f"{labels[m]} fwd / fwd+bwd" for m in methods)
     if "sdpa" in methods and "fused" in methods:
         head += " | fused speed-up vs SDPA, fwd / fwd+bwd"
@@ -297,7 +295,7 @@ def main(argv=None):
 Median milliseconds, B = 1, {str(dtype).replace('torch.', '')}, m = d = D (DiJiang feature-map features),
 forward and forward+backward (backward of sum(o * do)); every DiJiang method includes its feature map.
 "official quadratic" materialises the [T, T] decay-masked score matrix (run up to {args.quadratic_max}).
-"window-{WINDOW} hybrid" is the in-layer window hybrid's op (exact softmax over the last {WINDOW} tokens + DiJiang
+"window-{args.window} hybrid" is the in-layer window hybrid's op (exact softmax over the last {args.window} tokens + DiJiang
 beyond), plain PyTorch, chunked by the window.
 
 - device: {dev_name}

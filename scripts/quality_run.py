@@ -78,7 +78,7 @@ def job_config(name: str, model: str, corpus: Path, runs: Path, tokens: str | No
                  resume=resume, progress=sys.stderr.isatty())
     if "recipe" in extra:  # the job is the recipe file itself, with this machine's paths
         recipe = load_recipe(ROOT / extra["recipe"])
-        if settings != recipe.get("attention") or JOBS[name][3] != str(recipe["tokens"]):
+        if settings != recipe.get("attention") or parse_token_count(JOBS[name][3]) != parse_token_count(str(recipe["tokens"])):
             raise ValueError(f"job {name} is out of step with {extra['recipe']}")
         return TrainConfig.from_dict({**recipe, **paths, "tokens": budget})
     return TrainConfig(tokens=budget, attention=settings, layers=layers, eval_every=eval_every,
@@ -91,8 +91,8 @@ def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None 
     from dijiang.train import train
 
     description, settings, layers, _, _ = JOBS[name]
-    out = runs / name
     config = job_config(name, model, corpus, runs, tokens, resume)
+    out = Path(config.out)
     summary = train(config)
     student = summary.pop("model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,10 +119,9 @@ def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None 
 
 def teacher_block_eval(model: str, runs: Path) -> dict:
     """The teacher's perplexity under the training loop's block eval, so the curves have a reference line."""
-    from dijiang import data as data_lib
-    from dijiang.conversion import load_pretrained
-    from dijiang.train import evaluate_loss
     from accelerate import Accelerator
+    from dijiang.conversion import load_pretrained
+    from dijiang.train import evaluate_loss, load_eval_blocks
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher, tokenizer = load_pretrained(model, device=device)
@@ -130,8 +129,7 @@ def teacher_block_eval(model: str, runs: Path) -> dict:
     result = {"protocol": f"first {BASE_OPTIONS['eval_blocks']} blocks of {BASE_OPTIONS['block_size']} tokens, "
                           f"as the training loop's eval (teacher on {device})"}
     for name, source in EVAL_TEXTS.items():
-        tokens = data_lib.tokenize_documents(data_lib.read_documents([source], "text"), tokenizer)
-        blocks = data_lib.pack_blocks(tokens, BASE_OPTIONS["block_size"])[: BASE_OPTIONS["eval_blocks"]]
+        blocks = load_eval_blocks(source, tokenizer, BASE_OPTIONS["block_size"], BASE_OPTIONS["eval_blocks"])
         result[name] = math.exp(evaluate_loss(teacher, blocks, BASE_OPTIONS["batch_size"], accelerator))
     runs.mkdir(parents=True, exist_ok=True)
     (runs / "teacher_block_eval.json").write_text(json.dumps(result, indent=1))
@@ -209,7 +207,13 @@ def plot_curves(results: dict[str, dict], path: Path, teacher: dict | None = Non
 
 
 def ablation_names(results: dict[str, dict]) -> list[str]:
-    return [name for name in results if name.startswith("abl-")]
+    """The ablation jobs, best (lowest pydoc ratio) first."""
+    return sorted((name for name in results if name.startswith("abl-")),
+                  key=lambda name: results[name]["final"]["pydoc"]["ratio"])
+
+
+def reproduce_command(name: str) -> str:
+    return f"python scripts/quality_run.py --job {name} --model smollm2 --corpus .corpus --runs runs/quality"
 
 
 def plot_ablation(results: dict[str, dict], path: Path) -> None:
@@ -218,7 +222,7 @@ def plot_ablation(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(ablation_names(results), key=lambda n: results[n]["final"]["pydoc"]["ratio"])
+    names = ablation_names(results)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.4
     for offset, text in ((-width / 2, "pydoc"), (width / 2, "austen")):
@@ -236,11 +240,11 @@ def plot_ablation(results: dict[str, dict], path: Path) -> None:
 
 def ablation_table(results: dict[str, dict]) -> str:
     lines = ["| row | feature map / variant | tokens | pydoc ratio | austen ratio | reproduce |", "|---|---|---|---|---|---|"]
-    for name in sorted(ablation_names(results), key=lambda n: results[n]["final"]["pydoc"]["ratio"]):
+    for name in ablation_names(results):
         r = results[name]
         lines.append(f"| {name} | {r['description'].removeprefix('ablation: ')} | {r['tokens'] / 1e6:.1f}M "
                      f"| {r['final']['pydoc']['ratio']:.2f} | {r['final']['austen']['ratio']:.2f} "
-                     f"| `python scripts/quality_run.py --job {name} --model smollm2 --corpus .corpus --runs runs/quality` |")
+                     f"| `{reproduce_command(name)}` |")
     return "\n".join(lines)
 
 
@@ -268,7 +272,8 @@ def write_report(runs: Path, out_md: Path) -> str:
             parts += [f"## {name}: perplexity against training tokens", curve_table(results[name], teacher)]
     if teacher:
         parts.append(f"Block eval: {teacher['protocol']}; the ratio in brackets is "
-                     "against the teacher on the same blocks. The final table above uses the 40 x 512 protocol.")
+                     f"against the teacher on the same blocks. The final table above uses the {FINAL_WINDOWS} x "
+                     f"{FINAL_WINDOW} protocol.")
     if ablation_names(results):
         plot_ablation(results, out_md.parent / "results_ablation.png")
         parts += ["## Ablation (the analogue of the paper's Table 2), pure DiJiang, KD, 1M tokens each",
@@ -277,8 +282,7 @@ def write_report(runs: Path, out_md: Path) -> str:
     if notes.exists():  # hand-written reading of the numbers, kept beside the generated table
         parts.append(notes.read_text().strip())
     parts.append("## Reproduce\n\n" + "\n".join(
-        f"- `python scripts/quality_run.py --job {name} --model smollm2 --corpus .corpus --runs runs/quality`"
-        for name in results)
+        f"- `{reproduce_command(name)}`" for name in results)
         + "\n- `python scripts/quality_run.py --teacher-blocks --model smollm2 --runs runs/quality` (the teacher's "
           "line in the curves)"
         + "\n- `python scripts/quality_run.py --report runs/quality` (this page and its plots)"

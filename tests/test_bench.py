@@ -25,12 +25,21 @@ def test_bench_writes_table_report_and_plot(tmp_path, capsys):
     assert main(["--from-json", f"{data},{data}", "--out", str(merged)]) == 0
     assert merged.exists() and (tmp_path / "merged.png").exists()
     other = json.loads(data.read_text())
-    other["meta"].update(window=128, command="dijiang bench bench --window 128")
+    other["meta"].update(window=128, command="dijiang bench --window 128")
     (tmp_path / "w128.json").write_text(json.dumps(other))
     assert main(["--from-json", f"{data},{tmp_path / 'w128.json'}", "--out", str(merged)]) == 0
     text = merged.read_text()  # runs with different windows: each window row names its own
     assert f"| window{rows['meta']['window']} | 1 | 32 |" in text and "| window128 | 1 | 32 |" in text
-    assert "dijiang bench bench" not in text
+    assert "dijiang bench --window 128" in text
+
+
+def test_recorded_command_names_the_subcommand_once(monkeypatch):
+    from dijiang.bench import _command_line
+
+    monkeypatch.setattr("sys.argv", ["python -m dijiang", "bench", "--model", "tiny", "--window", "128"])
+    assert _command_line() == "dijiang bench --model tiny --window 128"
+    monkeypatch.setattr("sys.argv", ["bench_model.py", "--model", "tiny"])
+    assert _command_line() == "dijiang bench --model tiny"
 
 
 def test_cli_subcommand_is_registered():

@@ -29,8 +29,7 @@ def test_window_method_computes_the_window_hybrid(bench_ops):
     from dijiang.ops.window import window_attention
 
     q, k, v, proj, lw, ld = bench_ops.make(1, 48, 2, 16, 16, torch.float32, "cpu")
-    bench_ops.WINDOW = 8
-    fn, _ = bench_ops.build("window", q, k, v, proj, lw, ld, 0.25)
+    fn, _ = bench_ops.build("window", q, k, v, proj, lw, ld, 0.25, window=8)
     fq = bench_ops.tdj.dijiang_feature_map(q, proj, lw, 0.25)
     fk = bench_ops.tdj.dijiang_feature_map(k, proj, lw, 0.25)
     reference, _ = window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=8, scale=0.25, mode="parallel")

@@ -432,7 +432,7 @@ def report_from_json(args) -> int:
     meta = dict(metas[0])
     if len({m.get("window") for m in metas}) > 1:  # runs with different windows: the rows name theirs
         meta["window"] = "/".join(sorted({str(m.get("window")) for m in metas}))
-    meta["command"] = "; ".join(m["command"].replace("dijiang bench bench ", "dijiang bench ") for m in metas)
+    meta["command"] = "; ".join(m["command"] for m in metas)
     meta["date"] = ", ".join(sorted({m["date"] for m in metas}))
     out = Path(args.out)
     png = Path(args.png) if args.png else out.with_suffix(".png")

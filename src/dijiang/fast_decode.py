@@ -24,9 +24,8 @@ the size of the attention and up/gate projections once more; pass ``fuse_project
 """
 from __future__ import annotations
 
-import os
-
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 

@@ -202,7 +202,7 @@ class ProjectedFeatureMap(FeatureMap):
         out = super()._apply(fn, recurse)
         if self.projection.dtype != torch.float32:
             if isinstance(self.projection, nn.Parameter):
-                self.projection.data = fp32_projection.data.to(device=self.projection.device)
+                self.projection.data = fp32_projection.to(device=self.projection.device)
             else:
                 self.projection = fp32_projection.to(device=self.projection.device)
         return out

@@ -251,13 +251,18 @@ def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path
     if len(packed.held_out):
         eval_sets["held_out"] = packed.held_out[: config.eval_blocks]
     for source in config.eval_data or []:
-        blocks = data_lib.pack_blocks(
-            data_lib.tokenize_documents(data_lib.read_documents([source], config.text_field), tokenizer), config.block_size
-        )
-        if not len(blocks):
-            raise ValueError(f"evaluation source {source!r} holds less than one block of {config.block_size} tokens")
-        eval_sets[Path(source).name or source] = blocks[: config.eval_blocks]
+        eval_sets[Path(source).name or source] = load_eval_blocks(
+            source, tokenizer, config.block_size, config.eval_blocks, config.text_field)
     return packed, eval_sets
+
+
+def load_eval_blocks(source: str, tokenizer, block_size: int, count: int, text_field: str = "text") -> torch.Tensor:
+    """The first ``count`` packed blocks of one evaluation source: the loop's periodic evaluation set."""
+    documents = data_lib.read_documents([source], text_field)
+    blocks = data_lib.pack_blocks(data_lib.tokenize_documents(documents, tokenizer), block_size)
+    if not len(blocks):
+        raise ValueError(f"evaluation source {source!r} holds less than one block of {block_size} tokens")
+    return blocks[:count]
 
 
 def blocks_cache_file(config: TrainConfig, tokenizer) -> Path:
