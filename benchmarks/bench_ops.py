@@ -7,6 +7,8 @@ Methods (each is the whole op, feature map included where it has one):
   quadratic  the official code's form: feature map, materialised [T, T] decay-masked scores (<= 8k)
   window     the in-layer window hybrid: exact softmax over the last --window tokens + DiJiang beyond
              (separate feature map + dijiang.ops.window_attention(mode="chunk"), pure torch, linear in T)
+  window-fused  the same hybrid through dijiang.ops.triton_window.fused_window_attention (banded softmax
+             Triton kernel + the fused DiJiang kernel for the part beyond the window); CPU: the torch op
 
 Times: median ms (CUDA: triton.testing.do_bench with return_mode="median"; CPU: perf_counter median),
 forward and forward+backward (backward of sum(o * do)). Prints a markdown table, writes a markdown
@@ -36,7 +38,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dijiang.ops import triton_dijiang as tdj  # noqa: E402
 
-METHODS = ("sdpa", "fused", "torch", "quadratic", "window")
+METHODS = ("sdpa", "fused", "torch", "quadratic", "window", "window-fused")
+VERSUS_SDPA = ("fused", "window-fused")  # methods that get a speed-up column against SDPA
 DEFAULT_WINDOW = 64
 
 
@@ -83,7 +86,14 @@ def build(method, q, k, v, proj, lw, ld, scale, window=DEFAULT_WINDOW):
             q, k, v, lw, ld)
     if method == "quadratic":
         return (lambda: quadratic_form(q, k, v, proj, lw, ld, scale)), (q, k, v, lw, ld)
-    if method == "window":
+    if method == "window-fused" and q.is_cuda:
+        from dijiang.ops.triton_window import fused_window_attention
+
+        def fn():
+            return fused_window_attention(q, k, v, proj, lw, ld, torch.ones_like(ld), window=window, scale=scale)[0]
+
+        return fn, (q, k, v, lw, ld)
+    if method in ("window", "window-fused"):  # CPU: the fused window op needs CUDA; time the torch op
         from dijiang.ops.window import window_attention
 
         def fn():
@@ -257,10 +267,11 @@ def main(argv=None):
     fused_label = "fused (Triton)" if cuda else "fused (CPU: torch fallback)"
     labels = {"sdpa": "SDPA causal" + (" (flash)" if cuda else ""), "fused": fused_label,
               "torch": "torch chunk + separate map", "quadratic": "official quadratic",
-              "window": f"window-{args.window} hybrid (torch chunk + map)"}
+              "window": f"window-{args.window} hybrid (torch chunk + map)",
+              "window-fused": f"window-{args.window} hybrid ({'Triton' if cuda else 'CPU: torch op'})"}
+    versus = [m for m in VERSUS_SDPA if m in methods] if "sdpa" in methods else []
     head = "| H x D | T | " + " | ".join(f"{labels[m]} fwd / fwd+bwd" for m in methods)
-    if "sdpa" in methods and "fused" in methods:
-        head += " | fused speed-up vs SDPA, fwd / fwd+bwd"
+    head += "".join(f" | {labels[m]} speed-up vs SDPA, fwd / fwd+bwd" for m in versus)
     head += " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -268,8 +279,8 @@ def main(argv=None):
         for meth in methods:
             f, b = r[meth]
             cells.append(f"{fmt(f)} / {fmt(b)}")
-        if "sdpa" in methods and "fused" in methods:
-            (sf, sb), (ff, fb) = r["sdpa"], r["fused"]
+        for meth in versus:
+            (sf, sb), (ff, fb) = r["sdpa"], r[meth]
             if all(isinstance(x, float) for x in (sf, sb, ff, fb)):
                 cells.append(f"{sf / ff:.2f}x / {sb / fb:.2f}x")
             else:
@@ -296,7 +307,8 @@ Median milliseconds, B = 1, {str(dtype).replace('torch.', '')}, m = d = D (DiJia
 forward and forward+backward (backward of sum(o * do)); every DiJiang method includes its feature map.
 "official quadratic" materialises the [T, T] decay-masked score matrix (run up to {args.quadratic_max}).
 "window-{args.window} hybrid" is the in-layer window hybrid's op (exact softmax over the last {args.window} tokens + DiJiang
-beyond), plain PyTorch, chunked by the window.
+beyond): "torch chunk + map" is plain PyTorch chunked by the window, "Triton" the banded softmax kernel plus the fused
+DiJiang kernel for the keys beyond the window.
 
 - device: {dev_name}
 - torch {torch.__version__}{', triton ' + __import__('triton').__version__ if tdj.HAS_TRITON else ''}, python {platform.python_version()}
@@ -326,7 +338,7 @@ def plot(rows, methods, labels, path, dev_name):
     shapes = sorted({(r["H"], r["D"]) for r in rows})
     styles = ["-", "--", ":", "-."]
     colors = {"sdpa": "tab:red", "fused": "tab:blue", "torch": "tab:green", "quadratic": "tab:gray",
-              "window": "tab:purple"}
+              "window": "tab:purple", "window-fused": "tab:orange"}
     for ax, idx, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
         for si, (H, D) in enumerate(shapes):
             for meth in methods:

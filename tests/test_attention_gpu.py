@@ -8,16 +8,23 @@ import dijiang
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_fused_backend_matches_torch_backend_in_a_converted_model():
+@pytest.mark.parametrize("window", [0, 64])
+def test_fused_backend_matches_torch_backend_in_a_converted_model(window, monkeypatch):
+    """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel."""
+    calls = []
+    name = "fused_window_attention" if window else "fused_dijiang_attention"
+    real = getattr(dijiang.attention, name)
+    monkeypatch.setattr(dijiang.attention, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     base = transformers.LlamaForCausalLM(config).cuda()
-    fused = dijiang.convert(base, {"backend": "auto"})
+    fused = dijiang.convert(base, {"backend": "auto", "window": window})
     ids = torch.randint(0, 128, (2, 300), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_fused = fused(ids, use_cache=False).logits.float()
     out_fused.sum().backward()
+    assert len(calls) == config.num_hidden_layers  # the fused path ran in every layer
     grads_fused = [p.grad.clone() for p in fused.parameters() if p.grad is not None]
     fused.zero_grad()
     for _, layer in dijiang.conversion.iter_dijiang_layers(fused):

@@ -20,6 +20,7 @@ from torch import nn
 from dijiang.feature_maps import FEATURE_MAPS, ProjectedFeatureMap, build_feature_map
 from dijiang.ops import linear_attention, window_attention
 from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
+from dijiang.ops.triton_window import fused_window_attention, window_triton_supported
 
 MODES = ("chunk", "recurrent", "parallel")
 
@@ -43,9 +44,11 @@ class DiJiangSettings:
         gradient for it, so training then takes the torch path.
     checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
-    backend: ``auto`` runs pure DiJiang layers through the fused Triton kernel (feature map inside the
-        attention kernel) on CUDA when the feature map is a softmax-stabilised projection and no padding
-        mask is present; ``torch`` always uses the feature map + ``dijiang.ops`` path.
+    backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
+        softmax-stabilised projection and no padding mask is present: pure DiJiang layers through the fused
+        chunk kernel (feature map inside the attention kernel), window hybrids through the banded softmax
+        kernel plus the fused chunk kernel (when they start from an empty state: training, a first prefill).
+        ``torch`` always uses the feature map + ``dijiang.ops`` path.
     """
 
     feature_map: str = "dijiang"
@@ -174,7 +177,15 @@ class DiJiangAttention(nn.Module):
         initial_state = layer_cache.state if layer_cache is not None else None
         mask = self.padding.current(T)
         mode = "recurrent" if T == 1 else self.settings.mode
-        if self._can_fuse(q, mode, mask):
+        if self._can_fuse(q, v, mode, mask, initial_state) and self.settings.window:
+            fm = self.feature_map
+            o, state = fused_window_attention(
+                q, k, v, fm.projection, fm.log_weight, self.log_decay, F.softplus(self.window_mix.float()),
+                window=self.settings.window, scale=self.scale, feature_scale=fm.scale,
+                output_final_state=layer_cache is not None,
+            )
+            return self._finish(o, state, layer_cache, hidden_states)
+        if self._can_fuse(q, v, mode, mask, initial_state):
             o, state = fused_dijiang_attention(
                 q, k, v, self.feature_map.projection, self.feature_map.log_weight, self.log_decay,
                 scale=self.feature_map.scale, normalize=self.settings.normalize, initial_state=initial_state,
@@ -202,12 +213,16 @@ class DiJiangAttention(nn.Module):
             output_final_state=output_final_state, normalize=self.settings.normalize, attention_mask=mask,
         )
 
-    def _can_fuse(self, q: torch.Tensor, mode: str, mask) -> bool:
+    def _can_fuse(self, q: torch.Tensor, v: torch.Tensor, mode: str, mask, initial_state) -> bool:
         fm = self.feature_map
-        return (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
-                and not self.settings.window and isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax"
-                and not (fm.projection.requires_grad and torch.is_grad_enabled())
-                and triton_supported(q, q, q, fm.projection, self.settings.chunk_size)[0])
+        common = (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
+                  and isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax"
+                  and not (fm.projection.requires_grad and torch.is_grad_enabled()))
+        if not common:
+            return False
+        if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)
+            return initial_state is None and window_triton_supported(q, v, fm.projection)[0]
+        return triton_supported(q, q, q, fm.projection, self.settings.chunk_size)[0]
 
     def _finish(self, o, state, layer_cache, hidden_states):
         B, T, _ = hidden_states.shape

@@ -47,6 +47,11 @@ __all__ = ["fast_generate", "FastDecoder", "supports_fast_decode", "SUPPORTED_FA
 # torch.compile mode of the per-layer step; the graph capture is ours, so no mode that adds cudagraphs.
 # max-autotune-no-cudagraphs: 1,076 against 878 tokens/s for the default mode (SmolLM2 pure, batch 1, H100).
 COMPILE_MODE = os.environ.get("DIJIANG_COMPILE_MODE", "max-autotune-no-cudagraphs") or None
+# "layer": compile one decode-layer step and reuse it for every layer of a kind (short compile);
+# "step": compile the whole step (all layers, final norm, head), so Inductor can fuse across layer boundaries.
+COMPILE_SCOPE = os.environ.get("DIJIANG_COMPILE_SCOPE", "layer")
+if COMPILE_SCOPE not in ("layer", "step"):
+    raise ValueError(f"DIJIANG_COMPILE_SCOPE must be 'layer' or 'step', got {COMPILE_SCOPE!r}")
 
 
 def _family(model) -> str:
@@ -401,7 +406,10 @@ class FastDecoder:
         base = model.model
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, model.lm_head
         self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile) for layer in base.layers]
-        if self.compile:
+        self._run_layers = self._layers
+        if self.compile and COMPILE_SCOPE == "step":
+            self._run_layers = torch.compile(self._layers, dynamic=False, mode=COMPILE_MODE)
+        elif self.compile:
             compiled = {}
             for plan in self.plans:
                 if plan.consts.kind not in compiled:
@@ -486,16 +494,18 @@ class FastDecoder:
         self.tok.copy_(nxt)
         self.step_idx.add_(1)
 
-    def _step(self) -> None:
-        h = self.embed(self.tok)  # [B, D]
-        cos = self.cos_table.index_select(0, self.pos).unsqueeze(1)  # [B, 1, d]
-        sin = self.sin_table.index_select(0, self.pos).unsqueeze(1)
+    def _layers(self, tok: Tensor, pos: Tensor) -> Tensor:
+        h = self.embed(tok)  # [B, D]
+        cos = self.cos_table.index_select(0, pos).unsqueeze(1)  # [B, 1, d]
+        sin = self.sin_table.index_select(0, pos).unsqueeze(1)
         for plan in self.plans:
             if plan.consts.kind == "softmax":  # a slot is visible once written (slot <= cur) and if real
                 plan.state["mask"] = plan.state["real"] & (self.slots <= self.cur)[None, :]
             h = plan.fn(h, cos, sin, plan.state, plan.weights, plan.consts)
-        h = self.final_norm(h)
-        logits = self.lm_head(h).float()
+        return self.lm_head(self.final_norm(h)).float()
+
+    def _step(self) -> None:
+        logits = self._run_layers(self.tok, self.pos)
         self._emit(self._select(logits))
         self.pos.add_(1)
         self.cur.add_(1)

@@ -458,7 +458,7 @@ def _unflat_state(flat: Tensor, cfg: _Cfg) -> Tensor:
     return S.reshape(cfg.B, cfg.H, cfg.M, cfg.DV + cfg.norm)
 
 
-def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool):
+def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool, out_dtype: torch.dtype):
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
@@ -473,7 +473,7 @@ def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool):
     _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
         seg, init_flat if init_flat is not None else seg, final, ld, cfg.T, cfg.H, cfg.NSEG, cfg.E, cfg.L * cfg.C,
         BLK=blk, REVERSE=False, HAS_INIT=init_flat is not None, STORE_FINAL=want_final, num_warps=4)
-    o = torch.empty_like(v)
+    o = torch.empty(v.shape, device=dev, dtype=out_dtype)
     den = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else hloc
     _f3_output[(cfg.NC, BH)](q, k, v, P, w, ld, hloc, zloc, seg, o, den, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s,
                              cfg.eps, num_warps=cfg.warps, **_stages(), **consts)
@@ -512,12 +512,12 @@ def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, cfg:
 
 class _FusedDiJiang(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final):
+    def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final, out_dtype):
         P = proj.detach().float().contiguous()
         w = log_weight.detach().float().contiguous()
         ld = log_decay.detach().float().contiguous()
         init_flat = _flat_state(initial_state, cfg)
-        o, den, hloc, zloc, segf, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final)
+        o, den, hloc, zloc, segf, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final, out_dtype)
         ctx.cfg = cfg
         ctx.has_init = initial_state is not None
         ctx.save_for_backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf)
@@ -532,9 +532,9 @@ class _FusedDiJiang(torch.autograd.Function):
         cfg = ctx.cfg
         dfinal_flat = _flat_state(dfinal, cfg) if (dfinal is not None and dfinal.numel() > 0) else None
         dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf,
-                                                do.contiguous(), dfinal_flat, cfg, ctx.has_init)
+                                                do.to(v.dtype).contiguous(), dfinal_flat, cfg, ctx.has_init)
         dinit_state = _unflat_state(dinit, cfg) if dinit is not None else None
-        return dq, dk, dv, None, dw, dlam, dinit_state, None, None
+        return dq, dk, dv, None, dw, dlam, dinit_state, None, None, None
 
 
 def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: int = 64) -> tuple[bool, str]:
@@ -570,6 +570,7 @@ def fused_dijiang_attention(
     eps: float = 1e-6,
     attention_mask: Tensor | None = None,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """DiJiang attention with the softmax feature map fused into the kernels.
 
@@ -584,9 +585,11 @@ def fused_dijiang_attention(
             :func:`dijiang.ops.linear_attention`.
         backend: ``"auto"`` (Triton when supported, else torch), ``"triton"`` (raise if unsupported)
             or ``"torch"`` (separate feature map + the torch chunk op).
+        out_dtype: dtype of ``o`` (default ``v.dtype``); float32 keeps sums that are combined further
+            (the window hybrid's linear numerator and denominator) unrounded.
 
     Returns:
-        ``(o [B, T, H, dv] in v.dtype, final_state [B, H, m, dv(+1)] float32 or None)``.
+        ``(o [B, T, H, dv] in out_dtype, final_state [B, H, m, dv(+1)] float32 or None)``.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
@@ -620,13 +623,15 @@ def fused_dijiang_attention(
         ok, why = False, "attention_mask is not supported by the fused kernel"
     if backend == "triton" and not ok:
         raise ValueError(f"fused Triton DiJiang attention cannot run: {why}")
+    out_dtype = v.dtype if out_dtype is None else out_dtype
     if backend == "torch" or not ok:
-        return torch_dijiang_attention(q, k, v, proj, log_weight, log_decay, scale=scale, normalize=normalize,
-                                       initial_state=initial_state, output_final_state=output_final_state,
-                                       chunk_size=chunk_size, attention_mask=attention_mask, eps=eps)
+        o, final = torch_dijiang_attention(q, k, v, proj, log_weight, log_decay, scale=scale, normalize=normalize,
+                                           initial_state=initial_state, output_final_state=output_final_state,
+                                           chunk_size=chunk_size, attention_mask=attention_mask, eps=eps)
+        return o.to(out_dtype), final
     if log_weight is None:
         log_weight = q.new_zeros(H, m, dtype=torch.float32)
     cfg = _Cfg(q, v, proj, scale, eps, normalize, chunk_size)
     o, final = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
-                                   initial_state, cfg, output_final_state)
+                                   initial_state, cfg, output_final_state, out_dtype)
     return o, (final if output_final_state else None)

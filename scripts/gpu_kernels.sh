@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Device driver for the kernel/benchmark work of issue 5 (run by the device tool in the repo root; results in $OUT).
+#   bash scripts/gpu_kernels.sh ops     GPU kernel tests, op benchmark with the window hybrid, fused-op profile
+#   bash scripts/gpu_kernels.sh model   model bench on ~/model/hf (SmolLM2 converted): training tok/s with the fused
+#                                       window path, pure decode at 128 and 256 new tokens, compile scope/mode variants
+# Results are copied into docs/ by hand (docs/bench_ops_window.md, docs/bench_data/*.json).
+set -uo pipefail
+export PYTHONPATH=~/site:$PWD/src
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+stage=${1:?ops or model}
+if [ "$stage" = ops ]; then
+  nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
+  timeout 240 python -m pytest -q -m gpu tests/test_triton_window.py tests/test_attention_gpu.py 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
+  timeout 200 python benchmarks/bench_ops.py --methods sdpa,fused,window,window-fused --window 128 --shapes 16x64 \
+    --torch-max 16384 --md "$OUT/bench_ops_window128.md" --png "$OUT/bench_ops_window128.png" \
+    --json "$OUT/bench_ops_window128.json" > "$OUT/bench_ops_window128.log" 2>&1
+  timeout 100 python benchmarks/bench_ops.py --methods sdpa,window-fused --window 64 --shapes 16x64 \
+    --md "$OUT/bench_ops_window64.md" --png "$OUT/bench_ops_window64.png" \
+    --json "$OUT/bench_ops_window64.json" > "$OUT/bench_ops_window64.log" 2>&1
+  tail -5 "$OUT"/*.log
+  cat "$OUT/gpu_tests.txt"
+elif [ "$stage" = model ]; then
+  M=~/model/hf
+  timeout 200 dijiang bench --model $M --kinds teacher,pure,window --window 128 --contexts '' --batches 1 \
+    --train-contexts 2048,16384 --repeats 3 --keep-going --json "$OUT/train.json" --out "$OUT/train.md" > "$OUT/train.log" 2>&1
+  for n in 128 256; do
+    timeout 150 dijiang bench --model $M --kinds pure --contexts 2048,32768 --batches 1 --new-tokens $n --hf-new-tokens 0 \
+      --train-contexts '' --repeats 3 --keep-going --json "$OUT/decode_pure_$n.json" --out "$OUT/decode_pure_$n.md" \
+      > "$OUT/decode_pure_$n.log" 2>&1
+  done
+  DIJIANG_COMPILE_SCOPE=step timeout 200 dijiang bench --model $M --kinds pure --contexts 2048,32768 --batches 1 \
+    --new-tokens 128 --hf-new-tokens 0 --train-contexts '' --repeats 3 --keep-going --json "$OUT/decode_pure_step.json" \
+    --out "$OUT/decode_pure_step.md" > "$OUT/decode_pure_step.log" 2>&1
+  tail -3 "$OUT"/*.log
+fi

@@ -1,0 +1,364 @@
+"""The window hybrid on the GPU: exact softmax over the last ``window`` tokens (a banded Triton kernel,
+FlashAttention style) plus DiJiang beyond it (the fused kernel of ``triton_dijiang``, feature map inside).
+
+Same result as ``dijiang.ops.window_attention`` with ``q_feat = phi(q)``, ``k_feat = phi(k)`` (see
+``ops/window.py`` for the formula). Two pieces:
+
+linear part   keys j <= t - window with decay (t - window - j): ordinary causal decayed linear attention
+              between the queries shifted left by ``window`` and the keys, so the fused DiJiang kernel
+              computes it: numerator N (v) and denominator D (a ones column, dv = 16), unnormalised,
+              float32, over T - window rows.
+band part     one Triton program per block of 64 queries walks the <= window + 63 keys of its band with an
+              online softmax, then combines:  o = (A + lw N) / (Da + lw D + eps),  where
+              A = sum_band exp(s_j - mx) v_j, Da = sum_band exp(s_j - mx), mx = the band's max score.
+
+The reference subtracts the band's max before exponentiating and lets the gradient flow through that
+max, so it is part of the function: dL/dmx = lw (g.N + dDa D) + eps dDa (g = do / den, dDa = -(do.o) / den)
+goes to the score of the arg-max key, whose index the forward stores. (Ties: torch splits among equal
+maxima, this kernel gives it to the first; they do not happen with real-valued activations.)
+
+Scope: no padding mask and no initial state (training and a first prefill); the layer sends those calls
+to the PyTorch op. The final state (for generation after a prefill) is assembled from the two linear
+calls' final states and the last ``window`` raw tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .triton_dijiang import HAS_TRITON, dijiang_feature_map, fused_dijiang_attention, triton, triton_supported
+
+if HAS_TRITON:
+    from .triton_dijiang import tl
+
+__all__ = ["fused_window_attention", "window_triton_supported"]
+
+BLOCK = 64  # queries per program and keys per step
+ONES_DIM = 16  # the denominator's "value" width: the kernels' smallest supported dv
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scores(q, kx, rows, cols, T, W, scale, PREC: tl.constexpr):
+        """Scaled band scores [BM, BN] and which of them are in the band (key in (t - W, t], inside T)."""
+        s = tl.dot(q, tl.trans(kx), input_precision=PREC) * scale
+        allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - W) & (cols[None, :] < T)
+        return s, allowed
+
+    @triton.jit
+    def _band_forward(
+        q_ptr, k_ptr, v_ptr, n_ptr, d_ptr, lw_ptr, o_ptr, mx_ptr, den_ptr, idx_ptr,
+        T, H, W, scale, eps,
+        D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LIN: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        DT = v_ptr.dtype.element_ty
+        t0 = pid * BM
+        rows = t0 + tl.arange(0, BM)
+        rvalid = rows < T
+        ar_d = tl.arange(0, D)
+        ar_v = tl.arange(0, DV)
+        ar_n = tl.arange(0, BN)
+        tok = b.to(tl.int64) * T * H + h
+        q = tl.load(q_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], mask=rvalid[:, None], other=0.0)
+        m_i = tl.full([BM], -1.0e30, tl.float32)  # finite: a row with no key yet must not give inf - inf
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, DV], dtype=tl.float32)
+        arg = tl.zeros([BM], dtype=tl.int32)
+        lo = (tl.maximum(t0 - W + 1, 0) // BN) * BN
+        hi = tl.minimum(t0 + BM, T)
+        for js in range(lo, hi, BN):
+            cols = js + ar_n
+            cvalid = cols < T
+            kx = tl.load(k_ptr + (tok + cols[:, None] * H) * D + ar_d[None, :], mask=cvalid[:, None], other=0.0)
+            vx = tl.load(v_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], mask=cvalid[:, None], other=0.0)
+            s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
+            s = tl.where(allowed, s, float("-inf"))
+            block_max = tl.max(s, axis=1)
+            block_arg = tl.argmax(s, axis=1)
+            m_new = tl.maximum(m_i, block_max)
+            arg = tl.where(block_max > m_i, js + block_arg, arg)
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DT), vx, input_precision=PREC)
+            m_i = m_new
+        lw = tl.load(lw_ptr + h)
+        num = acc
+        den = l_i + eps
+        if HAS_LIN:  # row t reads the linear sums of shifted row t - W
+            lrow = rows - W
+            lvalid = rvalid & (lrow >= 0)
+            lbase = b.to(tl.int64) * (T - W) * H + h
+            n = tl.load(n_ptr + (lbase + lrow[:, None] * H) * DV + ar_v[None, :], mask=lvalid[:, None], other=0.0)
+            dl = tl.load(d_ptr + lbase + lrow * H, mask=lvalid, other=0.0)
+            num += lw * n
+            den += lw * dl
+        o = num / den[:, None]
+        tl.store(o_ptr + (tok + rows[:, None] * H) * DV + ar_v[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=rvalid[:, None])
+        row_off = bh.to(tl.int64) * T + rows
+        tl.store(mx_ptr + row_off, m_i, mask=rvalid)
+        tl.store(den_ptr + row_off, den, mask=rvalid)
+        tl.store(idx_ptr + row_off, arg, mask=rvalid)
+
+    @triton.jit
+    def _band_backward_dq(
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, n_ptr, d_ptr, lw_ptr, mx_ptr, den_ptr, idx_ptr,
+        dq_ptr, dn_ptr, dd_ptr, dlw_ptr, dda_ptr, dmx_ptr,
+        T, H, W, scale, eps,
+        D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LIN: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """dq, the per-row scalars the dk/dv kernel needs (dDa, dmx), and the linear sums' gradients."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        DT = v_ptr.dtype.element_ty
+        t0 = pid * BM
+        rows = t0 + tl.arange(0, BM)
+        rvalid = rows < T
+        ar_d = tl.arange(0, D)
+        ar_v = tl.arange(0, DV)
+        ar_n = tl.arange(0, BN)
+        tok = b.to(tl.int64) * T * H + h
+        row_off = bh.to(tl.int64) * T + rows
+        voff = (tok + rows[:, None] * H) * DV + ar_v[None, :]
+        q = tl.load(q_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], mask=rvalid[:, None], other=0.0)
+        do = tl.load(do_ptr + voff, mask=rvalid[:, None], other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + voff, mask=rvalid[:, None], other=0.0).to(tl.float32)
+        den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
+        mx = tl.load(mx_ptr + row_off, mask=rvalid, other=0.0)
+        arg = tl.load(idx_ptr + row_off, mask=rvalid, other=-1)
+        lw = tl.load(lw_ptr + h)
+        g = do / den[:, None]
+        dda = -tl.sum(do * o, axis=1) / den
+        dmx = eps * dda
+        if HAS_LIN:
+            lrow = rows - W
+            lvalid = rvalid & (lrow >= 0)
+            lbase = b.to(tl.int64) * (T - W) * H + h
+            loff = (lbase + lrow[:, None] * H) * DV + ar_v[None, :]
+            n = tl.load(n_ptr + loff, mask=lvalid[:, None], other=0.0)
+            dl = tl.load(d_ptr + lbase + lrow * H, mask=lvalid, other=0.0)
+            dlw = tl.sum(g * n, axis=1) + dda * dl
+            dmx += lw * dlw
+            tl.store(dn_ptr + loff, lw * g, mask=lvalid[:, None])
+            tl.store(dd_ptr + lbase + lrow * H, lw * dda, mask=lvalid)
+            tl.store(dlw_ptr + row_off, dlw, mask=rvalid)
+        tl.store(dda_ptr + row_off, dda, mask=rvalid)
+        tl.store(dmx_ptr + row_off, dmx, mask=rvalid)
+        gb = g.to(DT)
+        dq = tl.zeros([BM, D], dtype=tl.float32)
+        lo = (tl.maximum(t0 - W + 1, 0) // BN) * BN
+        hi = tl.minimum(t0 + BM, T)
+        for js in range(lo, hi, BN):
+            cols = js + ar_n
+            cvalid = cols < T
+            kx = tl.load(k_ptr + (tok + cols[:, None] * H) * D + ar_d[None, :], mask=cvalid[:, None], other=0.0)
+            vx = tl.load(v_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], mask=cvalid[:, None], other=0.0)
+            s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
+            p = tl.where(allowed, tl.exp(s - mx[:, None]), 0.0)
+            dp = tl.dot(gb, tl.trans(vx), input_precision=PREC) + dda[:, None]
+            ds = p * dp + tl.where(allowed & (cols[None, :] == arg[:, None]), dmx[:, None], 0.0)
+            dq += tl.dot(ds.to(DT), kx, input_precision=PREC)
+        tl.store(dq_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=rvalid[:, None])
+
+    @triton.jit
+    def _band_backward_dkdv(
+        q_ptr, k_ptr, v_ptr, do_ptr, mx_ptr, den_ptr, idx_ptr, dda_ptr, dmx_ptr, dk_ptr, dv_ptr,
+        T, H, W, scale,
+        D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """One program per block of keys; walks the queries whose band holds them (t in [j, j + W))."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        DT = v_ptr.dtype.element_ty
+        js = pid * BN
+        cols = js + tl.arange(0, BN)
+        cvalid = cols < T
+        ar_d = tl.arange(0, D)
+        ar_v = tl.arange(0, DV)
+        ar_m = tl.arange(0, BM)
+        tok = b.to(tl.int64) * T * H + h
+        kx = tl.load(k_ptr + (tok + cols[:, None] * H) * D + ar_d[None, :], mask=cvalid[:, None], other=0.0)
+        vx = tl.load(v_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], mask=cvalid[:, None], other=0.0)
+        dk = tl.zeros([BN, D], dtype=tl.float32)
+        dv = tl.zeros([BN, DV], dtype=tl.float32)
+        lo = (js // BM) * BM
+        hi = tl.minimum(js + BN - 1 + W, T)
+        for ts in range(lo, hi, BM):
+            rows = ts + ar_m
+            rvalid = rows < T
+            row_off = bh.to(tl.int64) * T + rows
+            q = tl.load(q_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], mask=rvalid[:, None], other=0.0)
+            do = tl.load(do_ptr + (tok + rows[:, None] * H) * DV + ar_v[None, :], mask=rvalid[:, None],
+                         other=0.0).to(tl.float32)
+            den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
+            mx = tl.load(mx_ptr + row_off, mask=rvalid, other=0.0)
+            arg = tl.load(idx_ptr + row_off, mask=rvalid, other=-1)
+            dda = tl.load(dda_ptr + row_off, mask=rvalid, other=0.0)
+            dmx = tl.load(dmx_ptr + row_off, mask=rvalid, other=0.0)
+            gb = (do / den[:, None]).to(DT)
+            s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
+            p = tl.where(allowed, tl.exp(s - mx[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(DT)), gb, input_precision=PREC)
+            dp = tl.dot(gb, tl.trans(vx), input_precision=PREC) + dda[:, None]
+            ds = p * dp + tl.where(allowed & (cols[None, :] == arg[:, None]), dmx[:, None], 0.0)
+            dk += tl.dot(tl.trans(ds.to(DT)), q, input_precision=PREC)
+        koff = (tok + cols[:, None] * H) * D + ar_d[None, :]
+        tl.store(dk_ptr + koff, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cvalid[:, None])
+        tl.store(dv_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=cvalid[:, None])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _WindowBand(torch.autograd.Function):
+    """o = (band softmax numerator + lw N) / (band denominator + lw D + eps), N/D over rows window..T-1."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lin_num, lin_den, lin_weight, window, scale, eps):
+        B, T, H, d = q.shape
+        dv = v.shape[-1]
+        has_lin = T > window
+        o = torch.empty_like(v)
+        mx = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
+        den = torch.empty_like(mx)
+        idx = torch.empty(B * H, T, device=q.device, dtype=torch.int32)
+        grid = (triton.cdiv(T, BLOCK), B * H)
+        _band_forward[grid](q, k, v, lin_num if has_lin else o, lin_den if has_lin else mx, lin_weight, o, mx, den,
+                            idx, T, H, window, scale, eps, D=d, DV=dv, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin,
+                            PREC=_precision(q.dtype), num_warps=4)
+        ctx.save_for_backward(q, k, v, lin_num, lin_den, lin_weight, o, mx, den, idx)
+        ctx.window, ctx.scale, ctx.eps = window, scale, eps
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, lin_num, lin_den, lin_weight, o, mx, den, idx = ctx.saved_tensors
+        B, T, H, d = q.shape
+        dv_dim = v.shape[-1]
+        window = ctx.window
+        has_lin = T > window
+        do = do.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        d_num, d_den = torch.zeros_like(lin_num), torch.zeros_like(lin_den)
+        d_lw_rows = torch.zeros(B * H, T, device=q.device, dtype=torch.float32)
+        dda, dmx = torch.empty_like(mx), torch.empty_like(mx)
+        grid = (triton.cdiv(T, BLOCK), B * H)
+        prec = _precision(q.dtype)
+        _band_backward_dq[grid](
+            q, k, v, o, do, lin_num if has_lin else mx, lin_den if has_lin else mx, lin_weight, mx, den, idx,
+            dq, d_num if has_lin else dda, d_den if has_lin else dda, d_lw_rows, dda, dmx,
+            T, H, window, ctx.scale, ctx.eps, D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=prec,
+            num_warps=4)
+        _band_backward_dkdv[grid](q, k, v, do, mx, den, idx, dda, dmx, dk, dv, T, H, window, ctx.scale,
+                                  D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, PREC=prec, num_warps=4)
+        d_lw = d_lw_rows.view(B, H, T).sum(dim=(0, 2))
+        return dq, dk, dv, d_num, d_den, d_lw, None, None, None
+
+
+def window_triton_supported(q: Tensor, v: Tensor, proj: Tensor) -> tuple[bool, str]:
+    """Whether :func:`fused_window_attention` can run these inputs with Triton; else (False, reason)."""
+    ok, why = triton_supported(q, q, v, proj, 64)
+    if ok and q.dtype != v.dtype:
+        ok, why = False, f"q and v dtypes differ ({q.dtype}, {v.dtype})"
+    return ok, why
+
+
+def _final_state(k, v, k_last_feat, lin_state_num, lin_state_den, window, m):
+    """The ``window_attention`` state after this call (no initial state): S from the linear calls, the
+    last ``window`` raw tokens (oldest first, zero-padded in front when T < window)."""
+    B, T, H, d = k.shape
+    dv = v.shape[-1]
+    if lin_state_num is None:
+        S = k.new_zeros(B, H, m, dv + 1, dtype=torch.float32)
+    else:
+        S = torch.cat([lin_state_num, lin_state_den[..., :1]], dim=-1)
+    kept = min(T, window)
+    pad = window - kept
+    mask = torch.zeros(B, window, dtype=torch.bool, device=k.device)
+    mask[:, pad:] = True
+    return {
+        "S": S,
+        "k": F.pad(k[:, T - kept:], [0, 0, 0, 0, pad, 0]),
+        "v": F.pad(v[:, T - kept:], [0, 0, 0, 0, pad, 0]),
+        "kf": F.pad(k_last_feat, [0, 0, 0, 0, pad, 0]),
+        "mask": mask,
+    }
+
+
+def fused_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    proj: Tensor,
+    log_weight: Tensor | None,
+    log_decay: Tensor,
+    lin_weight: Tensor,
+    *,
+    window: int,
+    scale: float | None = None,
+    feature_scale: float | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+) -> tuple[Tensor, dict | None]:
+    """Window hybrid with the DiJiang softmax feature map ``phi(x) = softmax(sqrt(feature_scale) x P + log_weight)``.
+
+    Args:
+        q, k: ``[B, T, H, d]`` post-RoPE queries/keys (kv heads already expanded). v: ``[B, T, H, dv]``.
+        proj: ``[d, m]`` frozen projection. log_weight: ``[H, m]`` or None. log_decay: ``[H]`` (<= 0).
+        lin_weight: ``[H]`` (> 0), the linear part's weight. window: softmax band length.
+        scale: softmax scale (default ``d ** -0.5``); feature_scale: the feature map's (default the same).
+
+    Returns ``(o [B, T, H, dv] in v.dtype, state dict or None)`` as ``window_attention``; gradients flow to
+    q, k, v, log_weight, log_decay and lin_weight. CUDA (or the Triton interpreter) only.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    B, T, H, d = q.shape
+    if lin_weight.shape != (H,):
+        raise ValueError(f"lin_weight must have shape [H] = [{H}], got {tuple(lin_weight.shape)}")
+    ok, why = window_triton_supported(q, v, proj)
+    if not ok:
+        raise ValueError(f"fused window attention cannot run: {why}")
+    scale = d**-0.5 if scale is None else float(scale)
+    feature_scale = scale if feature_scale is None else float(feature_scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    lin = dict(scale=feature_scale, output_final_state=output_final_state, out_dtype=torch.float32,
+               backend="triton")
+    state_num = state_den = None
+    if T > window:
+        q_shift, k_cut, v_cut = q[:, window:], k[:, : T - window], v[:, : T - window]
+        lin_num, state_num = fused_dijiang_attention(q_shift, k_cut, v_cut, proj, log_weight, log_decay, **lin)
+        ones = v.new_ones(B, T - window, H, ONES_DIM)
+        lin_den, state_den = fused_dijiang_attention(q_shift, k_cut, ones, proj, log_weight, log_decay, **lin)
+        lin_den = lin_den[..., 0].contiguous()
+    else:
+        lin_num = v.new_zeros(B, 0, H, v.shape[-1], dtype=torch.float32)
+        lin_den = v.new_zeros(B, 0, H, dtype=torch.float32)
+    o = _WindowBand.apply(q, k, v, lin_num, lin_den, lin_weight.float().contiguous(), window, scale, float(eps))
+    if not output_final_state:
+        return o, None
+    kept = k[:, T - min(T, window):]
+    k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
+    return o, _final_state(k, v, k_feat, state_num, state_den, window, proj.shape[1])

@@ -1,0 +1,108 @@
+"""GPU tests of the fused window hybrid (banded softmax kernel + fused DiJiang chunk kernel) against the
+PyTorch window op in float32. Skipped without CUDA; tests/test_triton_interpret.py runs the same kernels
+under the Triton interpreter on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dijiang.ops import window_attention
+from dijiang.ops.triton_dijiang import dijiang_feature_map
+from dijiang.ops.triton_window import fused_window_attention
+
+def gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(B, T, H, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cuda = dict(device="cuda")
+    q = (torch.randn(B, T, H, d, generator=gen) * 2).to(dtype=dtype, **cuda).requires_grad_()
+    k = (torch.randn(B, T, H, d, generator=gen) * 2).to(dtype=dtype, **cuda).requires_grad_()
+    v = torch.randn(B, T, H, d, generator=gen).to(dtype=dtype, **cuda).requires_grad_()
+    proj = torch.randn(d, d, generator=gen).cuda()
+    log_weight = (0.3 * torch.randn(H, d, generator=gen)).cuda().requires_grad_()
+    decay_raw = torch.linspace(2.0, 6.0, H).cuda().requires_grad_()  # log_decay about -0.13 .. -0.0025
+    mix_raw = torch.randn(H, generator=gen).cuda().requires_grad_()
+    return q, k, v, proj, log_weight, decay_raw, mix_raw
+
+
+def run(fused, q, k, v, proj, log_weight, decay_raw, mix_raw, W, *, upcast=False):
+    leaves = [q, k, v, log_weight, decay_raw, mix_raw]
+    xs = [x.float() for x in (q, k, v)] if upcast else [q, k, v]
+    fs = q.shape[-1] ** -0.5
+    args = (F.logsigmoid(decay_raw), F.softplus(mix_raw))
+    if fused:
+        o, state = fused_window_attention(*xs, proj, log_weight, *args, window=W, output_final_state=True)
+    else:
+        qf, kf = (dijiang_feature_map(x, proj, log_weight, fs) for x in xs[:2])
+        o, state = window_attention(*xs, qf, kf, *args, window=W, mode="chunk", output_final_state=True)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).cuda()
+    grads = torch.autograd.grad((o.float() * do).sum(), leaves)
+    return o.detach().float(), state, grads
+
+
+@gpu
+@pytest.mark.parametrize("T,W", [(1000, 64), (777, 128), (100, 128), (4096, 128)])
+def test_bf16_matches_float32_torch_op(T, W):
+    inputs = make(1, T, 4, 64, torch.bfloat16, seed=T)
+    o1, s1, g1 = run(True, *inputs, W)
+    o2, s2, g2 = run(False, *inputs, W, upcast=True)  # the same bf16 inputs, computed in float32
+    assert rel(o1, o2) < 1e-2
+    for name, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix"], g1, g2):
+        assert rel(a, b) < 3e-2, name
+    assert rel(s1["S"], s2["S"]) < 1e-2
+    for key in ("k", "v", "kf"):
+        assert rel(s1[key].float(), s2[key].float()) < 1e-2, key
+    assert bool((s1["mask"] == s2["mask"]).all())
+
+
+@gpu
+def test_float32_tight():
+    inputs = make(2, 600, 2, 32, torch.float32, seed=3)
+    o1, s1, g1 = run(True, *inputs, 100)
+    o2, s2, g2 = run(False, *inputs, 100)
+    assert rel(o1, o2) < 1e-4
+    for a, b in zip(g1, g2):
+        assert rel(a, b) < 1e-3  # tf32 in the fused chunk kernel's feature-map matmul
+    assert rel(s1["S"], s2["S"]) < 1e-4
+
+
+@gpu
+def test_prefill_state_continues_like_one_call():
+    """Fused prefill, then the PyTorch op from its state, equals the PyTorch op over everything."""
+    q, k, v, proj, log_weight, decay_raw, mix_raw = make(1, 700, 2, 64, torch.float32, seed=11)
+    W, split = 64, 500
+    args = (F.logsigmoid(decay_raw).detach(), F.softplus(mix_raw).detach())
+    fs = 64**-0.5
+    with torch.no_grad():
+        qf, kf = dijiang_feature_map(q, proj, log_weight, fs), dijiang_feature_map(k, proj, log_weight, fs)
+        whole, _ = window_attention(q, k, v, qf, kf, *args, window=W, mode="chunk")
+        head, state = fused_window_attention(q[:, :split], k[:, :split], v[:, :split], proj, log_weight, *args,
+                                             window=W, output_final_state=True)
+        tail, _ = window_attention(q[:, split:], k[:, split:], v[:, split:], qf[:, split:], kf[:, split:], *args,
+                                   window=W, mode="recurrent", initial_state=state)
+    assert rel(torch.cat([head, tail], dim=1), whole) < 1e-4
+
+
+def test_refuses_cpu_tensors_without_the_interpreter():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="cannot run"):
+        fused_window_attention(q, q, q, torch.randn(16, 16), None, -torch.ones(2), torch.ones(2), window=4)
+
+
+def test_bad_shapes_raise():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="lin_weight"):
+        fused_window_attention(q, q, q, torch.randn(16, 16), None, -torch.ones(2), torch.ones(3), window=4)
+    with pytest.raises(ValueError, match="window"):
+        fused_window_attention(q, q, q, torch.randn(16, 16), None, -torch.ones(2), torch.ones(2), window=0)
+    with pytest.raises(ValueError, match="do not match"):
+        fused_window_attention(q, q[:, :4], q, torch.randn(16, 16), None, -torch.ones(2), torch.ones(2), window=4)

@@ -1,0 +1,106 @@
+"""Runs the Triton kernels under the Triton interpreter (CPU, numpy) against the PyTorch ops; prints JSON.
+
+Needs TRITON_INTERPRET=1 in the environment before triton is imported, so tests/test_triton_interpret.py
+runs it in a subprocess. Each result is a relative error (float32 throughout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from dijiang.ops import linear_attention, window_attention  # noqa: E402
+from dijiang.ops.triton_dijiang import dijiang_feature_map, fused_dijiang_attention  # noqa: E402
+from dijiang.ops.triton_window import fused_window_attention  # noqa: E402
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def leaf(*shape, scale=1.0, gen):
+    return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+
+def grads_of(fn, leaves, seed):
+    """Output, final state and the gradients of sum(o * do) for a fixed random do."""
+    o, state = fn()
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad((o * do).sum(), leaves, allow_unused=True)
+    return o.detach(), state, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def window_case(B, T, H, d, W, seed=0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    q, k = leaf(B, T, H, d, scale=2.0, gen=gen), leaf(B, T, H, d, scale=2.0, gen=gen)
+    v = leaf(B, T, H, d, gen=gen)
+    proj = torch.randn(d, d, generator=gen)
+    log_weight = leaf(H, d, scale=0.3, gen=gen)
+    decay_raw, mix_raw = leaf(H, gen=gen), leaf(H, gen=gen)
+    leaves = [q, k, v, log_weight, decay_raw, mix_raw]
+    fs = 0.2
+
+    def fused():
+        return fused_window_attention(q, k, v, proj, log_weight, F.logsigmoid(decay_raw), F.softplus(mix_raw),
+                                      window=W, scale=d**-0.5, feature_scale=fs, output_final_state=True)
+
+    def reference():
+        qf, kf = dijiang_feature_map(q, proj, log_weight, fs), dijiang_feature_map(k, proj, log_weight, fs)
+        return window_attention(q, k, v, qf, kf, F.logsigmoid(decay_raw), F.softplus(mix_raw), window=W,
+                                scale=d**-0.5, mode="parallel", output_final_state=True)
+
+    o1, s1, g1 = grads_of(fused, leaves, seed + 1)
+    o2, s2, g2 = grads_of(reference, leaves, seed + 1)
+    out = {"o": rel(o1, o2)}
+    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix"], g1, g2)})
+    out.update({f"state_{key}": rel(s1[key].float(), s2[key].float()) for key in ("S", "k", "v", "kf")})
+    out["state_mask_equal"] = 0.0 if bool((s1["mask"] == s2["mask"]).all()) else 1.0
+    return out
+
+
+def dijiang_case(B, T, H, d, normalize, with_state, seed=0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (leaf(B, T, H, d, gen=gen) for _ in range(3))
+    proj = torch.randn(d, d, generator=gen)
+    log_weight, decay_raw = leaf(H, d, scale=0.3, gen=gen), leaf(H, gen=gen)
+    init = (torch.rand(B, H, d, d + int(normalize), generator=gen) if with_state else None)
+    if init is not None:
+        init.requires_grad_()
+    leaves = [q, k, v, log_weight, decay_raw] + ([init] if with_state else [])
+    common = dict(normalize=normalize, initial_state=init, output_final_state=True, chunk_size=16)
+
+    def fused():
+        return fused_dijiang_attention(q, k, v, proj, log_weight, F.logsigmoid(decay_raw), backend="triton", **common)
+
+    def reference():
+        qf = dijiang_feature_map(q, proj, log_weight, d**-0.5)
+        kf = dijiang_feature_map(k, proj, log_weight, d**-0.5)
+        return linear_attention(qf, kf, v, F.logsigmoid(decay_raw), mode="parallel", **common)
+
+    o1, s1, g1 = grads_of(fused, leaves, seed + 1)
+    o2, s2, g2 = grads_of(reference, leaves, seed + 1)
+    out = {"o": rel(o1, o2), "state": rel(s1, s2)}
+    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "log_weight", "decay", "init"], g1, g2)})
+    return out
+
+
+CASES = {
+    "window B1 T200 W48 (linear part, partial last block)": lambda: window_case(1, 200, 2, 16, 48),
+    "window B2 T300 W64": lambda: window_case(2, 300, 2, 16, 64, seed=1),
+    "window B1 T100 W128 (window longer than the sequence)": lambda: window_case(1, 100, 2, 16, 128, seed=2),
+    "window B1 T64 W1 (one-key band: the max gradient dominates)": lambda: window_case(1, 64, 2, 16, 1, seed=3),
+    "window B1 T130 W100 (band across three key blocks)": lambda: window_case(1, 130, 2, 16, 100, seed=4),
+    "dijiang T150 normalize": lambda: dijiang_case(1, 150, 2, 16, True, False),
+    "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
+}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(CASES)
+    print(json.dumps({name: CASES[name]() for name in names}))
