@@ -11,11 +11,11 @@ mkdir -p "$OUT"
 stage=${1:?ops or model}
 if [ "$stage" = ops ]; then
   nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
-  timeout 240 python -m pytest -q -m gpu tests/test_triton_window.py tests/test_attention_gpu.py 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
-  timeout 200 python benchmarks/bench_ops.py --methods sdpa,fused,window,window-fused --window 128 --shapes 16x64 \
+  timeout 240 python -m pytest -q -m gpu tests/test_triton_window.py tests/test_attention_gpu.py tests/test_triton_ops.py -k "window or converted or matches_reference or torch_path" 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
+  timeout 190 python benchmarks/bench_ops.py --methods sdpa,fused,window,window-fused --window 128 --shapes 16x64 \
     --torch-max 16384 --md "$OUT/bench_ops_window128.md" --png "$OUT/bench_ops_window128.png" \
     --json "$OUT/bench_ops_window128.json" > "$OUT/bench_ops_window128.log" 2>&1
-  timeout 100 python benchmarks/bench_ops.py --methods sdpa,window-fused --window 64 --shapes 16x64 \
+  timeout 90 python benchmarks/bench_ops.py --methods sdpa,window-fused --window 64 --shapes 16x64 \
     --md "$OUT/bench_ops_window64.md" --png "$OUT/bench_ops_window64.png" \
     --json "$OUT/bench_ops_window64.json" > "$OUT/bench_ops_window64.log" 2>&1
   tail -5 "$OUT"/*.log

@@ -15,6 +15,11 @@ def test_fused_backend_matches_torch_backend_in_a_converted_model(window, monkey
     name = "fused_window_attention" if window else "fused_dijiang_attention"
     real = getattr(dijiang.attention, name)
     monkeypatch.setattr(dijiang.attention, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the fused op fell back to the torch path")
+
+    monkeypatch.setattr(dijiang.ops.triton_dijiang, "torch_dijiang_attention", no_fallback)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -27,6 +32,7 @@ def test_fused_backend_matches_torch_backend_in_a_converted_model(window, monkey
     assert len(calls) == config.num_hidden_layers  # the fused path ran in every layer
     grads_fused = [p.grad.clone() for p in fused.parameters() if p.grad is not None]
     fused.zero_grad()
+    monkeypatch.undo()
     for _, layer in dijiang.conversion.iter_dijiang_layers(fused):
         layer.settings.backend = "torch"
     with torch.autocast("cuda", dtype=torch.bfloat16):

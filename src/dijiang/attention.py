@@ -177,7 +177,12 @@ class DiJiangAttention(nn.Module):
         initial_state = layer_cache.state if layer_cache is not None else None
         mask = self.padding.current(T)
         mode = "recurrent" if T == 1 else self.settings.mode
-        if self._can_fuse(q, v, mode, mask, initial_state) and self.settings.window:
+        # under autocast RoPE hands back float32 q, k next to a bf16 v: the kernels take one dtype, v's
+        q_fused, k_fused = (q, k) if q.dtype == v.dtype or not q.is_cuda else (q.to(v.dtype), k.to(v.dtype))
+        fusable = self._can_fuse(q_fused, v, mode, mask, initial_state)
+        if fusable:
+            q, k = q_fused, k_fused
+        if fusable and self.settings.window:
             fm = self.feature_map
             o, state = fused_window_attention(
                 q, k, v, fm.projection, fm.log_weight, self.log_decay, F.softplus(self.window_mix.float()),
@@ -185,7 +190,7 @@ class DiJiangAttention(nn.Module):
                 output_final_state=layer_cache is not None,
             )
             return self._finish(o, state, layer_cache, hidden_states)
-        if self._can_fuse(q, v, mode, mask, initial_state):
+        if fusable:
             o, state = fused_dijiang_attention(
                 q, k, v, self.feature_map.projection, self.feature_map.log_weight, self.log_decay,
                 scale=self.feature_map.scale, normalize=self.settings.normalize, initial_state=initial_state,

@@ -55,7 +55,11 @@ except Exception:  # pragma: no cover - depends on the machine
 __all__ = ["fused_dijiang_attention", "torch_dijiang_attention", "dijiang_feature_map", "triton_supported"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-SUPPORTED_DIMS = (16, 32, 64, 128)
+SUPPORTED_DIMS = (16, 32, 64, 128)  # what the kernels compile for (and run under the Triton interpreter)
+# What runs on CUDA: the sizes the GPU tests cover. dv = 16 gave wrong outputs past the first chunk and an illegal
+# memory access at T = 4096 on the H100 (bf16, Triton 3.6) while the interpreter gets it right; 16/32 stay off
+# until a GPU test covers them.
+GPU_DIMS = (64, 128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +244,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _b1_segment_dstates(
-        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr, dzloc_ptr, seg_ptr,
+        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, dden_in_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr, dzloc_ptr, seg_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-        NORM: tl.constexpr,
+        NORM: tl.constexpr, DDEN_IN: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
         bh = tl.program_id(1)
@@ -284,6 +288,8 @@ if HAS_TRITON:
                                  other=0.0).to(tl.float32)
                     dd = tl.load(den_ptr + bh.to(tl.int64) * T + rows, mask=valid, other=1.0) + eps
                     dden = -tl.sum(dox * ox, axis=1) / dd
+                    if DDEN_IN:  # a gradient for the denominator itself (an output of the op)
+                        dden += tl.load(dden_in_ptr + bh.to(tl.int64) * T + rows, mask=valid, other=0.0)
                     tl.store(dden_ptr + bh.to(tl.int64) * T + rows, dden, mask=valid)
                     dn = dox / dd[:, None]
                     g = g * dec + tl.sum(Qg * dden[:, None], axis=0)
@@ -480,7 +486,7 @@ def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool, out_dtyp
     return o, den, hloc, zloc, seg, (final if want_final else None)
 
 
-def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, cfg: _Cfg, want_dinit: bool):
+def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, dden_in, cfg: _Cfg, want_dinit: bool):
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
@@ -489,8 +495,9 @@ def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, cfg:
     dzloc = torch.empty(BH, cfg.NC, cfg.M, device=dev, dtype=f32) if cfg.norm else dloc
     dden = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else dloc
     segb = torch.empty(BH, cfg.NSEG, cfg.E, device=dev, dtype=f32)
-    _b1_segment_dstates[(cfg.NSEG, BH)](q, do, o, den, dden, P, w, ld, dloc, dzloc, segb, cfg.T, cfg.H, cfg.NC,
-                                        cfg.NSEG, cfg.s, cfg.eps, num_warps=4, **consts)
+    _b1_segment_dstates[(cfg.NSEG, BH)](q, do, o, den, dden, dden if dden_in is None else dden_in, P, w, ld, dloc,
+                                        dzloc, segb, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps,
+                                        DDEN_IN=dden_in is not None, num_warps=4, **consts)
     dinit = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_dinit else segb
     blk = 256
     _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
@@ -512,7 +519,7 @@ def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, cfg:
 
 class _FusedDiJiang(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final, out_dtype):
+    def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final, out_dtype, want_den):
         P = proj.detach().float().contiguous()
         w = log_weight.detach().float().contiguous()
         ld = log_decay.detach().float().contiguous()
@@ -521,20 +528,20 @@ class _FusedDiJiang(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.has_init = initial_state is not None
         ctx.save_for_backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf)
-        final_state = _unflat_state(final, cfg) if want_final else None
-        if final_state is not None:
-            return o, final_state
-        return o, o.new_empty(0)
+        final_state = _unflat_state(final, cfg) if want_final else o.new_empty(0)
+        # the normaliser sum per row [B*H, T] (normalize=True only), without eps
+        return o, final_state, (den if want_den else o.new_empty(0))
 
     @staticmethod
-    def backward(ctx, do, dfinal):
+    def backward(ctx, do, dfinal, dden):
         q, k, v, P, w, ld, o, den, hloc, zloc, segf = ctx.saved_tensors
         cfg = ctx.cfg
         dfinal_flat = _flat_state(dfinal, cfg) if (dfinal is not None and dfinal.numel() > 0) else None
+        dden_in = dden.contiguous() if (dden is not None and dden.numel() > 0) else None
         dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf,
-                                                do.to(v.dtype).contiguous(), dfinal_flat, cfg, ctx.has_init)
+                                                do.to(v.dtype).contiguous(), dfinal_flat, dden_in, cfg, ctx.has_init)
         dinit_state = _unflat_state(dinit, cfg) if dinit is not None else None
-        return dq, dk, dv, None, dw, dlam, dinit_state, None, None, None
+        return dq, dk, dv, None, dw, dlam, dinit_state, None, None, None, None
 
 
 def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: int = 64) -> tuple[bool, str]:
@@ -544,9 +551,10 @@ def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: 
     if not (q.is_cuda or _INTERPRET):
         return False, "inputs are not on a CUDA device"
     d, m, dv = q.shape[-1], proj.shape[-1], v.shape[-1]
+    dims = GPU_DIMS if q.is_cuda else SUPPORTED_DIMS
     for name, x in (("d", d), ("m", m), ("dv", dv)):
-        if x not in SUPPORTED_DIMS:
-            return False, f"{name}={x} not in {SUPPORTED_DIMS}"
+        if x not in dims:
+            return False, f"{name}={x} not in {dims}"
     if chunk_size not in (16, 32, 64):
         return False, f"chunk_size={chunk_size} not in (16, 32, 64)"
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
@@ -632,6 +640,20 @@ def fused_dijiang_attention(
     if log_weight is None:
         log_weight = q.new_zeros(H, m, dtype=torch.float32)
     cfg = _Cfg(q, v, proj, scale, eps, normalize, chunk_size)
-    o, final = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
-                                   initial_state, cfg, output_final_state, out_dtype)
+    o, final, _ = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
+                                      initial_state, cfg, output_final_state, out_dtype, False)
     return o, (final if output_final_state else None)
+
+
+def fused_dijiang_with_denominator(q, k, v, proj, log_weight, log_decay, *, scale, output_final_state=False,
+                                   eps=1e-6) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Normalised fused DiJiang attention that also returns its denominator, both differentiable.
+
+    Returns ``(o [B, T, H, dv] float32 = num / (den + eps), den [B*H, T] float32, final state
+    [B, H, m, dv + 1] or None)``. Triton only (inputs already checked by the caller)."""
+    cfg = _Cfg(q, v, proj, scale, eps, True, 64)
+    if log_weight is None:
+        log_weight = q.new_zeros(q.shape[2], proj.shape[1], dtype=torch.float32)
+    o, final, den = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
+                                        None, cfg, output_final_state, torch.float32, True)
+    return o, den, (final if output_final_state else None)

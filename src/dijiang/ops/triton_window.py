@@ -6,8 +6,8 @@ Same result as ``dijiang.ops.window_attention`` with ``q_feat = phi(q)``, ``k_fe
 
 linear part   keys j <= t - window with decay (t - window - j): ordinary causal decayed linear attention
               between the queries shifted left by ``window`` and the keys, so the fused DiJiang kernel
-              computes it: numerator N (v) and denominator D (a ones column, dv = 16), unnormalised,
-              float32, over T - window rows.
+              computes it in one normalised call that also returns its denominator D (float32, over
+              T - window rows); the numerator is N = o * (D + eps).
 band part     one Triton program per block of 64 queries walks the <= window + 63 keys of its band with an
               online softmax, then combines:  o = (A + lw N) / (Da + lw D + eps),  where
               A = sum_band exp(s_j - mx) v_j, Da = sum_band exp(s_j - mx), mx = the band's max score.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .triton_dijiang import HAS_TRITON, dijiang_feature_map, fused_dijiang_attention, triton, triton_supported
+from .triton_dijiang import HAS_TRITON, dijiang_feature_map, fused_dijiang_with_denominator, triton, triton_supported
 
 if HAS_TRITON:
     from .triton_dijiang import tl
@@ -36,7 +36,7 @@ if HAS_TRITON:
 __all__ = ["fused_window_attention", "window_triton_supported"]
 
 BLOCK = 64  # queries per program and keys per step
-ONES_DIM = 16  # the denominator's "value" width: the kernels' smallest supported dv
+LIN_EPS = 1e-6  # the linear call's own eps; N = o * (D + eps) undoes it exactly
 
 
 if HAS_TRITON:
@@ -98,7 +98,7 @@ if HAS_TRITON:
             lvalid = rvalid & (lrow >= 0)
             lbase = b.to(tl.int64) * (T - W) * H + h
             n = tl.load(n_ptr + (lbase + lrow[:, None] * H) * DV + ar_v[None, :], mask=lvalid[:, None], other=0.0)
-            dl = tl.load(d_ptr + lbase + lrow * H, mask=lvalid, other=0.0)
+            dl = tl.load(d_ptr + bh.to(tl.int64) * (T - W) + lrow, mask=lvalid, other=0.0)
             num += lw * n
             den += lw * dl
         o = num / den[:, None]
@@ -148,11 +148,12 @@ if HAS_TRITON:
             lbase = b.to(tl.int64) * (T - W) * H + h
             loff = (lbase + lrow[:, None] * H) * DV + ar_v[None, :]
             n = tl.load(n_ptr + loff, mask=lvalid[:, None], other=0.0)
-            dl = tl.load(d_ptr + lbase + lrow * H, mask=lvalid, other=0.0)
+            doff = bh.to(tl.int64) * (T - W) + lrow
+            dl = tl.load(d_ptr + doff, mask=lvalid, other=0.0)
             dlw = tl.sum(g * n, axis=1) + dda * dl
             dmx += lw * dlw
             tl.store(dn_ptr + loff, lw * g, mask=lvalid[:, None])
-            tl.store(dd_ptr + lbase + lrow * H, lw * dda, mask=lvalid)
+            tl.store(dd_ptr + doff, lw * dda, mask=lvalid)
             tl.store(dlw_ptr + row_off, dlw, mask=rvalid)
         tl.store(dda_ptr + row_off, dda, mask=rvalid)
         tl.store(dmx_ptr + row_off, dmx, mask=rvalid)
@@ -228,7 +229,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 class _WindowBand(torch.autograd.Function):
-    """o = (band softmax numerator + lw N) / (band denominator + lw D + eps), N/D over rows window..T-1."""
+    """o = (band softmax numerator + lw N) / (band denominator + lw D + eps); N [B, T - W, H, dv] and
+    D [B * H, T - W] are the linear sums of rows W .. T - 1."""
 
     @staticmethod
     def forward(ctx, q, k, v, lin_num, lin_den, lin_weight, window, scale, eps):
@@ -280,15 +282,13 @@ def window_triton_supported(q: Tensor, v: Tensor, proj: Tensor) -> tuple[bool, s
     return ok, why
 
 
-def _final_state(k, v, k_last_feat, lin_state_num, lin_state_den, window, m):
-    """The ``window_attention`` state after this call (no initial state): S from the linear calls, the
-    last ``window`` raw tokens (oldest first, zero-padded in front when T < window)."""
+def _final_state(k, v, k_last_feat, lin_state, window, m):
+    """The ``window_attention`` state after this call (no initial state): S from the linear call (its
+    normaliser column included), the last ``window`` raw tokens (oldest first, zero-padded in front when
+    T < window)."""
     B, T, H, d = k.shape
     dv = v.shape[-1]
-    if lin_state_num is None:
-        S = k.new_zeros(B, H, m, dv + 1, dtype=torch.float32)
-    else:
-        S = torch.cat([lin_state_num, lin_state_den[..., :1]], dim=-1)
+    S = k.new_zeros(B, H, m, dv + 1, dtype=torch.float32) if lin_state is None else lin_state
     kept = min(T, window)
     pad = window - kept
     mask = torch.zeros(B, window, dtype=torch.bool, device=k.device)
@@ -344,21 +344,19 @@ def fused_window_attention(
     scale = d**-0.5 if scale is None else float(scale)
     feature_scale = scale if feature_scale is None else float(feature_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    lin = dict(scale=feature_scale, output_final_state=output_final_state, out_dtype=torch.float32,
-               backend="triton")
-    state_num = state_den = None
+    lin_state = None
     if T > window:
-        q_shift, k_cut, v_cut = q[:, window:], k[:, : T - window], v[:, : T - window]
-        lin_num, state_num = fused_dijiang_attention(q_shift, k_cut, v_cut, proj, log_weight, log_decay, **lin)
-        ones = v.new_ones(B, T - window, H, ONES_DIM)
-        lin_den, state_den = fused_dijiang_attention(q_shift, k_cut, ones, proj, log_weight, log_decay, **lin)
-        lin_den = lin_den[..., 0].contiguous()
+        # one normalised call that also returns its denominator D; N = o * (D + eps) recovers the numerator
+        lin_o, lin_den, lin_state = fused_dijiang_with_denominator(
+            q[:, window:], k[:, : T - window], v[:, : T - window], proj, log_weight, log_decay,
+            scale=feature_scale, output_final_state=output_final_state, eps=LIN_EPS)
+        lin_num = lin_o * (lin_den.view(B, H, T - window).transpose(1, 2) + LIN_EPS).unsqueeze(-1)
     else:
         lin_num = v.new_zeros(B, 0, H, v.shape[-1], dtype=torch.float32)
-        lin_den = v.new_zeros(B, 0, H, dtype=torch.float32)
+        lin_den = v.new_zeros(B * H, 0, dtype=torch.float32)
     o = _WindowBand.apply(q, k, v, lin_num, lin_den, lin_weight.float().contiguous(), window, scale, float(eps))
     if not output_final_state:
         return o, None
     kept = k[:, T - min(T, window):]
     k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
-    return o, _final_state(k, v, k_feat, state_num, state_den, window, proj.shape[1])
+    return o, _final_state(k, v, k_feat, lin_state, window, proj.shape[1])
