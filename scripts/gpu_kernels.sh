@@ -2,7 +2,9 @@
 # Device driver for the kernel/benchmark work of issue 5 (run by the device tool in the repo root; results in $OUT).
 #   bash scripts/gpu_kernels.sh ops     GPU kernel tests, op benchmark with the window hybrid, fused-op profile
 #   bash scripts/gpu_kernels.sh model   model bench on ~/model/hf (SmolLM2 converted): training tok/s with the fused
-#                                       window path, pure decode at 128 and 256 new tokens, compile scope/mode variants
+#                                       window path, pure decode at 128 and 256 new tokens, the step compile scope,
+#                                       window-128 decode after the fused prefill. Session 4 ran these commands one
+#                                       device call at a time (a call is limited to 10 minutes).
 # Results are copied into docs/ by hand (docs/bench_ops_window.md, docs/bench_data/*.json).
 set -uo pipefail
 export PYTHONPATH=~/site:$PWD/src
@@ -18,19 +20,26 @@ if [ "$stage" = ops ]; then
   timeout 90 python benchmarks/bench_ops.py --methods sdpa,window-fused --window 64 --shapes 16x64 \
     --md "$OUT/bench_ops_window64.md" --png "$OUT/bench_ops_window64.png" \
     --json "$OUT/bench_ops_window64.json" > "$OUT/bench_ops_window64.log" 2>&1
-  tail -5 "$OUT"/*.log
+  timeout 150 python benchmarks/bench_ops.py --tune > "$OUT/tune.txt" 2>&1
+  tail -n 5 "$OUT"/*.log
   cat "$OUT/gpu_tests.txt"
 elif [ "$stage" = model ]; then
-  M=~/model/hf
-  timeout 200 dijiang bench --model $M --kinds teacher,pure,window --window 128 --contexts '' --batches 1 \
-    --train-contexts 2048,16384 --repeats 3 --keep-going --json "$OUT/train.json" --out "$OUT/train.md" > "$OUT/train.log" 2>&1
+  # `python -m dijiang`: PYTHONPATH puts the source tree first; the device image has no `dijiang` console script
+  bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }
+  bench 420 --kinds teacher,pure,window --window 128 --contexts '' --batches 1 --train-contexts 2048,16384 \
+    --repeats 3 --json "$OUT/train.json" --out "$OUT/train.md" > "$OUT/train.log" 2>&1
+  bench 100 --kinds pure --contexts '' --batches 1 --train-contexts 2048,16384 --repeats 5 \
+    --json "$OUT/train_pure.json" --out "$OUT/train_pure.md" > "$OUT/train_pure.log" 2>&1
   for n in 128 256; do
-    timeout 150 dijiang bench --model $M --kinds pure --contexts 2048,32768 --batches 1 --new-tokens $n --hf-new-tokens 0 \
-      --train-contexts '' --repeats 3 --keep-going --json "$OUT/decode_pure_$n.json" --out "$OUT/decode_pure_$n.md" \
-      > "$OUT/decode_pure_$n.log" 2>&1
+    bench 150 --kinds pure --contexts 2048,32768 --batches 1 --new-tokens $n --hf-new-tokens 0 --train-contexts '' \
+      --repeats 3 --json "$OUT/decode_pure_$n.json" --out "$OUT/decode_pure_$n.md" > "$OUT/decode_pure_$n.log" 2>&1
   done
-  DIJIANG_COMPILE_SCOPE=step timeout 200 dijiang bench --model $M --kinds pure --contexts 2048,32768 --batches 1 \
-    --new-tokens 128 --hf-new-tokens 0 --train-contexts '' --repeats 3 --keep-going --json "$OUT/decode_pure_step.json" \
+  DIJIANG_COMPILE_SCOPE=step bench 170 --kinds pure --contexts 2048,32768 --batches 1 --new-tokens 128 \
+    --hf-new-tokens 0 --train-contexts '' --repeats 3 --json "$OUT/decode_pure_step.json" \
     --out "$OUT/decode_pure_step.md" > "$OUT/decode_pure_step.log" 2>&1
-  tail -3 "$OUT"/*.log
+  bench 170 --kinds window --window 128 --contexts 2048,32768 --batches 1 --new-tokens 128 --hf-new-tokens 16 \
+    --train-contexts '' --repeats 2 --json "$OUT/decode_window128_fusedprefill.json" \
+    --out "$OUT/decode_window128_fusedprefill.md" > "$OUT/decode_window128_fusedprefill.log" 2>&1
+  rm -f "$OUT"/*.png  # the device tool returns a limited number of files: keep JSON, tables and logs
+  tail -n 3 "$OUT"/*.log
 fi

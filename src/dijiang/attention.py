@@ -20,7 +20,7 @@ from torch import nn
 from dijiang.feature_maps import FEATURE_MAPS, ProjectedFeatureMap, build_feature_map
 from dijiang.ops import linear_attention, window_attention
 from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
-from dijiang.ops.triton_window import fused_window_attention, window_triton_supported
+from dijiang.ops.triton_window import fused_window_attention
 
 MODES = ("chunk", "recurrent", "parallel")
 
@@ -179,23 +179,20 @@ class DiJiangAttention(nn.Module):
         mode = "recurrent" if T == 1 else self.settings.mode
         # under autocast RoPE hands back float32 q, k next to a bf16 v: the kernels take one dtype, v's
         q_fused, k_fused = (q, k) if q.dtype == v.dtype or not q.is_cuda else (q.to(v.dtype), k.to(v.dtype))
-        fusable = self._can_fuse(q_fused, v, mode, mask, initial_state)
-        if fusable:
-            q, k = q_fused, k_fused
-        if fusable and self.settings.window:
+        if self._can_fuse(q_fused, v, mode, mask, initial_state):
             fm = self.feature_map
-            o, state = fused_window_attention(
-                q, k, v, fm.projection, fm.log_weight, self.log_decay, F.softplus(self.window_mix.float()),
-                window=self.settings.window, scale=self.scale, feature_scale=fm.scale,
-                output_final_state=layer_cache is not None,
-            )
-            return self._finish(o, state, layer_cache, hidden_states)
-        if fusable:
-            o, state = fused_dijiang_attention(
-                q, k, v, self.feature_map.projection, self.feature_map.log_weight, self.log_decay,
-                scale=self.feature_map.scale, normalize=self.settings.normalize, initial_state=initial_state,
-                output_final_state=layer_cache is not None, chunk_size=self.settings.chunk_size,
-            )
+            if self.settings.window:
+                o, state = fused_window_attention(
+                    q_fused, k_fused, v, fm.projection, fm.log_weight, self.log_decay,
+                    F.softplus(self.window_mix.float()), window=self.settings.window, scale=self.scale,
+                    feature_scale=fm.scale, output_final_state=layer_cache is not None,
+                )
+            else:
+                o, state = fused_dijiang_attention(
+                    q_fused, k_fused, v, fm.projection, fm.log_weight, self.log_decay, scale=fm.scale,
+                    normalize=self.settings.normalize, initial_state=initial_state,
+                    output_final_state=layer_cache is not None, chunk_size=self.settings.chunk_size,
+                )
             return self._finish(o, state, layer_cache, hidden_states)
         attend = functools.partial(self._attend, mode=mode, mask=mask, initial_state=initial_state,
                                    output_final_state=layer_cache is not None)
@@ -226,8 +223,8 @@ class DiJiangAttention(nn.Module):
         if not common:
             return False
         if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)
-            return initial_state is None and window_triton_supported(q, v, fm.projection)[0]
-        return triton_supported(q, q, q, fm.projection, self.settings.chunk_size)[0]
+            return initial_state is None and triton_supported(q, q, v, fm.projection)[0]
+        return triton_supported(q, q, v, fm.projection, self.settings.chunk_size)[0]
 
     def _finish(self, o, state, layer_cache, hidden_states):
         B, T, _ = hidden_states.shape

@@ -637,12 +637,19 @@ def fused_dijiang_attention(
                                            initial_state=initial_state, output_final_state=output_final_state,
                                            chunk_size=chunk_size, attention_mask=attention_mask, eps=eps)
         return o.to(out_dtype), final
-    if log_weight is None:
-        log_weight = q.new_zeros(H, m, dtype=torch.float32)
     cfg = _Cfg(q, v, proj, scale, eps, normalize, chunk_size)
-    o, final, _ = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
-                                      initial_state, cfg, output_final_state, out_dtype, False)
-    return o, (final if output_final_state else None)
+    o, final, _ = _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, cfg, output_final_state, out_dtype,
+                               want_den=False)
+    return o, final
+
+
+def _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final, out_dtype, want_den):
+    """The autograd call shared by the public entry points: (o, final state or None, den or None)."""
+    if log_weight is None:
+        log_weight = q.new_zeros(cfg.H, cfg.M, dtype=torch.float32)
+    o, final, den = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
+                                        initial_state, cfg, want_final, out_dtype, want_den)
+    return o, (final if want_final else None), (den if want_den else None)
 
 
 def fused_dijiang_with_denominator(q, k, v, proj, log_weight, log_decay, *, scale, output_final_state=False,
@@ -652,8 +659,6 @@ def fused_dijiang_with_denominator(q, k, v, proj, log_weight, log_decay, *, scal
     Returns ``(o [B, T, H, dv] float32 = num / (den + eps), den [B*H, T] float32, final state
     [B, H, m, dv + 1] or None)``. Triton only (inputs already checked by the caller)."""
     cfg = _Cfg(q, v, proj, scale, eps, True, 64)
-    if log_weight is None:
-        log_weight = q.new_zeros(q.shape[2], proj.shape[1], dtype=torch.float32)
-    o, final, den = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
-                                        None, cfg, output_final_state, torch.float32, True)
-    return o, den, (final if output_final_state else None)
+    o, final, den = _apply_fused(q, k, v, proj, log_weight, log_decay, None, cfg, output_final_state, torch.float32,
+                                 want_den=True)
+    return o, den, final

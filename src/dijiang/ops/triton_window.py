@@ -33,7 +33,7 @@ from .triton_dijiang import HAS_TRITON, dijiang_feature_map, fused_dijiang_with_
 if HAS_TRITON:
     from .triton_dijiang import tl
 
-__all__ = ["fused_window_attention", "window_triton_supported"]
+__all__ = ["fused_window_attention"]
 
 BLOCK = 64  # queries per program and keys per step
 LIN_EPS = 1e-6  # the linear call's own eps; N = o * (D + eps) undoes it exactly
@@ -42,11 +42,39 @@ LIN_EPS = 1e-6  # the linear call's own eps; N = o * (D + eps) undoes it exactly
 if HAS_TRITON:
 
     @triton.jit
+    def _offsets(tok, idx, H, WIDTH: tl.constexpr):
+        """Element offsets of tokens ``idx`` of one (batch, head) in a [B, T, H, WIDTH] tensor."""
+        return (tok + idx[:, None] * H) * WIDTH + tl.arange(0, WIDTH)[None, :]
+
+    @triton.jit
+    def _band_keys(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
+        """[lo, hi) of the key blocks that queries t0 .. t0 + BM - 1 see."""
+        return (tl.maximum(t0 - W + 1, 0) // BN) * BN, tl.minimum(t0 + BM, T)
+
+    @triton.jit
+    def _linear_rows(b, bh, rows, rvalid, T, H, W, DV: tl.constexpr):
+        """Row t reads the linear sums of shifted row t - W: offsets into N [B, T - W, H, DV], D [B*H, T - W]."""
+        lrow = rows - W
+        lvalid = rvalid & (lrow >= 0)
+        n_off = _offsets(b.to(tl.int64) * (T - W) * H + (bh % H), lrow, H, DV)
+        d_off = bh.to(tl.int64) * (T - W) + lrow
+        return n_off, d_off, lvalid
+
+    @triton.jit
     def _scores(q, kx, rows, cols, T, W, scale, PREC: tl.constexpr):
         """Scaled band scores [BM, BN] and which of them are in the band (key in (t - W, t], inside T)."""
         s = tl.dot(q, tl.trans(kx), input_precision=PREC) * scale
         allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - W) & (cols[None, :] < T)
         return s, allowed
+
+    @triton.jit
+    def _band_grads(q, kx, vx, gb, rows, cols, mx, dda, dmx, arg, T, W, scale, PREC: tl.constexpr):
+        """Probabilities p = exp(s - mx) of the band and dL/ds, the arg-max key taking dL/dmx as well."""
+        s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
+        p = tl.where(allowed, tl.exp(s - mx[:, None]), 0.0)
+        dp = tl.dot(gb, tl.trans(vx), input_precision=PREC) + dda[:, None]
+        ds = p * dp + tl.where(allowed & (cols[None, :] == arg[:, None]), dmx[:, None], 0.0)
+        return p, ds
 
     @triton.jit
     def _band_forward(
@@ -63,22 +91,18 @@ if HAS_TRITON:
         t0 = pid * BM
         rows = t0 + tl.arange(0, BM)
         rvalid = rows < T
-        ar_d = tl.arange(0, D)
-        ar_v = tl.arange(0, DV)
-        ar_n = tl.arange(0, BN)
         tok = b.to(tl.int64) * T * H + h
-        q = tl.load(q_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], mask=rvalid[:, None], other=0.0)
+        q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
         m_i = tl.full([BM], -1.0e30, tl.float32)  # finite: a row with no key yet must not give inf - inf
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, DV], dtype=tl.float32)
         arg = tl.zeros([BM], dtype=tl.int32)
-        lo = (tl.maximum(t0 - W + 1, 0) // BN) * BN
-        hi = tl.minimum(t0 + BM, T)
+        lo, hi = _band_keys(t0, T, W, BM, BN)
         for js in range(lo, hi, BN):
-            cols = js + ar_n
+            cols = js + tl.arange(0, BN)
             cvalid = cols < T
-            kx = tl.load(k_ptr + (tok + cols[:, None] * H) * D + ar_d[None, :], mask=cvalid[:, None], other=0.0)
-            vx = tl.load(v_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], mask=cvalid[:, None], other=0.0)
+            kx = tl.load(k_ptr + _offsets(tok, cols, H, D), mask=cvalid[:, None], other=0.0)
+            vx = tl.load(v_ptr + _offsets(tok, cols, H, DV), mask=cvalid[:, None], other=0.0)
             s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
             s = tl.where(allowed, s, float("-inf"))
             block_max = tl.max(s, axis=1)
@@ -93,17 +117,12 @@ if HAS_TRITON:
         lw = tl.load(lw_ptr + h)
         num = acc
         den = l_i + eps
-        if HAS_LIN:  # row t reads the linear sums of shifted row t - W
-            lrow = rows - W
-            lvalid = rvalid & (lrow >= 0)
-            lbase = b.to(tl.int64) * (T - W) * H + h
-            n = tl.load(n_ptr + (lbase + lrow[:, None] * H) * DV + ar_v[None, :], mask=lvalid[:, None], other=0.0)
-            dl = tl.load(d_ptr + bh.to(tl.int64) * (T - W) + lrow, mask=lvalid, other=0.0)
-            num += lw * n
-            den += lw * dl
+        if HAS_LIN:
+            n_off, d_off, lvalid = _linear_rows(b, bh, rows, rvalid, T, H, W, DV)
+            num += lw * tl.load(n_ptr + n_off, mask=lvalid[:, None], other=0.0)
+            den += lw * tl.load(d_ptr + d_off, mask=lvalid, other=0.0)
         o = num / den[:, None]
-        tl.store(o_ptr + (tok + rows[:, None] * H) * DV + ar_v[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=rvalid[:, None])
+        tl.store(o_ptr + _offsets(tok, rows, H, DV), o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
         row_off = bh.to(tl.int64) * T + rows
         tl.store(mx_ptr + row_off, m_i, mask=rvalid)
         tl.store(den_ptr + row_off, den, mask=rvalid)
@@ -126,13 +145,10 @@ if HAS_TRITON:
         t0 = pid * BM
         rows = t0 + tl.arange(0, BM)
         rvalid = rows < T
-        ar_d = tl.arange(0, D)
-        ar_v = tl.arange(0, DV)
-        ar_n = tl.arange(0, BN)
         tok = b.to(tl.int64) * T * H + h
         row_off = bh.to(tl.int64) * T + rows
-        voff = (tok + rows[:, None] * H) * DV + ar_v[None, :]
-        q = tl.load(q_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], mask=rvalid[:, None], other=0.0)
+        voff = _offsets(tok, rows, H, DV)
+        q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
         do = tl.load(do_ptr + voff, mask=rvalid[:, None], other=0.0).to(tl.float32)
         o = tl.load(o_ptr + voff, mask=rvalid[:, None], other=0.0).to(tl.float32)
         den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
@@ -143,36 +159,27 @@ if HAS_TRITON:
         dda = -tl.sum(do * o, axis=1) / den
         dmx = eps * dda
         if HAS_LIN:
-            lrow = rows - W
-            lvalid = rvalid & (lrow >= 0)
-            lbase = b.to(tl.int64) * (T - W) * H + h
-            loff = (lbase + lrow[:, None] * H) * DV + ar_v[None, :]
-            n = tl.load(n_ptr + loff, mask=lvalid[:, None], other=0.0)
-            doff = bh.to(tl.int64) * (T - W) + lrow
-            dl = tl.load(d_ptr + doff, mask=lvalid, other=0.0)
+            n_off, d_off, lvalid = _linear_rows(b, bh, rows, rvalid, T, H, W, DV)
+            n = tl.load(n_ptr + n_off, mask=lvalid[:, None], other=0.0)
+            dl = tl.load(d_ptr + d_off, mask=lvalid, other=0.0)
             dlw = tl.sum(g * n, axis=1) + dda * dl
             dmx += lw * dlw
-            tl.store(dn_ptr + loff, lw * g, mask=lvalid[:, None])
-            tl.store(dd_ptr + doff, lw * dda, mask=lvalid)
+            tl.store(dn_ptr + n_off, lw * g, mask=lvalid[:, None])
+            tl.store(dd_ptr + d_off, lw * dda, mask=lvalid)
             tl.store(dlw_ptr + row_off, dlw, mask=rvalid)
         tl.store(dda_ptr + row_off, dda, mask=rvalid)
         tl.store(dmx_ptr + row_off, dmx, mask=rvalid)
         gb = g.to(DT)
         dq = tl.zeros([BM, D], dtype=tl.float32)
-        lo = (tl.maximum(t0 - W + 1, 0) // BN) * BN
-        hi = tl.minimum(t0 + BM, T)
+        lo, hi = _band_keys(t0, T, W, BM, BN)
         for js in range(lo, hi, BN):
-            cols = js + ar_n
+            cols = js + tl.arange(0, BN)
             cvalid = cols < T
-            kx = tl.load(k_ptr + (tok + cols[:, None] * H) * D + ar_d[None, :], mask=cvalid[:, None], other=0.0)
-            vx = tl.load(v_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], mask=cvalid[:, None], other=0.0)
-            s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
-            p = tl.where(allowed, tl.exp(s - mx[:, None]), 0.0)
-            dp = tl.dot(gb, tl.trans(vx), input_precision=PREC) + dda[:, None]
-            ds = p * dp + tl.where(allowed & (cols[None, :] == arg[:, None]), dmx[:, None], 0.0)
+            kx = tl.load(k_ptr + _offsets(tok, cols, H, D), mask=cvalid[:, None], other=0.0)
+            vx = tl.load(v_ptr + _offsets(tok, cols, H, DV), mask=cvalid[:, None], other=0.0)
+            p, ds = _band_grads(q, kx, vx, gb, rows, cols, mx, dda, dmx, arg, T, W, scale, PREC)
             dq += tl.dot(ds.to(DT), kx, input_precision=PREC)
-        tl.store(dq_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-                 mask=rvalid[:, None])
+        tl.store(dq_ptr + _offsets(tok, rows, H, D), (dq * scale).to(dq_ptr.dtype.element_ty), mask=rvalid[:, None])
 
     @triton.jit
     def _band_backward_dkdv(
@@ -189,39 +196,30 @@ if HAS_TRITON:
         js = pid * BN
         cols = js + tl.arange(0, BN)
         cvalid = cols < T
-        ar_d = tl.arange(0, D)
-        ar_v = tl.arange(0, DV)
-        ar_m = tl.arange(0, BM)
         tok = b.to(tl.int64) * T * H + h
-        kx = tl.load(k_ptr + (tok + cols[:, None] * H) * D + ar_d[None, :], mask=cvalid[:, None], other=0.0)
-        vx = tl.load(v_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], mask=cvalid[:, None], other=0.0)
+        kx = tl.load(k_ptr + _offsets(tok, cols, H, D), mask=cvalid[:, None], other=0.0)
+        vx = tl.load(v_ptr + _offsets(tok, cols, H, DV), mask=cvalid[:, None], other=0.0)
         dk = tl.zeros([BN, D], dtype=tl.float32)
         dv = tl.zeros([BN, DV], dtype=tl.float32)
         lo = (js // BM) * BM
         hi = tl.minimum(js + BN - 1 + W, T)
         for ts in range(lo, hi, BM):
-            rows = ts + ar_m
+            rows = ts + tl.arange(0, BM)
             rvalid = rows < T
             row_off = bh.to(tl.int64) * T + rows
-            q = tl.load(q_ptr + (tok + rows[:, None] * H) * D + ar_d[None, :], mask=rvalid[:, None], other=0.0)
-            do = tl.load(do_ptr + (tok + rows[:, None] * H) * DV + ar_v[None, :], mask=rvalid[:, None],
-                         other=0.0).to(tl.float32)
+            q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
+            do = tl.load(do_ptr + _offsets(tok, rows, H, DV), mask=rvalid[:, None], other=0.0).to(tl.float32)
             den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
             mx = tl.load(mx_ptr + row_off, mask=rvalid, other=0.0)
             arg = tl.load(idx_ptr + row_off, mask=rvalid, other=-1)
             dda = tl.load(dda_ptr + row_off, mask=rvalid, other=0.0)
             dmx = tl.load(dmx_ptr + row_off, mask=rvalid, other=0.0)
             gb = (do / den[:, None]).to(DT)
-            s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
-            p = tl.where(allowed, tl.exp(s - mx[:, None]), 0.0)
+            p, ds = _band_grads(q, kx, vx, gb, rows, cols, mx, dda, dmx, arg, T, W, scale, PREC)
             dv += tl.dot(tl.trans(p.to(DT)), gb, input_precision=PREC)
-            dp = tl.dot(gb, tl.trans(vx), input_precision=PREC) + dda[:, None]
-            ds = p * dp + tl.where(allowed & (cols[None, :] == arg[:, None]), dmx[:, None], 0.0)
             dk += tl.dot(tl.trans(ds.to(DT)), q, input_precision=PREC)
-        koff = (tok + cols[:, None] * H) * D + ar_d[None, :]
-        tl.store(dk_ptr + koff, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cvalid[:, None])
-        tl.store(dv_ptr + (tok + cols[:, None] * H) * DV + ar_v[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=cvalid[:, None])
+        tl.store(dk_ptr + _offsets(tok, cols, H, D), (dk * scale).to(dk_ptr.dtype.element_ty), mask=cvalid[:, None])
+        tl.store(dv_ptr + _offsets(tok, cols, H, DV), dv.to(dv_ptr.dtype.element_ty), mask=cvalid[:, None])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -258,7 +256,7 @@ class _WindowBand(torch.autograd.Function):
         has_lin = T > window
         do = do.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        d_num, d_den = torch.zeros_like(lin_num), torch.zeros_like(lin_den)
+        d_num, d_den = torch.empty_like(lin_num), torch.empty_like(lin_den)  # every shifted row is written
         d_lw_rows = torch.zeros(B * H, T, device=q.device, dtype=torch.float32)
         dda, dmx = torch.empty_like(mx), torch.empty_like(mx)
         grid = (triton.cdiv(T, BLOCK), B * H)
@@ -272,14 +270,6 @@ class _WindowBand(torch.autograd.Function):
                                   D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, PREC=prec, num_warps=4)
         d_lw = d_lw_rows.view(B, H, T).sum(dim=(0, 2))
         return dq, dk, dv, d_num, d_den, d_lw, None, None, None
-
-
-def window_triton_supported(q: Tensor, v: Tensor, proj: Tensor) -> tuple[bool, str]:
-    """Whether :func:`fused_window_attention` can run these inputs with Triton; else (False, reason)."""
-    ok, why = triton_supported(q, q, v, proj, 64)
-    if ok and q.dtype != v.dtype:
-        ok, why = False, f"q and v dtypes differ ({q.dtype}, {v.dtype})"
-    return ok, why
 
 
 def _final_state(k, v, k_last_feat, lin_state, window, m):
@@ -338,7 +328,7 @@ def fused_window_attention(
     B, T, H, d = q.shape
     if lin_weight.shape != (H,):
         raise ValueError(f"lin_weight must have shape [H] = [{H}], got {tuple(lin_weight.shape)}")
-    ok, why = window_triton_supported(q, v, proj)
+    ok, why = triton_supported(q, k, v, proj)
     if not ok:
         raise ValueError(f"fused window attention cannot run: {why}")
     scale = d**-0.5 if scale is None else float(scale)
