@@ -41,6 +41,11 @@ from dijiang.ops import triton_dijiang as tdj  # noqa: E402
 METHODS = ("sdpa", "fused", "torch", "quadratic", "window", "window-fused")
 VERSUS_SDPA = ("fused", "window-fused")  # methods that get a speed-up column against SDPA
 DEFAULT_WINDOW = 64
+GRAPHS_NOTE = """
+Every op here, SDPA included, is replayed from CUDA graphs: the forward from one captured graph, forward+backward
+through `torch.cuda.make_graphed_callables`. The times are GPU time without Python's launch costs, as seen by a
+training or prefill loop that captures CUDA graphs. Without graphs, see `bench_ops.md`.
+"""
 
 
 def make(B, T, H, D, m, dtype, device, seed=0):
@@ -121,9 +126,58 @@ def time_ms(fn, device, budget_ms=300.0):
     return statistics.median(times)
 
 
-def bench_one(method, B, T, H, D, m, dtype, device, window=DEFAULT_WINDOW):
+def op_of_tensors(method, proj, scale, window):
+    """The op as a function of its differentiable inputs (what torch.cuda.make_graphed_callables needs)."""
+    if method == "sdpa":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa(qt, kt, vt):  # [B, H, T, D]
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+        return sdpa
+
+    def op(q, k, v, lw, ld):
+        return build(method, q, k, v, proj, lw, ld, scale, window)[0]()
+
+    return op
+
+
+def bench_graphed(method, q, k, v, proj, lw, ld, scale, window, do):
+    """Forward and forward+backward replayed from CUDA graphs: the op's GPU time without Python launch costs,
+    as a training or prefill loop that captures CUDA graphs sees it."""
+    op = op_of_tensors(method, proj, scale, window)
+    xs = (q, k, v) if method != "sdpa" else tuple(x.transpose(1, 2).contiguous() for x in (q, k, v))
+    xs = xs + ((lw, ld) if method != "sdpa" else ())
+    if method == "sdpa":
+        do = do.transpose(1, 2).contiguous()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):  # compile and warm up outside the capture
+            op(*xs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        op(*xs)
+    fwd = time_ms(graph.replay, "cuda")
+    leaves = tuple(x.detach().requires_grad_(True) for x in xs)
+    graphed = torch.cuda.make_graphed_callables(op, leaves)
+
+    def step():
+        graphed(*leaves).backward(do)
+        for x in leaves:
+            x.grad = None
+
+    return fwd, time_ms(step, "cuda")
+
+
+def bench_one(method, B, T, H, D, m, dtype, device, window=DEFAULT_WINDOW, cuda_graphs=False):
     q, k, v, proj, lw, ld = make(B, T, H, D, m, dtype, device)
     scale = D**-0.5
+    if cuda_graphs:
+        do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+        return bench_graphed(method, q, k, v, proj, lw, ld, scale, window, do)
     fwd_fn, _ = build(method, q, k, v, proj, lw, ld, scale, window)
     with torch.no_grad():
         fwd = time_ms(fwd_fn, device)
@@ -228,11 +282,16 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--tune", action="store_true", help="time fused-kernel launch variants and a kernel breakdown")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="CUDA only: replay each op from CUDA graphs (forward; forward+backward through "
+                         "torch.cuda.make_graphed_callables), i.e. GPU time without Python launch overhead")
     args = ap.parse_args(argv)
     if args.tune:
         return tune(args)
     device = args.device
     cuda = device == "cuda"
+    if args.cuda_graphs and not cuda:
+        ap.error("--cuda-graphs needs --device cuda")
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     else:
@@ -255,7 +314,7 @@ def main(argv=None):
                     row[meth] = (None, None)
                     continue
                 try:
-                    row[meth] = bench_one(meth, 1, T, H, D, D, dtype, device, args.window)
+                    row[meth] = bench_one(meth, 1, T, H, D, D, dtype, device, args.window, args.cuda_graphs)
                 except torch.OutOfMemoryError:
                     row[meth] = ("OOM", "OOM")
                     torch.cuda.empty_cache()
@@ -309,7 +368,7 @@ forward and forward+backward (backward of sum(o * do)); every DiJiang method inc
 "window-{args.window} hybrid" is the in-layer window hybrid's op (exact softmax over the last {args.window} tokens + DiJiang
 beyond): "torch chunk + map" is plain PyTorch chunked by the window, "Triton" the banded softmax kernel plus the fused
 DiJiang kernel for the keys beyond the window.
-
+{GRAPHS_NOTE if args.cuda_graphs else ""}
 - device: {dev_name}
 - torch {torch.__version__}{', triton ' + __import__('triton').__version__ if tdj.HAS_TRITON else ''}, python {platform.python_version()}
 - date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}

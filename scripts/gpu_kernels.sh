@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Device driver for the kernel/benchmark work of issue 5 (run by the device tool in the repo root; results in $OUT).
 #   bash scripts/gpu_kernels.sh ops     GPU kernel tests, op benchmark with the window hybrid, fused-op profile
+#   bash scripts/gpu_kernels.sh launch  (session 5) GPU tests of the kernels after the launch-overhead work, host/GPU
+#                                       profile (benchmarks/profile_host.py), fused and window ops against SDPA 1k-64k,
+#                                       eager and replayed from CUDA graphs; d log_decay errors over 40 draws
+#   bash scripts/gpu_kernels.sh graphs  GPU tests again and the CUDA-graph op bench (after reverting a tf32 B3 try)
+#   bash scripts/gpu_kernels.sh sweep   the default op sweep (docs/bench_ops.md: both shapes, every method)
 #   bash scripts/gpu_kernels.sh model   model bench on ~/model/hf (SmolLM2 converted): training tok/s with the fused
 #                                       window path, pure decode at 128 and 256 new tokens, the step compile scope,
 #                                       window-128 decode after the fused prefill. Session 4 ran these commands one
@@ -23,6 +28,30 @@ if [ "$stage" = ops ]; then
   timeout 150 python benchmarks/bench_ops.py --tune > "$OUT/tune.txt" 2>&1
   tail -n 5 "$OUT"/*.log
   cat "$OUT/gpu_tests.txt"
+elif [ "$stage" = launch ]; then
+  nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
+  timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
+    2>&1 | tail -30 > "$OUT/gpu_tests.txt"
+  timeout 120 python benchmarks/profile_host.py --lengths 1024,2048,4096,8192 --out "$OUT/profile_host.txt" > /dev/null 2>&1
+  timeout 150 python benchmarks/bench_ops.py --methods sdpa,fused,window-fused --window 128 --shapes 16x64 \
+    --md "$OUT/bench_ops_launch.md" --png "$OUT/bench_ops_launch.png" --json "$OUT/bench_ops_launch.json" \
+    > "$OUT/bench_ops_launch.log" 2>&1
+  timeout 100 python scripts/decay_grad_errors.py > "$OUT/decay_grad_errors.txt" 2>&1
+  timeout 150 python benchmarks/bench_ops.py --cuda-graphs --methods sdpa,fused,window-fused --window 128 --shapes 16x64 \
+    --md "$OUT/bench_ops_graphs.md" --png "$OUT/bench_ops_graphs.png" --json "$OUT/bench_ops_graphs.json" \
+    > "$OUT/bench_ops_graphs.log" 2>&1
+  tail -n 3 "$OUT"/*.log; cat "$OUT/gpu_tests.txt"; head -12 "$OUT/profile_host.txt"; tail -2 "$OUT/decay_grad_errors.txt"
+elif [ "$stage" = graphs ]; then
+  timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
+    2>&1 | tail -30 > "$OUT/gpu_tests.txt"
+  timeout 150 python benchmarks/bench_ops.py --cuda-graphs --methods sdpa,fused,window-fused --window 128 --shapes 16x64 \
+    --md "$OUT/bench_ops_graphs.md" --png "$OUT/bench_ops_graphs.png" --json "$OUT/bench_ops_graphs.json" \
+    > "$OUT/bench_ops_graphs.log" 2>&1
+  tail -n 9 "$OUT/bench_ops_graphs.log"; tail -n 5 "$OUT/gpu_tests.txt"
+elif [ "$stage" = sweep ]; then
+  timeout 560 python benchmarks/bench_ops.py --md "$OUT/bench_ops.md" --png "$OUT/bench_ops.png" \
+    --json "$OUT/bench_ops.json" > "$OUT/bench_ops.log" 2>&1
+  tail -n 20 "$OUT/bench_ops.log"
 elif [ "$stage" = model ]; then
   # `python -m dijiang`: PYTHONPATH puts the source tree first; the device image has no `dijiang` console script
   bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }

@@ -39,3 +39,17 @@ def test_window_method_computes_the_window_hybrid(bench_ops):
 def test_unknown_method_is_refused(bench_ops, tmp_path):
     with pytest.raises(SystemExit):
         bench_ops.main(["--device", "cpu", "--methods", "sdpa,nope", "--no-write"])
+
+
+def test_cuda_graphs_mode_refuses_cpu(bench_ops):
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--device", "cpu", "--cuda-graphs", "--no-write"])
+
+
+def test_op_of_tensors_is_the_built_op(bench_ops):
+    """--cuda-graphs captures op_of_tensors(...); it must compute what build() times."""
+    q, k, v, proj, lw, ld = bench_ops.make(1, 40, 2, 16, 16, torch.float32, "cpu")
+    for method in ("fused", "window-fused"):
+        fn, _ = bench_ops.build(method, q, k, v, proj, lw, ld, 0.25, window=8)
+        op = bench_ops.op_of_tensors(method, proj, 0.25, 8)
+        assert torch.equal(op(q, k, v, lw, ld), fn())

@@ -65,7 +65,8 @@ def window_case(B, T, H, d, W, seed=0) -> dict:
     return out
 
 
-def dijiang_case(B, T, H, d, normalize, with_state, seed=0) -> dict:
+def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False) -> dict:
+    """frozen_map: log_weight and the decay need no gradient (the kernel then skips their reductions)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (leaf(B, T, H, d, gen=gen) for _ in range(3))
     proj = torch.randn(d, d, generator=gen)
@@ -73,7 +74,10 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0) -> dict:
     init = (torch.rand(B, H, d, d + int(normalize), generator=gen) if with_state else None)
     if init is not None:
         init.requires_grad_()
-    leaves = [q, k, v, log_weight, decay_raw] + ([init] if with_state else [])
+    if frozen_map:
+        log_weight.requires_grad_(False)
+        decay_raw.requires_grad_(False)
+    leaves = [q, k, v] + ([] if frozen_map else [log_weight, decay_raw]) + ([init] if with_state else [])
     common = dict(normalize=normalize, initial_state=init, output_final_state=True, chunk_size=16)
 
     def fused():
@@ -87,7 +91,8 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0) -> dict:
     o1, s1, g1 = grads_of(fused, leaves, seed + 1)
     o2, s2, g2 = grads_of(reference, leaves, seed + 1)
     out = {"o": rel(o1, o2), "state": rel(s1, s2)}
-    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "log_weight", "decay", "init"], g1, g2)})
+    names = ["q", "k", "v"] + ([] if frozen_map else ["log_weight", "decay"]) + ["init"]
+    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(names, g1, g2)})
     return out
 
 
@@ -99,6 +104,8 @@ CASES = {
     "window B1 T130 W100 (band across three key blocks)": lambda: window_case(1, 130, 2, 16, 100, seed=4),
     "dijiang T150 normalize": lambda: dijiang_case(1, 150, 2, 16, True, False),
     "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
+    "dijiang T90 normalize, frozen feature weights and decay": lambda: dijiang_case(1, 90, 2, 16, True, True, seed=6,
+                                                                                   frozen_map=True),
 }
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _f1_segment_states(
-        k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, zloc_ptr, seg_ptr,
+        k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, seg_ptr,
         T, H, NC, NSEG, s,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
         NORM: tl.constexpr,
@@ -136,9 +136,9 @@ if HAS_TRITON:
                 valid = rows < T
                 n = tl.minimum(T - t0, C)
                 base = (bh.to(tl.int64) * NC + c)
-                tl.store(hloc_ptr + base * M * DV + ar_m[:, None] * DV + ar_v[None, :], S)
+                tl.store(hloc_ptr + base * E + ar_m[:, None] * DV + ar_v[None, :], S)
                 if NORM:
-                    tl.store(zloc_ptr + base * M + ar_m, z)
+                    tl.store(hloc_ptr + base * E + M * DV + ar_m, z)
                 kx = tl.load(kb + rows[:, None] * H * D + ar_d[None, :], mask=valid[:, None], other=0.0)
                 K = _phi(kx, P, w, s, valid)
                 vx = tl.load(vb + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None], other=0.0)
@@ -193,7 +193,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _f3_output(
-        q_ptr, k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, zloc_ptr, seg_ptr, o_ptr, den_ptr,
+        q_ptr, k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, seg_ptr, o_ptr, den_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
         NORM: tl.constexpr,
@@ -230,12 +230,12 @@ if HAS_TRITON:
         base = bh.to(tl.int64) * NC + c
         sb = seg_ptr + (bh.to(tl.int64) * NSEG + sg) * E
         fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
-        hs = tl.load(hloc_ptr + base * M * DV + ar_m[:, None] * DV + ar_v[None, :])
+        hs = tl.load(hloc_ptr + base * E + ar_m[:, None] * DV + ar_v[None, :])
         hs += fs * tl.load(sb + ar_m[:, None] * DV + ar_v[None, :])
         Qg = Q * g_in[:, None]
         o += tl.dot(Qg.to(DT), hs.to(DT))
         if NORM:
-            zs = tl.load(zloc_ptr + base * M + ar_m) + fs * tl.load(sb + M * DV + ar_m)
+            zs = tl.load(hloc_ptr + base * E + M * DV + ar_m) + fs * tl.load(sb + M * DV + ar_m)
             den = tl.sum(A, axis=1) + tl.sum(Qg * zs[None, :], axis=1)
             o = o / (den + eps)[:, None]
             tl.store(den_ptr + bh.to(tl.int64) * T + rows, den, mask=valid)
@@ -244,7 +244,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _b1_segment_dstates(
-        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, dden_in_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr, dzloc_ptr, seg_ptr,
+        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, dden_in_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr, seg_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
         NORM: tl.constexpr, DDEN_IN: tl.constexpr,
@@ -273,9 +273,9 @@ if HAS_TRITON:
                 valid = rows < T
                 n = tl.minimum(T - t0, C)
                 base = bh.to(tl.int64) * NC + c
-                tl.store(dloc_ptr + base * M * DV + ar_m[:, None] * DV + ar_v[None, :], G)
+                tl.store(dloc_ptr + base * E + ar_m[:, None] * DV + ar_v[None, :], G)
                 if NORM:
-                    tl.store(dzloc_ptr + base * M + ar_m, g)
+                    tl.store(dloc_ptr + base * E + M * DV + ar_m, g)
                 qx = tl.load(q_ptr + tok * D + rows[:, None] * H * D + ar_d[None, :], mask=valid[:, None], other=0.0)
                 Q = _phi(qx, P, w, s, valid)
                 dox = tl.load(do_ptr + tok * DV + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None],
@@ -304,8 +304,8 @@ if HAS_TRITON:
     @triton.jit
     def _b3_grads(
         q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, dden_ptr, p_ptr, w_ptr, ld_ptr,
-        hloc_ptr, zloc_ptr, segf_ptr, dloc_ptr, dzloc_ptr, segb_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dw_ptr, dlam_ptr,
+        hloc_ptr, segf_ptr, dloc_ptr, segb_ptr,
+        dq_ptr, dk_ptr, dv_ptr, part_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
         NORM: tl.constexpr,
@@ -363,8 +363,8 @@ if HAS_TRITON:
         seg_end = tl.minimum((sg + 1) * L * C, T)
         fb = tl.exp((seg_end - (t0 + n)).to(tl.float32) * lam)
         moff = ar_m[:, None] * DV + ar_v[None, :]
-        hs = tl.load(hloc_ptr + base * M * DV + moff) + fs * tl.load(sbf + moff)
-        dhs = tl.load(dloc_ptr + base * M * DV + moff) + fb * tl.load(sbb + moff)
+        hs = tl.load(hloc_ptr + base * E + moff) + fs * tl.load(sbf + moff)
+        dhs = tl.load(dloc_ptr + base * E + moff) + fb * tl.load(sbb + moff)
         g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
         g_out = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
         dQi = tl.dot(dn, tl.trans(hs.to(DT)))
@@ -372,8 +372,8 @@ if HAS_TRITON:
         dec = tl.exp((n * 1.0) * lam)
         st = tl.sum(tl.sum(dhs * hs, axis=1), axis=0)
         if NORM:
-            zs = tl.load(zloc_ptr + base * M + ar_m) + fs * tl.load(sbf + M * DV + ar_m)
-            dzs = tl.load(dzloc_ptr + base * M + ar_m) + fb * tl.load(sbb + M * DV + ar_m)
+            zs = tl.load(hloc_ptr + base * E + M * DV + ar_m) + fs * tl.load(sbf + M * DV + ar_m)
+            dzs = tl.load(dloc_ptr + base * E + M * DV + ar_m) + fb * tl.load(sbb + M * DV + ar_m)
             dQi += dden[:, None] * zs[None, :]
             dKi += dzs[None, :]
             st += tl.sum(dzs * zs, axis=0)
@@ -395,13 +395,78 @@ if HAS_TRITON:
         tl.store(dq_ptr + qoff, dqx.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
         tl.store(dk_ptr + qoff, dkx.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
         tl.store(dv_ptr + voff, dV.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
-        tl.store(dw_ptr + base * M + ar_m, tl.sum(dXq + dXk, axis=0))
-        tl.store(dlam_ptr + base, term)
+        # per-chunk partial sums: d log_weight [B, H, NC, M], then d log_decay [B, H, NC] after all of them
+        tl.store(part_ptr + base * M + ar_m, tl.sum(dXq + dXk, axis=0))
+        n_w = tl.num_programs(1).to(tl.int64) * NC * M
+        tl.store(part_ptr + n_w + base, term)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch helpers and the autograd wrapper
 # ---------------------------------------------------------------------------------------------
+
+
+# Triton's dispatch (argument binding and specialisation) cost ~30 us per launch on the H100 host we measured,
+# which at T <= 8k is more than the kernels' GPU time. After the first launch of a specialisation we call the
+# compiled kernel directly. DIJIANG_TRITON_DIRECT_LAUNCH=0 turns this off.
+DIRECT_LAUNCH = os.environ.get("DIJIANG_TRITON_DIRECT_LAUNCH", "1") != "0"
+_COMPILED: dict = {}
+
+
+def _raw_stream(device: int) -> int:
+    try:
+        return torch._C._cuda_getCurrentRawStream(device)
+    except AttributeError:  # pragma: no cover - torch builds without it
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+def _arg_key(x):
+    """What Triton specialises a runtime argument on: tensor dtype and 16-byte alignment; int range, == 1, % 16."""
+    if isinstance(x, Tensor):
+        return x.dtype, x.data_ptr() % 16 == 0
+    if isinstance(x, bool):
+        return bool, x
+    if isinstance(x, int):
+        return int, x == 1, x % 16 == 0, -(2**31) <= x < 2**31, 0 <= x < 2**32
+    return type(x)
+
+
+def int_spec(*ints: int) -> tuple:
+    """The properties of int arguments that Triton specialises on (for a caller-built ``spec``)."""
+    return tuple((x == 1, x % 16 == 0, -(2**31) <= x < 2**31) for x in ints)
+
+
+def launch(fn, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int | None = None, spec=None):
+    """``fn[grid](*args, **constexprs, num_warps=...)`` with the compiled kernel called directly once this
+    specialisation (argument properties, constexprs, launch options, device) has been compiled.
+
+    ``spec``: a caller-built key standing for the arguments' properties (device, dtypes, alignment of the tensors
+    not allocated by us, ``int_spec`` of the ints), cheaper than inspecting every argument; buffers from torch's
+    CUDA allocator are 512-byte aligned, so they need no entry."""
+    opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    if _INTERPRET or not DIRECT_LAUNCH:
+        fn[grid](*args, **constexprs, **opts)
+        return
+    if spec is None:
+        key = (fn, args[0].get_device(), num_warps, num_stages, tuple(constexprs.items()), tuple(map(_arg_key, args)))
+    else:
+        key = (fn, spec, num_warps, num_stages, tuple(constexprs.values()))
+    hit = _COMPILED.get(key)
+    if hit is None:
+        kernel = fn[grid](*args, **constexprs, **opts)
+        # the launcher takes every parameter in signature order, constexprs included
+        tail = tuple(constexprs[name] for name in fn.arg_names[len(args):])
+        _COMPILED[key] = (kernel, tail, args[0].get_device())
+        return
+    kernel, tail, device = hit
+    g = (tuple(grid) + (1, 1))[:3]
+    stream = _raw_stream(device)
+    enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+    if getattr(enter, "calls", True) or getattr(leave, "calls", True):  # a profiler listens: hand it what Triton does
+        meta = kernel.launch_metadata(g, stream, *args, *tail)
+    else:
+        enter = leave = meta = None
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args, *tail)
 
 
 SEGMENT_CHUNKS_OVERRIDE: int | None = None  # tests: force the segment length (chunks)
@@ -445,6 +510,14 @@ class _Cfg:
         self.warps = _warps(self.M, self.DV, self.D)
 
 
+def _call_spec(cfg: _Cfg, out_dtype, *outside: Tensor | None) -> tuple:
+    """``launch``'s key for the six kernels of one call: every int argument derives from cfg; the tensors that
+    do not come from our own allocations are listed by dtype and 16-byte alignment."""
+    ints = int_spec(cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.E, cfg.L * cfg.C)
+    tensors = tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in outside)
+    return (outside[0].get_device(), out_dtype, ints, tensors)
+
+
 def _flat_state(state: Tensor | None, cfg: _Cfg) -> Tensor | None:
     """[B, H, m, dv(+1)] -> [B*H, E] float32 (S row-major, then the normaliser column)."""
     if state is None:
@@ -464,82 +537,99 @@ def _unflat_state(flat: Tensor, cfg: _Cfg) -> Tensor:
     return S.reshape(cfg.B, cfg.H, cfg.M, cfg.DV + cfg.norm)
 
 
-def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool, out_dtype: torch.dtype):
+def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool, out_dtype: torch.dtype, spec):
+    """Launches F1, the forward scan and F3: (o, den or None, chunk states, segment states, final or None)."""
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
-    hloc = torch.empty(BH, cfg.NC, cfg.M, cfg.DV, device=dev, dtype=f32)
-    zloc = torch.empty(BH, cfg.NC, cfg.M, device=dev, dtype=f32) if cfg.norm else hloc
+    consts = dict(C=cfg.C, D=cfg.D, M=cfg.M, DV=cfg.DV, L=cfg.L, NORM=cfg.norm)
+    hloc = torch.empty(BH, cfg.NC, cfg.E, device=dev, dtype=f32)  # per chunk: S (m x dv), then z (m) if NORM
     seg = torch.empty(BH, cfg.NSEG, cfg.E, device=dev, dtype=f32)
-    consts = dict(C=cfg.C, D=cfg.D, M=cfg.M, DV=cfg.DV, L=cfg.L, NORM=cfg.norm)
-    _f1_segment_states[(cfg.NSEG, BH)](k, v, P, w, ld, hloc, zloc, seg, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s,
-                                       num_warps=4, **consts)
-    final = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_final else seg
-    blk = 256
-    _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
-        seg, init_flat if init_flat is not None else seg, final, ld, cfg.T, cfg.H, cfg.NSEG, cfg.E, cfg.L * cfg.C,
-        BLK=blk, REVERSE=False, HAS_INIT=init_flat is not None, STORE_FINAL=want_final, num_warps=4)
+    launch(_f1_segment_states, (cfg.NSEG, BH), (k, v, P, w, ld, hloc, seg, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s),
+           consts, num_warps=4, spec=spec)
+    final = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_final else None
+    _scan(seg, init_flat, final, ld, cfg, False, spec)
     o = torch.empty(v.shape, device=dev, dtype=out_dtype)
-    den = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else hloc
-    _f3_output[(cfg.NC, BH)](q, k, v, P, w, ld, hloc, zloc, seg, o, den, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s,
-                             cfg.eps, num_warps=cfg.warps, **_stages(), **consts)
-    return o, den, hloc, zloc, seg, (final if want_final else None)
+    den = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else None
+    launch(_f3_output, (cfg.NC, BH), (q, k, v, P, w, ld, hloc, seg, o, hloc if den is None else den, cfg.T, cfg.H,
+                                      cfg.NC, cfg.NSEG, cfg.s, cfg.eps), consts, num_warps=cfg.warps, **_stages(),
+           spec=spec)
+    return o, den, hloc, seg, final
 
 
-def _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf, do, dfinal_flat, dden_in, cfg: _Cfg, want_dinit: bool):
+def _scan(seg, init_flat, final, ld, cfg: _Cfg, reverse: bool, spec):
+    blk = 256
+    launch(_scan_segments, (triton.cdiv(cfg.E, blk), cfg.B * cfg.H),
+           (seg, seg if init_flat is None else init_flat, seg if final is None else final, ld, cfg.T, cfg.H, cfg.NSEG,
+            cfg.E, cfg.L * cfg.C),
+           dict(BLK=blk, REVERSE=reverse, HAS_INIT=init_flat is not None, STORE_FINAL=final is not None), num_warps=4,
+           spec=spec)
+
+
+def _backward(q, k, v, P, w, ld, o, den, hloc, segf, do, dfinal_flat, dden_in, cfg: _Cfg, want_dinit: bool, spec,
+              want_dw=True, want_dlam=True):
+    """Launches B1, the reverse scan and B3: (dq, dk, dv, d log_weight [H, m], d log_decay [H], dinit), the last
+    three None where not wanted."""
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
     consts = dict(C=cfg.C, D=cfg.D, M=cfg.M, DV=cfg.DV, L=cfg.L, NORM=cfg.norm)
-    dloc = torch.empty(BH, cfg.NC, cfg.M, cfg.DV, device=dev, dtype=f32)
-    dzloc = torch.empty(BH, cfg.NC, cfg.M, device=dev, dtype=f32) if cfg.norm else dloc
+    dloc = torch.empty(BH, cfg.NC, cfg.E, device=dev, dtype=f32)
     dden = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else dloc
     segb = torch.empty(BH, cfg.NSEG, cfg.E, device=dev, dtype=f32)
-    _b1_segment_dstates[(cfg.NSEG, BH)](q, do, o, den, dden, dden if dden_in is None else dden_in, P, w, ld, dloc,
-                                        dzloc, segb, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps,
-                                        DDEN_IN=dden_in is not None, num_warps=4, **consts)
-    dinit = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_dinit else segb
-    blk = 256
-    _scan_segments[(triton.cdiv(cfg.E, blk), BH)](
-        segb, dfinal_flat if dfinal_flat is not None else segb, dinit, ld, cfg.T, cfg.H, cfg.NSEG, cfg.E,
-        cfg.L * cfg.C, BLK=blk, REVERSE=True, HAS_INIT=dfinal_flat is not None, STORE_FINAL=want_dinit,
-        num_warps=4)
+    o_or_any = q if o is None else o  # o and den are read only when NORM
+    den_or_any = dloc if den is None else den
+    launch(_b1_segment_dstates, (cfg.NSEG, BH),
+           (q, do, o_or_any, den_or_any, dden, dden if dden_in is None else dden_in, P, w, ld, dloc, segb, cfg.T,
+            cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps), dict(consts, DDEN_IN=dden_in is not None), num_warps=4,
+           spec=spec)
+    dinit = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_dinit else None
+    _scan(segb, dfinal_flat, dinit, ld, cfg, True, spec)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dw = torch.empty(BH, cfg.NC, cfg.M, device=dev, dtype=f32)
-    dlam = torch.empty(BH, cfg.NC, device=dev, dtype=f32)
-    _b3_grads[(cfg.NC, BH)](q, k, v, do, den, dden, P, w, ld, hloc, zloc, segf, dloc, dzloc, segb,
-                            dq, dk, dv, dw, dlam, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps,
-                            num_warps=cfg.warps, **_stages(), **consts)
-    dw = dw.reshape(cfg.B, cfg.H, cfg.NC, cfg.M).sum(dim=(0, 2))
-    dlam = dlam.reshape(cfg.B, cfg.H, cfg.NC).sum(dim=(0, 2))
-    return dq, dk, dv, dw, dlam, (dinit if want_dinit else None)
+    # per-chunk partial sums of d log_weight [B, H, NC, M] then d log_decay [B, H, NC], in one allocation
+    n_w = cfg.B * cfg.H * cfg.NC * cfg.M
+    part = torch.empty(n_w + cfg.B * cfg.H * cfg.NC, device=dev, dtype=f32)
+    launch(_b3_grads, (cfg.NC, BH), (q, k, v, do, den_or_any, dden, P, w, ld, hloc, segf, dloc, segb, dq, dk, dv,
+                                     part, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps),
+           consts, num_warps=cfg.warps, **_stages(), spec=spec)
+    # two sums, so both gradients come out contiguous (autograd would copy strided ones)
+    dw = part[:n_w].view(cfg.B, cfg.H, cfg.NC, cfg.M).sum(dim=(0, 2)) if want_dw else None
+    dlam = part[n_w:].view(cfg.B, cfg.H, cfg.NC).sum(dim=(0, 2)) if want_dlam else None
+    return dq, dk, dv, dw, dlam, dinit
 
 
 class _FusedDiJiang(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final, out_dtype, want_den):
-        P = proj.detach().float().contiguous()
-        w = log_weight.detach().float().contiguous()
-        ld = log_decay.detach().float().contiguous()
+        ctx.set_materialize_grads(False)  # unused outputs get no zero gradients built
+        P = proj.float().contiguous()
+        w = log_weight.float().contiguous()
+        ld = log_decay.float().contiguous()
         init_flat = _flat_state(initial_state, cfg)
-        o, den, hloc, zloc, segf, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final, out_dtype)
-        ctx.cfg = cfg
-        ctx.has_init = initial_state is not None
-        ctx.save_for_backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf)
-        final_state = _unflat_state(final, cfg) if want_final else o.new_empty(0)
+        spec = _call_spec(cfg, out_dtype, q, k, v, P, w, ld)
+        o, den, hloc, segf, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final, out_dtype, spec)
+        ctx.cfg, ctx.spec = cfg, spec
+        ctx.save_for_backward(q, k, v, P, w, ld, o if cfg.norm else None, den)
+        ctx.hloc, ctx.segf = hloc, segf  # intermediates, never outputs: no reference cycle on ctx
+        final_state = _unflat_state(final, cfg) if want_final else None
         # the normaliser sum per row [B*H, T] (normalize=True only), without eps
-        return o, final_state, (den if want_den else o.new_empty(0))
+        return o, final_state, (den if want_den else None)
 
     @staticmethod
     def backward(ctx, do, dfinal, dden):
-        q, k, v, P, w, ld, o, den, hloc, zloc, segf = ctx.saved_tensors
+        if do is None and dfinal is None and dden is None:
+            return (None,) * 11
+        q, k, v, P, w, ld, o, den = ctx.saved_tensors
         cfg = ctx.cfg
-        dfinal_flat = _flat_state(dfinal, cfg) if (dfinal is not None and dfinal.numel() > 0) else None
-        dden_in = dden.contiguous() if (dden is not None and dden.numel() > 0) else None
-        dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, hloc, zloc, segf,
-                                                do.to(v.dtype).contiguous(), dfinal_flat, dden_in, cfg, ctx.has_init)
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        dfinal_flat = _flat_state(dfinal, cfg)
+        dden_in = None if dden is None else dden.contiguous()
+        spec = ctx.spec + tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in (do, dden_in))
+        need = ctx.needs_input_grad
+        dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, ctx.hloc, ctx.segf, do, dfinal_flat,
+                                                dden_in, cfg, need[6], spec, want_dw=need[4], want_dlam=need[5])
         dinit_state = _unflat_state(dinit, cfg) if dinit is not None else None
         return dq, dk, dv, None, dw, dlam, dinit_state, None, None, None, None
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .triton_dijiang import HAS_TRITON, dijiang_feature_map, fused_dijiang_with_denominator, triton, triton_supported
+from .triton_dijiang import (HAS_TRITON, dijiang_feature_map, fused_dijiang_with_denominator, launch, triton,
+                            triton_supported)
 
 if HAS_TRITON:
     from .triton_dijiang import tl
@@ -240,9 +241,9 @@ class _WindowBand(torch.autograd.Function):
         den = torch.empty_like(mx)
         idx = torch.empty(B * H, T, device=q.device, dtype=torch.int32)
         grid = (triton.cdiv(T, BLOCK), B * H)
-        _band_forward[grid](q, k, v, lin_num if has_lin else o, lin_den if has_lin else mx, lin_weight, o, mx, den,
-                            idx, T, H, window, scale, eps, D=d, DV=dv, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin,
-                            PREC=_precision(q.dtype), num_warps=4)
+        launch(_band_forward, grid, (q, k, v, lin_num if has_lin else o, lin_den if has_lin else mx, lin_weight, o, mx,
+                                     den, idx, T, H, window, scale, eps),
+               dict(D=d, DV=dv, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=_precision(q.dtype)), num_warps=4)
         ctx.save_for_backward(q, k, v, lin_num, lin_den, lin_weight, o, mx, den, idx)
         ctx.window, ctx.scale, ctx.eps = window, scale, eps
         return o
@@ -261,13 +262,13 @@ class _WindowBand(torch.autograd.Function):
         dda, dmx = torch.empty_like(mx), torch.empty_like(mx)
         grid = (triton.cdiv(T, BLOCK), B * H)
         prec = _precision(q.dtype)
-        _band_backward_dq[grid](
-            q, k, v, o, do, lin_num if has_lin else mx, lin_den if has_lin else mx, lin_weight, mx, den, idx,
-            dq, d_num if has_lin else dda, d_den if has_lin else dda, d_lw_rows, dda, dmx,
-            T, H, window, ctx.scale, ctx.eps, D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=prec,
-            num_warps=4)
-        _band_backward_dkdv[grid](q, k, v, do, mx, den, idx, dda, dmx, dk, dv, T, H, window, ctx.scale,
-                                  D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, PREC=prec, num_warps=4)
+        launch(_band_backward_dq, grid,
+               (q, k, v, o, do, lin_num if has_lin else mx, lin_den if has_lin else mx, lin_weight, mx, den, idx,
+                dq, d_num if has_lin else dda, d_den if has_lin else dda, d_lw_rows, dda, dmx,
+                T, H, window, ctx.scale, ctx.eps),
+               dict(D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=prec), num_warps=4)
+        launch(_band_backward_dkdv, grid, (q, k, v, do, mx, den, idx, dda, dmx, dk, dv, T, H, window, ctx.scale),
+               dict(D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, PREC=prec), num_warps=4)
         d_lw = d_lw_rows.view(B, H, T).sum(dim=(0, 2))
         return dq, dk, dv, d_num, d_den, d_lw, None, None, None
 

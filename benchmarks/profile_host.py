@@ -1,0 +1,193 @@
+"""Where the fused DiJiang op spends its time at short T: host (Python, launches, autograd) against GPU.
+
+For each T: median ms from triton's do_bench (forward, forward+backward), host-only ms per call (calls
+queued without synchronising), GPU ms per call (CUDA events around a burst with the host far ahead),
+and the same for SDPA. Then, at one T, a cProfile of forward+backward calls (host hot spots) and the
+per-launch host cost of one small Triton kernel. Prints a report; --out writes it to a file too.
+
+    python benchmarks/profile_host.py --lengths 1024,4096,8192 --profile-t 4096 --out profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import platform
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))
+
+import bench_ops  # noqa: E402
+from dijiang.ops import triton_dijiang as tdj  # noqa: E402
+
+
+def step_fns(method, T, H=16, D=64):
+    q, k, v, proj, lw, ld = bench_ops.make(1, T, H, D, D, torch.bfloat16, "cuda")
+    scale = D**-0.5
+    fwd, _ = bench_ops.build(method, q, k, v, proj, lw, ld, scale)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v, lw, ld)]
+    fb, params = bench_ops.build(method, *leaves[:3], proj, leaves[3], leaves[4], scale)
+    do = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+    do = do.transpose(1, 2).contiguous() if method == "sdpa" else do
+
+    def fwd_nograd():
+        with torch.no_grad():
+            return fwd()
+
+    def fwd_bwd():
+        o = fb()
+        torch.autograd.backward(o, do)
+        for p in params:
+            p.grad = None
+
+    return fwd_nograd, fwd_bwd
+
+
+def host_and_gpu_ms(fn, n=50):
+    """(host ms per call with nothing synchronised, GPU-side ms per call between events of a burst)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return host, start.elapsed_time(end) / n
+
+
+def gpu_only_ms(fn, n=20):
+    """GPU time per call: queue a long sleep first so the host is far ahead when the calls start."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(2e9 * 0.05))  # ~50+ ms of GPU spinning, longer than queueing n calls takes
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def launch_cost_us(n=2000):
+    """Host microseconds per launch of the small segment-scan kernel (Triton's Python dispatch + driver)."""
+    E, bh, nseg = 4096, 16, 4
+    seg = torch.zeros(bh, nseg, E, device="cuda")
+    ld = torch.full((16,), -0.01, device="cuda")
+    args = (seg, seg, seg, ld, nseg * 64, 16, nseg, E, 64)
+    kw = dict(BLK=256, REVERSE=False, HAS_INIT=False, STORE_FINAL=False, num_warps=4)
+    grid = (E // 256, bh)
+    for _ in range(10):
+        tdj._scan_segments[grid](*args, **kw)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tdj._scan_segments[grid](*args, **kw)
+    per = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return per
+
+
+def internals_report(T, H=16, D=64):
+    """Host ms of the kernel drivers called directly (no autograd), and a cProfile of them."""
+    q, k, v, proj, lw, ld = bench_ops.make(1, T, H, D, D, torch.bfloat16, "cuda")
+    do = torch.randn_like(v)
+    cfg = tdj._Cfg(q, v, proj, D**-0.5, 1e-6, False, 64)
+
+    def run():
+        spec = tdj._call_spec(cfg, v.dtype, q, k, v, proj, lw, ld, do, None)
+        o, den, hloc, segf, _ = tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)
+        tdj._backward(q, k, v, proj, lw, ld, None, den, hloc, segf, do, None, None, cfg, False, spec)
+
+    host, gpu = host_and_gpu_ms(run)
+    return (f"\nkernel drivers without autograd, T={T}: host {host:.3f} ms per fwd+bwd, GPU {gpu:.3f} ms\n"
+            + cprofile_table(run, rows=16))
+
+
+def cprofile_table(fn, rows, calls=100):
+    """cProfile of `calls` calls of fn (main thread only), sorted by own time."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    return buf.getvalue()
+
+
+def torch_profile_report(fn, label):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=32)
+    return f"\n## torch profiler, {label}, 10 calls (all threads, sorted by self CPU time)\n{table}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="1024,4096,8192")
+    ap.add_argument("--methods", default="sdpa,fused")
+    ap.add_argument("--profile-t", type=int, default=4096)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    import triton
+    import triton.testing
+
+    say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"python {platform.python_version()}, {platform.processor() or platform.machine()}")
+    say("| method | T | do_bench fwd | do_bench fwd+bwd | host fwd | host fwd+bwd | GPU fwd | GPU fwd+bwd |")
+    say("|---|---|---|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        for T in (int(x) for x in args.lengths.split(",")):
+            f, fb = step_fns(method, T)
+            bf = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+            bfb = triton.testing.do_bench(fb, warmup=25, rep=100, return_mode="median")
+            hf, _ = host_and_gpu_ms(f)
+            hfb, _ = host_and_gpu_ms(fb)
+            gf, gfb = gpu_only_ms(f), gpu_only_ms(fb)
+            say(f"| {method} | {T} | {bf:.3f} | {bfb:.3f} | {hf:.3f} | {hfb:.3f} | {gf:.3f} | {gfb:.3f} |")
+    say(f"\nTriton dispatch, host us per launch of _scan_segments: {launch_cost_us():.1f}")
+    say(internals_report(args.profile_t))
+    for method in args.methods.split(","):
+        _, fb = step_fns(method, args.profile_t)
+        table = cprofile_table(fb, rows=28)
+        say(torch_profile_report(fb, f"{method} T={args.profile_t} fwd+bwd"))
+        say(f"\n## cProfile (main thread only: the backward runs on autograd's device thread), {method}, "
+            f"T={args.profile_t}, 100 fwd+bwd calls (sorted by own time)")
+        say(table)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
