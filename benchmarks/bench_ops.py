@@ -71,19 +71,20 @@ def quadratic_form(q, k, v, proj, lw, ld, scale):
     return (scores @ v.transpose(1, 2)).transpose(1, 2)
 
 
+def causal_sdpa(qt, kt, vt):
+    """Causal SDPA on [B, H, T, D]; the FlashAttention backend on CUDA."""
+    if qt.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+
 def build(method, q, k, v, proj, lw, ld, scale, window=DEFAULT_WINDOW):
     if method == "sdpa":
         qt, kt, vt = (x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad) for x in (q, k, v))
-
-        def fn():
-            if q.is_cuda:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
-        return fn, (qt, kt, vt)
+        return (lambda: causal_sdpa(qt, kt, vt)), (qt, kt, vt)
     if method == "fused":
         return (lambda: tdj.fused_dijiang_attention(q, k, v, proj, lw, ld, scale=scale)[0]), (q, k, v, lw, ld)
     if method == "torch":
@@ -129,13 +130,7 @@ def time_ms(fn, device, budget_ms=300.0):
 def op_of_tensors(method, proj, scale, window):
     """The op as a function of its differentiable inputs (what torch.cuda.make_graphed_callables needs)."""
     if method == "sdpa":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def sdpa(qt, kt, vt):  # [B, H, T, D]
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
-        return sdpa
+        return causal_sdpa
 
     def op(q, k, v, lw, ld):
         return build(method, q, k, v, proj, lw, ld, scale, window)[0]()

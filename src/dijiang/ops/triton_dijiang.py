@@ -420,10 +420,15 @@ def _raw_stream(device: int) -> int:
         return torch.cuda.current_stream(device).cuda_stream
 
 
+def tensor_spec(*tensors: Tensor | None) -> tuple:
+    """What Triton specialises a tensor argument on: dtype and 16-byte alignment (None stays None)."""
+    return tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+
+
 def _arg_key(x):
     """What Triton specialises a runtime argument on: tensor dtype and 16-byte alignment; int range, == 1, % 16."""
     if isinstance(x, Tensor):
-        return x.dtype, x.data_ptr() % 16 == 0
+        return tensor_spec(x)
     if isinstance(x, bool):
         return bool, x
     if isinstance(x, int):
@@ -436,6 +441,10 @@ def int_spec(*ints: int) -> tuple:
     return tuple((x == 1, x % 16 == 0, -(2**31) <= x < 2**31) for x in ints)
 
 
+def _launch_options(num_warps: int, num_stages: int | None) -> dict:
+    return {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+
+
 def launch(fn, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int | None = None, spec=None):
     """``fn[grid](*args, **constexprs, num_warps=...)`` with the compiled kernel called directly once this
     specialisation (argument properties, constexprs, launch options, device) has been compiled.
@@ -443,9 +452,8 @@ def launch(fn, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: 
     ``spec``: a caller-built key standing for the arguments' properties (device, dtypes, alignment of the tensors
     not allocated by us, ``int_spec`` of the ints), cheaper than inspecting every argument; buffers from torch's
     CUDA allocator are 512-byte aligned, so they need no entry."""
-    opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     if _INTERPRET or not DIRECT_LAUNCH:
-        fn[grid](*args, **constexprs, **opts)
+        fn[grid](*args, **constexprs, **_launch_options(num_warps, num_stages))
         return
     if spec is None:
         key = (fn, args[0].get_device(), num_warps, num_stages, tuple(constexprs.items()), tuple(map(_arg_key, args)))
@@ -453,7 +461,7 @@ def launch(fn, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: 
         key = (fn, spec, num_warps, num_stages, tuple(constexprs.values()))
     hit = _COMPILED.get(key)
     if hit is None:
-        kernel = fn[grid](*args, **constexprs, **opts)
+        kernel = fn[grid](*args, **constexprs, **_launch_options(num_warps, num_stages))
         # the launcher takes every parameter in signature order, constexprs included
         tail = tuple(constexprs[name] for name in fn.arg_names[len(args):])
         _COMPILED[key] = (kernel, tail, args[0].get_device())
@@ -514,8 +522,7 @@ def _call_spec(cfg: _Cfg, out_dtype, *outside: Tensor | None) -> tuple:
     """``launch``'s key for the six kernels of one call: every int argument derives from cfg; the tensors that
     do not come from our own allocations are listed by dtype and 16-byte alignment."""
     ints = int_spec(cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.E, cfg.L * cfg.C)
-    tensors = tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in outside)
-    return (outside[0].get_device(), out_dtype, ints, tensors)
+    return (outside[0].get_device(), out_dtype, ints, tensor_spec(*outside))
 
 
 def _flat_state(state: Tensor | None, cfg: _Cfg) -> Tensor | None:
@@ -626,7 +633,7 @@ class _FusedDiJiang(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dfinal_flat = _flat_state(dfinal, cfg)
         dden_in = None if dden is None else dden.contiguous()
-        spec = ctx.spec + tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in (do, dden_in))
+        spec = ctx.spec + tensor_spec(do, dden_in)
         need = ctx.needs_input_grad
         dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, ctx.hloc, ctx.segf, do, dfinal_flat,
                                                 dden_in, cfg, need[6], spec, want_dw=need[4], want_dlam=need[5])

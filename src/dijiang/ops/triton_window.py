@@ -62,6 +62,24 @@ if HAS_TRITON:
         return n_off, d_off, lvalid
 
     @triton.jit
+    def _program_block(H, T, BM: tl.constexpr):
+        """This program's (batch, head) and block of BM tokens: b, h, bh, t0, rows, rvalid, tok."""
+        bh = tl.program_id(1)
+        b = bh // H
+        t0 = tl.program_id(0) * BM
+        rows = t0 + tl.arange(0, BM)
+        return b, bh % H, bh, t0, rows, rows < T, b.to(tl.int64) * T * H + bh % H
+
+    @triton.jit
+    def _key_block(k_ptr, v_ptr, tok, js, T, H, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr):
+        """Keys js .. js + BN - 1 and their values (zero past T)."""
+        cols = js + tl.arange(0, BN)
+        cvalid = cols < T
+        kx = tl.load(k_ptr + _offsets(tok, cols, H, D), mask=cvalid[:, None], other=0.0)
+        vx = tl.load(v_ptr + _offsets(tok, cols, H, DV), mask=cvalid[:, None], other=0.0)
+        return cols, cvalid, kx, vx
+
+    @triton.jit
     def _scores(q, kx, rows, cols, T, W, scale, PREC: tl.constexpr):
         """Scaled band scores [BM, BN] and which of them are in the band (key in (t - W, t], inside T)."""
         s = tl.dot(q, tl.trans(kx), input_precision=PREC) * scale
@@ -84,15 +102,8 @@ if HAS_TRITON:
         D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LIN: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        b, h, bh, t0, rows, rvalid, tok = _program_block(H, T, BM)
         DT = v_ptr.dtype.element_ty
-        t0 = pid * BM
-        rows = t0 + tl.arange(0, BM)
-        rvalid = rows < T
-        tok = b.to(tl.int64) * T * H + h
         q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
         m_i = tl.full([BM], -1.0e30, tl.float32)  # finite: a row with no key yet must not give inf - inf
         l_i = tl.zeros([BM], dtype=tl.float32)
@@ -100,10 +111,7 @@ if HAS_TRITON:
         arg = tl.zeros([BM], dtype=tl.int32)
         lo, hi = _band_keys(t0, T, W, BM, BN)
         for js in range(lo, hi, BN):
-            cols = js + tl.arange(0, BN)
-            cvalid = cols < T
-            kx = tl.load(k_ptr + _offsets(tok, cols, H, D), mask=cvalid[:, None], other=0.0)
-            vx = tl.load(v_ptr + _offsets(tok, cols, H, DV), mask=cvalid[:, None], other=0.0)
+            cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, js, T, H, D, DV, BN)
             s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
             s = tl.where(allowed, s, float("-inf"))
             block_max = tl.max(s, axis=1)
@@ -138,15 +146,8 @@ if HAS_TRITON:
         PREC: tl.constexpr,
     ):
         """dq, the per-row scalars the dk/dv kernel needs (dDa, dmx), and the linear sums' gradients."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        b, h, bh, t0, rows, rvalid, tok = _program_block(H, T, BM)
         DT = v_ptr.dtype.element_ty
-        t0 = pid * BM
-        rows = t0 + tl.arange(0, BM)
-        rvalid = rows < T
-        tok = b.to(tl.int64) * T * H + h
         row_off = bh.to(tl.int64) * T + rows
         voff = _offsets(tok, rows, H, DV)
         q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
@@ -174,10 +175,7 @@ if HAS_TRITON:
         dq = tl.zeros([BM, D], dtype=tl.float32)
         lo, hi = _band_keys(t0, T, W, BM, BN)
         for js in range(lo, hi, BN):
-            cols = js + tl.arange(0, BN)
-            cvalid = cols < T
-            kx = tl.load(k_ptr + _offsets(tok, cols, H, D), mask=cvalid[:, None], other=0.0)
-            vx = tl.load(v_ptr + _offsets(tok, cols, H, DV), mask=cvalid[:, None], other=0.0)
+            cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, js, T, H, D, DV, BN)
             p, ds = _band_grads(q, kx, vx, gb, rows, cols, mx, dda, dmx, arg, T, W, scale, PREC)
             dq += tl.dot(ds.to(DT), kx, input_precision=PREC)
         tl.store(dq_ptr + _offsets(tok, rows, H, D), (dq * scale).to(dq_ptr.dtype.element_ty), mask=rvalid[:, None])
@@ -189,17 +187,9 @@ if HAS_TRITON:
         D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     ):
         """One program per block of keys; walks the queries whose band holds them (t in [j, j + W))."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        b, h, bh, js, _, _, tok = _program_block(H, T, BN)
         DT = v_ptr.dtype.element_ty
-        js = pid * BN
-        cols = js + tl.arange(0, BN)
-        cvalid = cols < T
-        tok = b.to(tl.int64) * T * H + h
-        kx = tl.load(k_ptr + _offsets(tok, cols, H, D), mask=cvalid[:, None], other=0.0)
-        vx = tl.load(v_ptr + _offsets(tok, cols, H, DV), mask=cvalid[:, None], other=0.0)
+        cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, js, T, H, D, DV, BN)
         dk = tl.zeros([BN, D], dtype=tl.float32)
         dv = tl.zeros([BN, DV], dtype=tl.float32)
         lo = (js // BM) * BM
