@@ -117,6 +117,95 @@ def internals_report(T, H=16, D=64):
             + cprofile_table(run, rows=16))
 
 
+def host_us(fn, n=2000):
+    """Host microseconds per call, nothing synchronised inside the loop (pick inputs whose GPU work is shorter)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+class _EmptyOp(torch.autograd.Function):
+    """An autograd Function that allocates its output and gradients and launches nothing: the engine's own cost."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lw, ld):
+        return torch.empty_like(v)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(torch.empty_like(x) for x in (do, do, do)) + (None, None)
+
+
+def breakdown_report(T, H=16, D=64):
+    """Host us of each piece of one fused forward+backward call, at a T short enough that the GPU keeps up."""
+    q, k, v, proj, lw, ld = bench_ops.make(1, T, H, D, D, torch.bfloat16, "cuda")
+    do = torch.randn_like(v)
+    cfg = tdj._Cfg(q, v, proj, D**-0.5, 1e-6, False, 64)
+    spec = tdj._call_spec(cfg, v.dtype, q, k, v, proj, lw, ld)
+    o, den, hloc, segf, _ = tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)
+    seg = segf.clone()
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v, lw, ld)]
+
+    def scan():
+        tdj._scan(seg, None, None, ld, cfg, False, spec)
+
+    def fwd_bwd_fused():
+        out = tdj.fused_dijiang_attention(*leaves[:3], proj, leaves[3], leaves[4])[0]
+        torch.autograd.backward(out, do)
+        for x in leaves:
+            x.grad = None
+
+    def fwd_bwd_empty():
+        torch.autograd.backward(_EmptyOp.apply(*leaves), do)
+        for x in leaves:
+            x.grad = None
+
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+    do_t = do.transpose(1, 2).contiguous()
+
+    def fwd_bwd_sdpa():
+        torch.autograd.backward(bench_ops.causal_sdpa(qt, kt, vt), do_t)
+        for x in (qt, kt, vt):
+            x.grad = None
+
+    def fwd_grad_only():
+        tdj.fused_dijiang_attention(*leaves[:3], proj, leaves[3], leaves[4])
+
+    def fwd_nograd():
+        with torch.no_grad():
+            tdj.fused_dijiang_attention(q, k, v, proj, lw, ld)
+
+    pieces = [
+        ("torch.empty f32 [BH, NC, E]", lambda: torch.empty(H, cfg.NC, cfg.E, device="cuda")),
+        ("torch.empty_like(q)", lambda: torch.empty_like(q)),
+        ("proj.float().contiguous()", lambda: proj.float().contiguous()),
+        ("_Cfg(...)", lambda: tdj._Cfg(q, v, proj, D**-0.5, 1e-6, False, 64)),
+        ("_call_spec(...)", lambda: tdj._call_spec(cfg, v.dtype, q, k, v, proj, lw, ld)),
+        ("one direct launch (scan kernel)", scan),
+        ("sum over (0, 2) of [1, H, NC, M]", lambda: hloc[:, :, :D].view(1, H, cfg.NC, D).sum(dim=(0, 2))),
+        ("_forward (3 launches + buffers)",
+         lambda: tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)),
+        ("_backward (4 launches + buffers)",
+         lambda: tdj._backward(q, k, v, proj, lw, ld, None, den, hloc, segf, do, None, None, cfg, False, spec)),
+        ("fused_dijiang_attention, no grad", fwd_nograd),
+        ("fused_dijiang_attention, graph recorded", fwd_grad_only),
+        ("fused fwd+bwd (autograd)", fwd_bwd_fused),
+        ("empty autograd Function fwd+bwd (engine only)", fwd_bwd_empty),
+        ("SDPA fwd+bwd (autograd)", fwd_bwd_sdpa),
+    ]
+    lines = [f"\n## Host us per call, T={T}, 16 x 64 (GPU work shorter than the host's)", "| piece | host us |",
+             "|---|---|"]
+    for name, fn in pieces:
+        lines.append(f"| {name} | {host_us(fn, n=500 if 'fwd+bwd' in name else 2000):.1f} |")
+    return "\n".join(lines)
+
+
 def cprofile_table(fn, rows, calls=100):
     """cProfile of `calls` calls of fn (main thread only), sorted by own time."""
     for _ in range(5):
@@ -153,6 +242,7 @@ def main(argv=None):
     ap.add_argument("--methods", default="sdpa,fused")
     ap.add_argument("--profile-t", type=int, default=4096)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--breakdown-only", action="store_true", help="only the per-piece host table (T=256 and 1024)")
     args = ap.parse_args(argv)
     lines = []
 
@@ -165,6 +255,12 @@ def main(argv=None):
 
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"python {platform.python_version()}, {platform.processor() or platform.machine()}")
+    if args.breakdown_only:
+        for T in (256, 1024):
+            say(breakdown_report(T))
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
+        return
     say("| method | T | do_bench fwd | do_bench fwd+bwd | host fwd | host fwd+bwd | GPU fwd | GPU fwd+bwd |")
     say("|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
@@ -178,6 +274,7 @@ def main(argv=None):
             say(f"| {method} | {T} | {bf:.3f} | {bfb:.3f} | {hf:.3f} | {hfb:.3f} | {gf:.3f} | {gfb:.3f} |")
     say(f"\nTriton dispatch, host us per launch of _scan_segments: {launch_cost_us():.1f}")
     say(internals_report(args.profile_t))
+    say(breakdown_report(256))
     for method in args.methods.split(","):
         _, fb = step_fns(method, args.profile_t)
         table = cprofile_table(fb, rows=28)

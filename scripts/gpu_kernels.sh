@@ -10,6 +10,11 @@
 #                                       window path, pure decode at 128 and 256 new tokens, the step compile scope,
 #                                       window-128 decode after the fused prefill. Session 4 ran these commands one
 #                                       device call at a time (a call is limited to 10 minutes).
+#   bash scripts/gpu_kernels.sh host6   (session 6) GPU kernel tests, the per-piece host breakdown of one fused call,
+#                                       fused vs SDPA at 2k-8k for both shapes
+#   bash scripts/gpu_kernels.sh model6  (session 6) on ~/model/hf: per-step decode timings, pure decode at 128 and 256
+#                                       new tokens, the default compile mode, the full decode table, training
+#                                       tok/s of teacher and pure (session 6 ran these over several device calls)
 # Results are copied into docs/ by hand (docs/bench_ops_window.md, docs/bench_data/*.json).
 set -uo pipefail
 export PYTHONPATH=~/site:$PWD/src
@@ -52,6 +57,31 @@ elif [ "$stage" = sweep ]; then
   timeout 560 python benchmarks/bench_ops.py --md "$OUT/bench_ops.md" --png "$OUT/bench_ops.png" \
     --json "$OUT/bench_ops.json" > "$OUT/bench_ops.log" 2>&1
   tail -n 20 "$OUT/bench_ops.log"
+elif [ "$stage" = host6 ]; then
+  timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
+    2>&1 | tail -4
+  python benchmarks/profile_host.py --breakdown-only --out "$OUT/host_breakdown.txt" > /dev/null 2>&1
+  timeout 150 python benchmarks/bench_ops.py --methods sdpa,fused --shapes 16x64,32x128 --lengths 2048,4096,8192 \
+    --md "$OUT/ops_short.md" --png "$OUT/ops_short.png" --json "$OUT/ops_short.json" > "$OUT/ops_short.log" 2>&1
+  cat "$OUT/host_breakdown.txt"; tail -n 8 "$OUT/ops_short.log"
+elif [ "$stage" = model6 ]; then
+  bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }
+  python benchmarks/decode_steps.py --model ~/model/hf --kind pure --context 2048 --steps 256 \
+    --json "$OUT/decode_steps_pure.json" > "$OUT/decode_steps.log" 2>&1
+  for n in 128 256; do
+    bench 150 --kinds pure --contexts 2048 --batches 1 --new-tokens $n --hf-new-tokens 0 --train-contexts '' \
+      --repeats 3 --json "$OUT/decode_pure_$n.json" --out "$OUT/decode_pure_$n.md" > "$OUT/decode_pure_$n.log" 2>&1
+  done
+  DIJIANG_COMPILE_MODE=default bench 150 --kinds pure --contexts 2048,32768 --batches 1 --new-tokens 128 \
+    --hf-new-tokens 0 --train-contexts '' --repeats 3 --json "$OUT/decode_pure_default_mode.json" \
+    --out "$OUT/decode_pure_default_mode.md" > "$OUT/decode_pure_default_mode.log" 2>&1
+  bench 280 --kinds teacher,pure --contexts '' --batches 1 --train-contexts 2048,16384 --repeats 3 \
+    --json "$OUT/train.json" --out "$OUT/train.md" > "$OUT/train.log" 2>&1
+  bench 570 --kinds teacher,pure,window --window 128 --contexts 2048,8192,32768 --batches 1,16 --batch-contexts 8192 \
+    --new-tokens 128 --hf-new-tokens 16 --train-contexts '' --repeats 2 --json "$OUT/decode.json" \
+    --out "$OUT/decode.md" > "$OUT/decode.log" 2>&1
+  rm -f "$OUT"/*.png
+  tail -n 3 "$OUT"/*.log
 elif [ "$stage" = model ]; then
   # `python -m dijiang`: PYTHONPATH puts the source tree first; the device image has no `dijiang` console script
   bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }

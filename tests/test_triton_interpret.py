@@ -29,6 +29,13 @@ def results() -> dict:
 def test_every_case_ran(results):
     assert sum(name.startswith("window") for name in results) == 5
     assert sum(name.startswith("dijiang") for name in results) == 3
+    assert sum(name.startswith("reduce") for name in results) == 1
+
+
+def test_gradient_reduction_equals_torch_sums(results):
+    for name, errors in results.items():
+        if name.startswith("reduce"):
+            assert max(errors.values()) < 1e-6, f"{name}: {errors}"
 
 
 def test_window_kernel_equals_the_torch_op(results):

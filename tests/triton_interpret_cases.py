@@ -16,6 +16,7 @@ import torch.nn.functional as F
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from dijiang.ops import linear_attention, window_attention  # noqa: E402
+from dijiang.ops import triton_dijiang  # noqa: E402
 from dijiang.ops.triton_dijiang import dijiang_feature_map, fused_dijiang_attention  # noqa: E402
 from dijiang.ops.triton_window import fused_window_attention  # noqa: E402
 
@@ -96,6 +97,19 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False) ->
     return out
 
 
+def reduce_case(B, H, NC, M, seed=0) -> dict:
+    """The backward's last kernel: B3's per-chunk partials summed over batch and chunks, against torch sums
+    (NC larger than the kernel's row block, so its loop runs several times)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_w = B * H * NC * M
+    part = torch.randn(n_w + B * H * NC, generator=gen)
+    sums = torch.empty(H * M + H)
+    triton_dijiang.launch(triton_dijiang._reduce_partials, (H,), (part, sums, B, H, NC), dict(M=M, BLK=32),
+                          num_warps=4)
+    return {"d_log_weight": rel(sums[: H * M].view(H, M), part[:n_w].view(B, H, NC, M).sum(dim=(0, 2))),
+            "d_decay": rel(sums[H * M :], part[n_w:].view(B, H, NC).sum(dim=(0, 2)))}
+
+
 CASES = {
     "window B1 T200 W48 (linear part, partial last block)": lambda: window_case(1, 200, 2, 16, 48),
     "window B2 T300 W64": lambda: window_case(2, 300, 2, 16, 64, seed=1),
@@ -106,6 +120,7 @@ CASES = {
     "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
     "dijiang T90 normalize, frozen feature weights and decay": lambda: dijiang_case(1, 90, 2, 16, True, True, seed=6,
                                                                                    frozen_map=True),
+    "reduce B2 H3 NC70 M16 (partial sums of the decay and feature-weight gradients)": lambda: reduce_case(2, 3, 70, 16),
 }
 
 if __name__ == "__main__":
