@@ -92,6 +92,18 @@ def test_decoder_is_reused_and_state_is_static():
     assert torch.equal(second, reference(model, ids[:, 1:], mask[:, 1:], 4))
 
 
+def test_window_state_through_many_steps_and_prompts():
+    """Window hybrids: many steps past the window, a window longer than the prompt (padding leaves the window
+    first), and one decoder reused for prompts of other lengths."""
+    model = dijiang.convert(tiny_model("llama", seed=4), dict(window=3))
+    for lengths, new in (((6, 2), 20), ((5, 5), 9), ((1, 3), 14)):
+        ids, mask = left_padded(lengths, seed=new)
+        assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=new), reference(model, ids, mask, new))
+    long_window = dijiang.convert(tiny_model("llama", seed=4), dict(window=16))
+    ids, mask = left_padded((6, 2), seed=5)
+    assert torch.equal(fast_generate(long_window, ids, mask, max_new_tokens=24), reference(long_window, ids, mask, 24))
+
+
 def test_unsupported_family_falls_back_with_a_note():
     model = dijiang.convert(tiny_model("gpt2"))
     ids, mask = left_padded()

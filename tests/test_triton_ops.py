@@ -98,51 +98,67 @@ def _check(B, T, H, d, m, dv, *, normalize, init, final, dtype=torch.bfloat16, c
     ro, rfs = reference_attention(*ref_leaves[:3], proj.double(), ref_leaves[3], ref_leaves[4],
                                   ref_leaves[5] if st is not None else None, normalize=normalize)
     do = torch.randn_like(ro)
-    loss_ref = (ro * do).sum()
-    loss = (o.double() * do).sum()
+    dS = torch.randn_like(rfs) if final else None
+
+    def losses(do, dS):
+        loss, loss_ref = (o.double() * do).sum(), (ro * do).sum()
+        if final:
+            loss, loss_ref = loss + (fs.double() * dS).sum(), loss_ref + (rfs * dS).sum()
+        return loss, loss_ref
+
     if final:
         assert fs is not None and fs.dtype == torch.float32 and fs.shape == rfs.shape
-        dS = torch.randn_like(rfs)
-        loss = loss + (fs.double() * dS).sum()
-        loss_ref = loss_ref + (rfs * dS).sum()
     else:
         assert fs is None
     errs = {"o": rel_err(o, ro)}
     if final:
         errs["final_state"] = rel_err(fs, rfs)
-    grads = torch.autograd.grad(loss, leaves)
-    grads_ref = torch.autograd.grad(loss_ref, ref_leaves)
+    loss, loss_ref = losses(do, dS)
+    grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+    grads_ref = torch.autograd.grad(loss_ref, ref_leaves, retain_graph=True)
     for name, a, b in zip(["dq", "dk", "dv", "dlog_weight", "dlog_decay", "dinitial_state"], grads, grads_ref):
         assert torch.isfinite(a).all(), name
         errs[name] = rel_err(a, b)
-    # d log_decay is one scalar per head summing signed contributions of all T^2/2 pairs (rows sum to
-    # zero when normalising): badly conditioned, so bf16 operand rounding shows more there than in the
-    # tensors. Its yardstick is the plain torch path on the same rounded inputs (bf16 features, fp32
-    # chunk op): the fused kernel must be no worse than decay_ratio times that, or under tol.
+    # d log_decay is one scalar per head summing signed contributions of all T^2/2 pairs (about 10x cancellation
+    # on these inputs), so bf16 operand rounding shows more there than in the tensors. Its yardstick is the plain
+    # torch path on the same rounded inputs (bf16 features, fp32 chunk op). On one draw of (do, dS) that path's
+    # error is itself noise, sometimes 100x under its usual size by luck (docs/kernel_notes.md, session 6), so the
+    # two are compared by their RMS errors over several draws: the kernel's must stay under decay_ratio times
+    # the torch path's, or under tol.
     tol_decay = tol
     if errs["dlog_decay"] >= tol:
         tq, tk, tv, tw, tl_ = (x.detach().clone().requires_grad_(True) for x in leaves[:5])
         to, tfs = tdj.fused_dijiang_attention(tq, tk, tv, proj, tw, tl_, normalize=normalize,
                                               initial_state=o_init.detach() if o_init is not None else None,
                                               output_final_state=final, chunk_size=chunk_size, backend="torch")
-        tloss = (to.double() * do).sum() + ((tfs.double() * dS).sum() if final else 0)
-        (g_decay,) = torch.autograd.grad(tloss, [tl_])
-        errs["dlog_decay_torch_path"] = rel_err(g_decay, grads_ref[4])
-        tol_decay = max(tol, decay_ratio * errs["dlog_decay_torch_path"])
-    bad = {k: v for k, v in errs.items() if not v < (tol_decay if k == "dlog_decay" else tol)
-           and k != "dlog_decay_torch_path"}
+        gen = torch.Generator(device=ro.device).manual_seed(seed + 1)
+        sq_kernel = sq_torch = sq_ref = 0.0
+        for _ in range(8):
+            do_j = torch.randn(ro.shape, generator=gen, device=ro.device, dtype=ro.dtype)
+            dS_j = torch.randn(rfs.shape, generator=gen, device=ro.device, dtype=ro.dtype) if final else None
+            loss_j, loss_ref_j = losses(do_j, dS_j)
+            (g,) = torch.autograd.grad(loss_j, [leaves[4]], retain_graph=True)
+            (g_ref,) = torch.autograd.grad(loss_ref_j, [ref_leaves[4]], retain_graph=True)
+            tloss = (to.double() * do_j).sum() + ((tfs.double() * dS_j).sum() if final else 0)
+            (g_torch,) = torch.autograd.grad(tloss, [tl_], retain_graph=True)
+            sq_kernel += (g.double() - g_ref).square().sum().item()
+            sq_torch += (g_torch.double() - g_ref).square().sum().item()
+            sq_ref += g_ref.square().sum().item()
+        errs["dlog_decay_rms"] = (sq_kernel / sq_ref) ** 0.5
+        errs["dlog_decay_torch_path_rms"] = (sq_torch / sq_ref) ** 0.5
+        tol_decay = max(tol, decay_ratio * errs["dlog_decay_torch_path_rms"])
+    decay_err = errs.get("dlog_decay_rms", errs["dlog_decay"])
+    bad = {k: v for k, v in errs.items() if not k.startswith("dlog_decay") and not v < tol}
+    if not decay_err < tol_decay:
+        bad["dlog_decay"] = decay_err
     assert not bad, f"relative errors over {tol}: {bad} (all: {errs})"
     print(errs)
     return errs
 
 
-DECAY_TAIL = pytest.mark.xfail(strict=False, reason="known d log_decay accuracy tail on these fixed inputs (3.6x the "
-                               "torch path's error, bound 3x): docs/kernel_notes.md")
-
-
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,m,normalize", [(64, 64, False), pytest.param(64, 64, True, marks=DECAY_TAIL),
+@pytest.mark.parametrize("d,m,normalize", [(64, 64, False), (64, 64, True),
                                            (128, 128, False), (128, 128, True), (64, 128, False), (64, 128, True)])
 def test_fused_matches_reference(d, m, normalize):
     _check(2, 200, 3, d, m, d, normalize=normalize, init=False, final=False)

@@ -145,7 +145,9 @@ if HAS_TRITON:
                 wk = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
                 Kw = K * wk[:, None]
                 dec = tl.exp((n * 1.0) * lam)
-                S = S * dec + tl.dot(tl.trans(Kw.to(DT)), vx)
+                # tf32 with the weighted features unrounded: their bf16 rounding was the largest single source of
+                # the d log_decay error (a float32 emulation of the kernels, docs/kernel_notes.md session 6)
+                S = S * dec + tl.dot(tl.trans(Kw), vx.to(tl.float32), input_precision="tf32")
                 if NORM:
                     z = z * dec + tl.sum(Kw, axis=0)
         sb = seg_ptr + (bh.to(tl.int64) * NSEG + pid_s) * E
