@@ -19,6 +19,7 @@ from dijiang.ops import linear_attention, window_attention  # noqa: E402
 from dijiang.ops import triton_dijiang  # noqa: E402
 from dijiang.ops.triton_dijiang import dijiang_feature_map, fused_dijiang_attention  # noqa: E402
 from dijiang.ops.triton_window import fused_window_attention  # noqa: E402
+from dijiang.ops.triton_window_decode import window_decode_step  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -110,6 +111,52 @@ def reduce_case(B, H, NC, M, seed=0) -> dict:
             "d_decay": rel(sums[H * M :], part[n_w:].view(B, H, NC).sum(dim=(0, 2)))}
 
 
+def window_decode_case(B, H, d, m, W, ring, seed=0) -> dict:
+    """One decode step of the kernel over a ring buffer (oldest token at slot ring % W) against the recurrent
+    PyTorch op over the same window stored oldest-first: the output and every piece of the new state."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    q, k, v = rnd(B, H, d), rnd(B, H, d), rnd(B, H, d)
+    qf, kf = torch.softmax(rnd(B, H, m), -1), torch.softmax(rnd(B, H, m), -1)
+    ordered = {"k": rnd(B, W, H, d), "v": rnd(B, W, H, d), "kf": torch.softmax(rnd(B, W, H, m), -1),
+               "mask": torch.rand(B, W, generator=gen) > 0.3, "S": rnd(B, H, m, d + 1).abs()}
+    ordered["mask"][0, : W // 2] = False  # a row whose window starts with padding
+    log_decay, lin_weight = -torch.rand(H, generator=gen) * 0.1, torch.rand(H, generator=gen) + 0.5
+    slot = ring % W
+    ring_state = {key: (x.roll(slot, dims=1) if key != "S" else x).clone() for key, x in ordered.items()}
+    o = window_decode_step(q, k, v, qf, kf, ring_state, torch.tensor([ring]), torch.exp(log_decay), lin_weight,
+                           scale=d**-0.5)
+    ring_state["mask"][:, slot] = True
+    o_ref, new = window_attention(q[:, None], k[:, None], v[:, None], qf[:, None], kf[:, None], log_decay,
+                                  lin_weight, window=W, scale=d**-0.5, mode="recurrent", initial_state=ordered,
+                                  output_final_state=True)
+    back = {key: (x.roll(-(slot + 1), dims=1) if key != "S" else x) for key, x in ring_state.items()}
+    out = {"o": rel(o, o_ref[:, 0])}
+    out["state_S"] = rel(back["S"], new["S"])
+    real = new["mask"][:, :, None, None].float()  # the op zeroes padding slots; the kernel leaves them (never read)
+    out.update({f"state_{key}": rel(back[key].float() * real, new[key].float() * real) for key in ("k", "v", "kf")})
+    out["state_mask_equal"] = float(not torch.equal(back["mask"], new["mask"]))
+    return out
+
+
+def fast_decode_window_kernel_case() -> dict:
+    """The fast decoder with its window layers on the decode kernel (ring buffer, one shared padding mask) gives
+    model.generate's greedy tokens: batch 2, left padding, many steps past a window of 4."""
+    import dijiang
+    from dijiang import fast_decode
+    from test_conversion import tiny_model
+    from test_fast_decode import left_padded, reference
+
+    fast_decode.WINDOW_KERNEL = "force"
+    model = dijiang.convert(tiny_model("llama", seed=1), dict(window=4))
+    ids, mask = left_padded()
+    expected = reference(model, ids, mask, 12)
+    got = fast_decode.fast_generate(model, ids, mask, max_new_tokens=12)
+    decoder = next(iter(model._dijiang_fast_decoders.values()))
+    on_kernel = sum(isinstance(p.fn, fast_decode._KernelWindowStep) for p in decoder.plans)
+    return {"tokens_differ": float(not torch.equal(got, expected)), "layers_not_on_kernel": float(3 - on_kernel)}
+
+
 CASES = {
     "window B1 T200 W48 (linear part, partial last block)": lambda: window_case(1, 200, 2, 16, 48),
     "window B2 T300 W64": lambda: window_case(2, 300, 2, 16, 64, seed=1),
@@ -120,6 +167,10 @@ CASES = {
     "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
     "dijiang T90 normalize, frozen feature weights and decay": lambda: dijiang_case(1, 90, 2, 16, True, True, seed=6,
                                                                                    frozen_map=True),
+    "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
+    "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
+                                                                                                       13, seed=1),
+    "window decode in the fast decoder (greedy tokens)": fast_decode_window_kernel_case,
     "reduce B2 H3 NC70 M16 (partial sums of the decay and feature-weight gradients)": lambda: reduce_case(2, 3, 70, 16),
 }
 

@@ -13,6 +13,8 @@ so the step is launch-bound. This module:
    output path, residual, MLP) -> final norm -> lm_head -> greedy argmax or seeded temperature/top-p sampling;
 4. on CUDA captures that step in one ``torch.cuda.CUDAGraph`` (optionally with the per-layer function compiled
    by ``torch.compile`` first, which fuses the elementwise work) and replays it; on CPU runs it eagerly.
+   Window-hybrid layers on CUDA run their attention in one Triton kernel over a ring buffer of the last W
+   tokens (``dijiang.ops.triton_window_decode``); elsewhere they shift the window in plain tensor code.
 
 Supported families: llama, mistral, qwen2, qwen3 (pure, window-hybrid and partly-converted models, and
 unconverted ones, which then run with static KV buffers). Anything else falls back to ``model.generate`` with a
@@ -50,6 +52,9 @@ COMPILE_MODE = os.environ.get("DIJIANG_COMPILE_MODE", "max-autotune-no-cudagraph
 # "layer": compile one decode-layer step and reuse it for every layer of a kind (short compile);
 # "step": compile the whole step (all layers, final norm, head), so Inductor can fuse across layer boundaries.
 COMPILE_SCOPE = os.environ.get("DIJIANG_COMPILE_SCOPE", "layer")
+# window layers on CUDA: their attention in one Triton kernel over a ring buffer. "0": the compiled torch step;
+# "force": the kernel on any device (tests run it on the CPU under the Triton interpreter)
+WINDOW_KERNEL = os.environ.get("DIJIANG_WINDOW_DECODE_KERNEL", "1")
 if COMPILE_SCOPE not in ("layer", "step"):
     raise ValueError(f"DIJIANG_COMPILE_SCOPE must be 'layer' or 'step', got {COMPILE_SCOPE!r}")
 
@@ -188,26 +193,59 @@ def _linear_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: Tensor, w: di
     return _mlp(h, w, c)
 
 
-def _window_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict, c: "_Consts") -> Tensor:
-    """One decode step of a window-hybrid layer through ``window_attention(mode="recurrent")``; the fixed-size
-    state dict is updated in place (copy_ into the static tensors)."""
-    from dijiang.ops import window_attention
+_WINDOW_STATE = ("S", "k", "v", "kf", "mask")  # the op's state; the decoder adds "ring" (kernel step only)
 
+
+def _window_pre(h: Tensor, cos: Tensor, sin: Tensor, w: dict, c: "_Consts"):
+    """The window layer's step up to attention: (x, q, k, v, phi(q), phi(k)), heads expanded."""
     x = _rms(h, w["in_norm"], c.in_eps)
     q, k, v = _project(x, w, c)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     if c.groups > 1:
         k, v = k.repeat_interleave(c.groups, dim=1), v.repeat_interleave(c.groups, dim=1)
-    qf, kf = _features(q, w, c, "q"), _features(k, w, c, "k")
+    return x, q, k, v, _features(q, w, c, "q"), _features(k, w, c, "k")
+
+
+def _window_post(o: Tensor, x: Tensor, h: Tensor, w: dict, c: "_Consts") -> Tensor:
+    return _mlp(_finish_attention(o, x, h, w, c), w, c)
+
+
+def _window_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict, c: "_Consts") -> Tensor:
+    """One decode step of a window-hybrid layer through ``window_attention(mode="recurrent")`` (the window
+    shifts by one token); the fixed-size state dict is updated in place (copy_ into the static tensors)."""
+    from dijiang.ops import window_attention
+
+    x, q, k, v, qf, kf = _window_pre(h, cos, sin, w, c)
     q, k, v, qf, kf = (t.unsqueeze(1) for t in (q, k, v, qf, kf))  # [B, 1, H, .]
     o, new_state = window_attention(
         q, k, v, qf, kf, w["log_decay"], w["lin_weight"], window=c.window, scale=c.attn_scale,
-        mode="recurrent", initial_state=state, output_final_state=True, attention_mask=None,
+        mode="recurrent", initial_state={key: state[key] for key in _WINDOW_STATE}, output_final_state=True,
+        attention_mask=None,
     )
     for key, value in new_state.items():
         state[key].copy_(value)
-    h = _finish_attention(o[:, 0], x, h, w, c)
-    return _mlp(h, w, c)
+    return _window_post(o[:, 0], x, h, w, c)
+
+
+class _KernelWindowStep:
+    """A window layer's decode step with its attention in one Triton kernel (``triton_window_decode``) over a
+    ring buffer; the parts before and after it are compiled separately (``compiled``). The window layers share
+    one padding mask, which the decoder updates once per step."""
+
+    def __init__(self, pre=_window_pre, post=_window_post):
+        self.pre, self.post = pre, post
+
+    def compiled(self, mode) -> "_KernelWindowStep":
+        return _KernelWindowStep(torch.compile(_window_pre, dynamic=False, mode=mode),
+                                 torch.compile(_window_post, dynamic=False, mode=mode))
+
+    def __call__(self, h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict, c: "_Consts") -> Tensor:
+        from dijiang.ops.triton_window_decode import window_decode_step
+
+        x, q, k, v, qf, kf = self.pre(h, cos, sin, w, c)
+        o = window_decode_step(q, k, v, qf, kf, state, state["ring"], w["decay_flat"], w["lin_weight"],
+                               scale=c.attn_scale, eps=c.eps)
+        return self.post(o, x, h, w, c)  # the decoder marks the slot real once every layer has read the mask
 
 
 def _softmax_layer_step(h: Tensor, cos: Tensor, sin: Tensor, kv: dict, w: dict, c: "_Consts") -> Tensor:
@@ -273,7 +311,15 @@ def _linear_weights(linear) -> tuple[Tensor, Tensor | None]:
     return linear.weight.detach(), (linear.bias.detach() if linear.bias is not None else None)
 
 
-def _build_plan(layer, fused: bool, reduce_matmul: bool) -> _LayerPlan:
+def _window_kernel_fits(consts: "_Consts", w: dict) -> bool:
+    from dijiang.ops.triton_window_decode import window_decode_supported
+
+    m = w["projection"].shape[-1] if "projection" in w else consts.head_dim
+    device = "cuda" if WINDOW_KERNEL == "force" else w["w_o"].device
+    return window_decode_supported(consts.head_dim, consts.head_dim, m, consts.window, device)
+
+
+def _build_plan(layer, fused: bool, reduce_matmul: bool, kernel_window: bool = False) -> _LayerPlan:
     attn, mlp = layer.self_attn, layer.mlp
     converted = isinstance(attn, DiJiangAttention)
     if converted:
@@ -352,6 +398,9 @@ def _build_plan(layer, fused: bool, reduce_matmul: bool) -> _LayerPlan:
         w["log_decay"] = log_decay
         w["lin_weight"] = F.softplus(attn.window_mix.detach().float())
         consts = _Consts(kind="window", **common, **extra)
+        if kernel_window and _window_kernel_fits(consts, w):
+            w["decay_flat"] = torch.exp(log_decay.float()).contiguous()
+            return _LayerPlan(consts, w, fn=_KernelWindowStep())
         return _LayerPlan(consts, w, fn=_window_layer_step)
     w["decay"] = torch.exp(log_decay)[:, None, None]  # [H, 1, 1] float32
     consts = _Consts(kind="linear", normalize=settings.normalize, **common, **extra)
@@ -405,16 +454,26 @@ class FastDecoder:
         self.do_sample, self.temperature, self.top_p = do_sample, float(temperature), float(top_p)
         base = model.model
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, model.lm_head
-        self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile) for layer in base.layers]
+        kernel_window = WINDOW_KERNEL == "force" or (WINDOW_KERNEL != "0" and self.is_cuda and COMPILE_SCOPE == "layer")
+        self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile, kernel_window=kernel_window)
+                      for layer in base.layers]
+        kernel_windows = {p.consts.window for p in self.plans if isinstance(p.fn, _KernelWindowStep)}
+        if len(kernel_windows) > 1:  # the shared mask needs one window size
+            self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile) for layer in base.layers]
+            kernel_windows = set()
+        self.kernel_window = kernel_windows.pop() if kernel_windows else 0
+        self.window_mask = None  # [B, W] bool, shared by the kernel window layers
         self._run_layers = self._layers
         if self.compile and COMPILE_SCOPE == "step":
             self._run_layers = torch.compile(self._layers, dynamic=False, mode=COMPILE_MODE)
         elif self.compile:
             compiled = {}
             for plan in self.plans:
-                if plan.consts.kind not in compiled:
-                    compiled[plan.consts.kind] = torch.compile(plan.fn, dynamic=False, mode=COMPILE_MODE)
-                plan.fn = compiled[plan.consts.kind]
+                key = "window-kernel" if isinstance(plan.fn, _KernelWindowStep) else plan.consts.kind
+                if key not in compiled:
+                    compiled[key] = (plan.fn.compiled(COMPILE_MODE) if key == "window-kernel"
+                                     else torch.compile(plan.fn, dynamic=False, mode=COMPILE_MODE))
+                plan.fn = compiled[key]
         # rope table for every position the decoder can see
         with torch.no_grad():
             positions = torch.arange(self.capacity + 1, device=self.device)[None]
@@ -426,6 +485,7 @@ class FastDecoder:
         self.pos = torch.zeros(B, dtype=torch.long, device=self.device)
         self.cur = torch.zeros(1, dtype=torch.long, device=self.device)  # KV slot of the token being fed
         self.step_idx = torch.zeros(1, dtype=torch.long, device=self.device)  # column of `out` written next
+        self.ring = torch.zeros(1, dtype=torch.long, device=self.device)  # steps since the prefill (window ring)
         self.out = torch.zeros(B, self.capacity + 1, dtype=torch.long, device=self.device)
         self.alive = torch.zeros(self.capacity + 1, dtype=torch.bool, device=self.device)
         self.unfinished = torch.ones(B, dtype=torch.bool, device=self.device)
@@ -451,9 +511,14 @@ class FastDecoder:
                 if plan.state is None:
                     plan.state = torch.empty_like(layer_cache.state)
                 plan.state.copy_(layer_cache.state)
-            elif plan.consts.kind == "window":
+            elif plan.consts.kind == "window":  # oldest token first, so the ring's slot 0 leaves first
                 if plan.state is None:
                     plan.state = {key: torch.empty_like(value) for key, value in layer_cache.state.items()}
+                    plan.state["ring"] = self.ring
+                    if isinstance(plan.fn, _KernelWindowStep):
+                        if self.window_mask is None:
+                            self.window_mask = plan.state["mask"]
+                        plan.state["mask"] = self.window_mask  # the same padding in every layer
                 for key, value in layer_cache.state.items():
                     plan.state[key].copy_(value)
             else:
@@ -506,9 +571,12 @@ class FastDecoder:
 
     def _step(self) -> None:
         logits = self._run_layers(self.tok, self.pos)
+        if self.window_mask is not None:  # the new token's slot is real from now on (every layer has read it)
+            self.window_mask.index_fill_(1, torch.remainder(self.ring, self.kernel_window), True)
         self._emit(self._select(logits))
         self.pos.add_(1)
         self.cur.add_(1)
+        self.ring.add_(1)
 
     def _capture(self) -> None:
         """Warm up (compiles) on a side stream, then capture one step. The buffers are restored by the caller."""
@@ -540,6 +608,7 @@ class FastDecoder:
         self.alive.zero_()
         self.pos.copy_(attention_mask.long().sum(-1))
         self.cur.fill_(width)
+        self.ring.zero_()
         if self.do_sample:
             self.noise.exponential_(generator=self.generator)
         self._emit(self._select(out.logits[:, -1].float()))
@@ -551,13 +620,12 @@ class FastDecoder:
     def decode(self, steps: int, check_every: int = 32) -> int:
         """Run `steps` decode steps after `prefill`; returns how many ran (early stop when all rows hit eos)."""
         if self.use_graph and self.graph is None and steps > 0:
-            saved = (self.tok.clone(), self.pos.clone(), self.cur.clone(), self.step_idx.clone(), self.out.clone(),
-                     self.alive.clone(), self.unfinished.clone())
+            buffers = (self.tok, self.pos, self.cur, self.ring, self.step_idx, self.out, self.alive, self.unfinished)
+            saved = tuple(buffer.clone() for buffer in buffers)
             self._capture()
             cache, mask, width = self._prefill_state
             self._load_cache(cache, mask, width)  # undo the warm-up steps
-            for buffer, value in zip((self.tok, self.pos, self.cur, self.step_idx, self.out, self.alive,
-                                      self.unfinished), saved):
+            for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
             self._prefill_state = None
         has_eos = self.eos.numel() > 0
