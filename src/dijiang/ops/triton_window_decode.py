@@ -24,6 +24,8 @@ if HAS_TRITON:
 
 __all__ = ["window_decode_step", "window_decode_supported"]
 
+NUM_WARPS = 4  # benchmarks/bench_window_decode.py times the alternatives
+
 
 if HAS_TRITON:
 
@@ -108,5 +110,5 @@ def window_decode_step(q: Tensor, k: Tensor, v: Tensor, q_feat: Tensor, k_feat: 
     args = (q, k, v, q_feat, k_feat, state["k"], state["v"], state["kf"], state["mask"].view(torch.int8), state["S"],
             ring, decay, lin_weight, o, H, float(scale), float(eps))
     # generic launch key: the step is captured in a CUDA graph once, so this host path is not hot
-    launch(_window_decode_step, (B * H,), args, dict(W=W, WP=_pow2(W), D=d, DV=dv, M=m), num_warps=4)
+    launch(_window_decode_step, (B * H,), args, dict(W=W, WP=_pow2(W), D=d, DV=dv, M=m), num_warps=NUM_WARPS)
     return o
