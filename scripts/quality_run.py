@@ -31,7 +31,37 @@ EVAL_TEXTS = {"pydoc": "pydoc", "austen": str(HELDOUT)}
 FINAL_WINDOW, FINAL_WINDOWS = 512, 40  # the calibration run's held-out protocol (ANCHORS.md)
 
 # name -> (description, DiJiang settings, converted layers or None, token budget, extra training options)
-ALL_BUT = lambda *kept: [i for i in range(30) if i not in kept]  # noqa: E731  (SmolLM2 has 30 layers)
+class KeepSoftmax(tuple):
+    """A job's layer choice: these layers keep softmax attention, every other one is converted (the layer count is
+    read from the model's config when the job is built)."""
+
+
+def num_layers(model: str) -> int:
+    """num_hidden_layers of a model name as `dijiang.load_pretrained` takes it (embedded, .gguf, directory, hub)."""
+    from transformers import AutoConfig
+
+    from dijiang.conversion import EMBEDDED_MODELS, embedded_gguf
+
+    path = Path(model).expanduser()
+    if model in EMBEDDED_MODELS:
+        folder, gguf = embedded_gguf(model)
+        config = AutoConfig.from_pretrained(str(folder), gguf_file=gguf)
+    elif path.suffix == ".gguf":
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else model)
+    return config.num_hidden_layers
+
+
+def resolve_layers(name: str, layers, model: str):
+    """The converted layer indices of job `name` for this model (None: all)."""
+    if not isinstance(layers, KeepSoftmax):
+        return layers
+    count = num_layers(model)
+    if any(not 0 <= i < count for i in layers):
+        raise ValueError(f"job {name} keeps layers {list(layers)} as softmax, but {model} has {count} layers")
+    return [i for i in range(count) if i not in layers]
+
 JOBS = {
     "hybrid": ("window 64 + DiJiang, KD", {"window": 64}, None, "20M", {}),
     "hybrid-lp": ("window 64 + DiJiang, learned projection (init DCT x QMC), KD", {"window": 64, "learn_projection": True},
@@ -50,7 +80,7 @@ JOBS = {
     "abl-performer": ("ablation: performer (Monte Carlo)", {"feature_map": "performer"}, None, "1M", {}),
     "abl-elu": ("ablation: elu + 1", {"feature_map": "elu"}, None, "1M", {}),
     "abl-dijiang-2d": ("ablation: dijiang, m = 2d", {"num_features": 128}, None, "1M", {}),
-    "abl-two-softmax": ("ablation: dijiang, layers 0 and 15 kept softmax", {}, ALL_BUT(0, 15), "1M", {}),
+    "abl-two-softmax": ("ablation: dijiang, layers 0 and 15 kept softmax", {}, KeepSoftmax((0, 15)), "1M", {}),
 }
 BASE_OPTIONS = dict(block_size=1024, batch_size=8, grad_accum=2, lr=1e-4, new_lr=1e-3, kd_weight=1.0, lm_weight=0.2,
                     warmup=0.05, eval_blocks=16, save_every=100, keep_checkpoints=1)
@@ -81,8 +111,8 @@ def job_config(name: str, model: str, corpus: Path, runs: Path, tokens: str | No
         if settings != recipe.get("attention") or parse_token_count(JOBS[name][3]) != parse_token_count(str(recipe["tokens"])):
             raise ValueError(f"job {name} is out of step with {extra['recipe']}")
         return TrainConfig.from_dict({**recipe, **paths, "tokens": budget})
-    return TrainConfig(tokens=budget, attention=settings, layers=layers, eval_every=eval_every,
-                       **paths, **{**BASE_OPTIONS, **extra})
+    return TrainConfig(tokens=budget, attention=settings, layers=resolve_layers(name, layers, model),
+                       eval_every=eval_every, **paths, **{**BASE_OPTIONS, **extra})
 
 
 def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None = None, resume: bool = False) -> dict:
@@ -90,8 +120,9 @@ def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None 
     from dijiang.evaluate import load_text, perplexity
     from dijiang.train import train
 
-    description, settings, layers, _, _ = JOBS[name]
+    description, settings, _, _, _ = JOBS[name]
     config = job_config(name, model, corpus, runs, tokens, resume)
+    layers = config.layers
     out = Path(config.out)
     summary = train(config)
     student = summary.pop("model")

@@ -36,6 +36,22 @@ def test_recipe_job_runs_the_recipe_file(quality_run, corpus, tmp_path):
     assert config.model == "/models/hf" and config.tokens == "20M"
 
 
+def test_kept_softmax_layers_follow_the_model(quality_run, corpus, tmp_path):
+    """abl-two-softmax keeps layers 0 and 15: every other layer of *this* model is converted."""
+    config = quality_run.job_config("abl-two-softmax", "smollm2", corpus, tmp_path)
+    assert config.layers == [i for i in range(30) if i not in (0, 15)]  # SmolLM2-135M: 30 layers
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for count in (20, 8):
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": count}))
+        if count > 15:
+            config = quality_run.job_config("abl-two-softmax", str(model_dir), corpus, tmp_path)
+            assert config.layers == [i for i in range(count) if i not in (0, 15)]
+        else:
+            with pytest.raises(ValueError, match="has 8 layers"):
+                quality_run.job_config("abl-two-softmax", str(model_dir), corpus, tmp_path)
+
+
 def test_recipe_job_out_of_step_with_its_file_is_refused(quality_run, corpus, tmp_path, monkeypatch):
     description, _, layers, budget, extra = quality_run.JOBS["hybrid-w128-20m"]
     monkeypatch.setitem(quality_run.JOBS, "hybrid-w128-20m", (description, {"window": 64}, layers, budget, extra))
