@@ -8,7 +8,7 @@ setup:
 test: setup
 	$(PY) -m pytest -q
 
-# Long tests (real-model and long-sequence checks, Gemma 3): run before a release.
+# Long tests (the ops at 65k-262k tokens, the real SmolLM2 at length, a real fine-tune): run before a release.
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 

@@ -103,6 +103,7 @@ def window_decode_step(q: Tensor, k: Tensor, v: Tensor, q_feat: Tensor, k_feat: 
     updated in place except "mask" (the caller sets ``mask[:, ring % W] = True`` afterwards); ``ring``: [1] long,
     steps since the buffers held the window oldest-first; decay, lin_weight: [H] float32.
     Returns o [B, H, dv] in v's dtype."""
+    q, k, v, q_feat, k_feat = (t.contiguous() for t in (q, k, v, q_feat, k_feat))  # the kernel's addressing
     B, H, d = q.shape
     W = state["k"].shape[1]
     dv, m = v.shape[-1], q_feat.shape[-1]
