@@ -6,8 +6,9 @@ CUDA event after every graph replay, so the first steps and the steady state can
 the call in three situations: right after a prefill (as the bench does), after a prefill and an idle pause,
 and a second call straight after the first.
 
-    python benchmarks/decode_steps.py --model ~/model/hf --kind pure --context 2048 --steps 256
+    python benchmarks/decode_steps.py --model ~/model/hf --kind pure --context 2048 --steps 256 --png steps.png
     python benchmarks/decode_steps.py --model tiny --device cpu --steps 8      # the same on CPU (no graph)
+    python benchmarks/decode_steps.py --from-json steps.json --png steps.png   # the plot of an earlier run
 """
 
 from __future__ import annotations
@@ -57,6 +58,27 @@ def summary(name: str, r: dict) -> str:
             f"{statistics.median(r['host_ms']) * 1e3:.0f} | {len(g) / (sum(g) / 1e3):.0f} |")
 
 
+def plot(data: dict, path: Path) -> None:
+    """Milliseconds per step against the step index, one line per situation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, run in data["runs"].items():
+        ax.plot(range(1, len(run["gpu_ms"]) + 1), run["gpu_ms"], label=name, linewidth=1)
+    a = data["args"]
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("ms per step (CUDA events)" if a["device"] == "cuda" else "ms per step (host)")
+    ax.set_title(f"{a['kind']}, batch {a['batch']}, context {a['context']}", fontsize=10)
+    ax.set_ylim(0, 1.15 * max(max(run["gpu_ms"]) for run in data["runs"].values()))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="model path or name ('tiny': random 2-layer Llama)")
@@ -68,7 +90,14 @@ def main(argv=None) -> int:
     ap.add_argument("--pause-s", type=float, default=1.0, help="idle pause before the second situation")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None, help="plot ms per step against the step index")
+    ap.add_argument("--from-json", default=None, help="only plot the JSON of an earlier run (needs --png)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        if not args.png:
+            ap.error("--from-json needs --png")
+        plot(json.loads(Path(args.from_json).read_text()), Path(args.png))
+        return 0
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_models(args.model, [args.kind], args.window, device, dtype)[args.kind]
@@ -105,9 +134,11 @@ def main(argv=None) -> int:
         print(summary(name, r))
     print(f"\ndecoder.decode({args.steps}) after a prefill, wall: {whole_ms:.1f} ms "
           f"= {args.batch * args.steps / whole_ms * 1e3:.0f} tok/s")
+    data = {"args": vars(args), "setup_s": setup_s, "decode_wall_ms": whole_ms, "runs": runs}
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "setup_s": setup_s, "decode_wall_ms": whole_ms,
-                                               "runs": runs}, indent=1))
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    if args.png:
+        plot(data, Path(args.png))
     return 0
 
 
