@@ -30,14 +30,8 @@ def inputs(B, H, d, W, dtype=torch.bfloat16):
     return q, k, v, qf, kf, state, ring, decay, lw
 
 
-def us_per_launch(B, H, d, W, warps, launches=50, replays=20) -> float:
-    twd.NUM_WARPS = warps
-    q, k, v, qf, kf, state, ring, decay, lw = inputs(B, H, d, W)
-
-    def step():
-        twd.window_decode_step(q, k, v, qf, kf, state, ring, decay, lw, scale=d**-0.5)
-        ring.add_(1)
-
+def graph_us(step, launches=50, replays=20) -> float:
+    """GPU microseconds per call of `step`, replayed from one CUDA graph of `launches` calls."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -53,7 +47,19 @@ def us_per_launch(B, H, d, W, warps, launches=50, replays=20) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (launches * replays)  # includes the tiny ring.add_ kernel
+    return start.elapsed_time(end) * 1e3 / (launches * replays)
+
+
+def us_per_launch(B, H, d, W, warps) -> float:
+    """The kernel plus the tiny ring.add_ that moves its slot."""
+    twd.NUM_WARPS = warps
+    q, k, v, qf, kf, state, ring, decay, lw = inputs(B, H, d, W)
+
+    def step():
+        twd.window_decode_step(q, k, v, qf, kf, state, ring, decay, lw, scale=d**-0.5)
+        ring.add_(1)
+
+    return graph_us(step)
 
 
 def main(argv=None) -> int:
@@ -71,21 +77,8 @@ def main(argv=None) -> int:
                 rows.append(dict(B=B, H=9, d=64, W=W, warps=warps, us=us))
                 print(f"| {B} | 9 | 64 | {W} | {warps} | {us:.2f} |", flush=True)
     twd.NUM_WARPS = 4
-    # the same graph with only the ring counter: the floor under each launch
     ring = torch.zeros(1, dtype=torch.long, device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(50):
-            ring.add_(1)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    floor = start.elapsed_time(end) * 1e3 / 1000
+    floor = graph_us(lambda: ring.add_(1))  # the same graph with only the ring counter: the floor of a launch
     print(f"\nfloor (ring.add_ alone): {floor:.2f} us per launch")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "floor_us": floor}, indent=1))

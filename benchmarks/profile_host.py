@@ -117,19 +117,6 @@ def internals_report(T, H=16, D=64):
             + cprofile_table(run, rows=16))
 
 
-def host_us(fn, n=2000):
-    """Host microseconds per call, nothing synchronised inside the loop (pick inputs whose GPU work is shorter)."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    us = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return us
-
-
 class _EmptyOp(torch.autograd.Function):
     """An autograd Function that allocates its output and gradients and launches nothing: the engine's own cost."""
 
@@ -202,7 +189,8 @@ def breakdown_report(T, H=16, D=64):
     lines = [f"\n## Host us per call, T={T}, 16 x 64 (GPU work shorter than the host's)", "| piece | host us |",
              "|---|---|"]
     for name, fn in pieces:
-        lines.append(f"| {name} | {host_us(fn, n=500 if 'fwd+bwd' in name else 2000):.1f} |")
+        host_ms, _ = host_and_gpu_ms(fn, n=500 if "fwd+bwd" in name else 2000)
+        lines.append(f"| {name} | {host_ms * 1e3:.1f} |")
     return "\n".join(lines)
 
 

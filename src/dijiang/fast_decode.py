@@ -193,9 +193,6 @@ def _linear_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: Tensor, w: di
     return _mlp(h, w, c)
 
 
-_WINDOW_STATE = ("S", "k", "v", "kf", "mask")  # the op's state; the decoder adds "ring" (kernel step only)
-
-
 def _window_pre(h: Tensor, cos: Tensor, sin: Tensor, w: dict, c: "_Consts"):
     """The window layer's step up to attention: (x, q, k, v, phi(q), phi(k)), heads expanded."""
     x = _rms(h, w["in_norm"], c.in_eps)
@@ -219,8 +216,7 @@ def _window_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict
     q, k, v, qf, kf = (t.unsqueeze(1) for t in (q, k, v, qf, kf))  # [B, 1, H, .]
     o, new_state = window_attention(
         q, k, v, qf, kf, w["log_decay"], w["lin_weight"], window=c.window, scale=c.attn_scale,
-        mode="recurrent", initial_state={key: state[key] for key in _WINDOW_STATE}, output_final_state=True,
-        attention_mask=None,
+        mode="recurrent", initial_state=state, output_final_state=True, attention_mask=None,
     )
     for key, value in new_state.items():
         state[key].copy_(value)
@@ -514,11 +510,11 @@ class FastDecoder:
             elif plan.consts.kind == "window":  # oldest token first, so the ring's slot 0 leaves first
                 if plan.state is None:
                     plan.state = {key: torch.empty_like(value) for key, value in layer_cache.state.items()}
-                    plan.state["ring"] = self.ring
-                    if isinstance(plan.fn, _KernelWindowStep):
+                    if isinstance(plan.fn, _KernelWindowStep):  # ring addressing, one padding mask for all
+                        plan.state["ring"] = self.ring
                         if self.window_mask is None:
                             self.window_mask = plan.state["mask"]
-                        plan.state["mask"] = self.window_mask  # the same padding in every layer
+                        plan.state["mask"] = self.window_mask
                 for key, value in layer_cache.state.items():
                     plan.state[key].copy_(value)
             else:
