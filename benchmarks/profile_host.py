@@ -105,12 +105,12 @@ def internals_report(T, H=16, D=64):
     """Host ms of the kernel drivers called directly (no autograd), and a cProfile of them."""
     q, k, v, proj, lw, ld = bench_ops.make(1, T, H, D, D, torch.bfloat16, "cuda")
     do = torch.randn_like(v)
-    cfg = tdj._Cfg(q, v, proj, D**-0.5, 1e-6, False, 64)
+    cfg = tdj._cfg_for(q, v, proj, D**-0.5, 1e-6, False, 64, True)  # what the public call plans (no state)
 
     def run():
-        spec = tdj._call_spec(cfg, v.dtype, q, k, v, proj, lw, ld, do, None)
-        o, den, hloc, segf, _ = tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)
-        tdj._backward(q, k, v, proj, lw, ld, None, den, hloc, segf, do, None, None, cfg, False, spec)
+        spec = tdj._call_spec(cfg, v.dtype, q, k, v, proj, lw, ld) + tdj.tensor_spec(do, None)
+        o, den, states, _ = tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)
+        tdj._backward(q, k, v, proj, lw, ld, None, den, states, do, None, None, cfg, False, spec)
 
     host, gpu = host_and_gpu_ms(run)
     return (f"\nkernel drivers without autograd, T={T}: host {host:.3f} ms per fwd+bwd, GPU {gpu:.3f} ms\n"
@@ -133,11 +133,12 @@ def breakdown_report(T, H=16, D=64):
     """Host us of each piece of one fused forward+backward call, at a T short enough that the GPU keeps up."""
     q, k, v, proj, lw, ld = bench_ops.make(1, T, H, D, D, torch.bfloat16, "cuda")
     do = torch.randn_like(v)
-    cfg = tdj._Cfg(q, v, proj, D**-0.5, 1e-6, False, 64)
+    cfg = tdj._cfg_for(q, v, proj, D**-0.5, 1e-6, False, 64, True)  # what the public call plans (no state)
     spec = tdj._call_spec(cfg, v.dtype, q, k, v, proj, lw, ld)
-    o, den, hloc, segf, _ = tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)
-    seg = segf.clone()
+    o, den, states, _ = tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)
+    seg = tdj._segments_of(states.clone(), cfg)
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v, lw, ld)]
+    n_fwd, n_bwd = (2, 2) if cfg.inline else (3, 3)
 
     def scan():
         tdj._scan(seg, None, None, ld, cfg, False, spec)
@@ -172,14 +173,14 @@ def breakdown_report(T, H=16, D=64):
         ("torch.empty f32 [BH, NC, E]", lambda: torch.empty(H, cfg.NC, cfg.E, device="cuda")),
         ("torch.empty_like(q)", lambda: torch.empty_like(q)),
         ("proj.float().contiguous()", lambda: proj.float().contiguous()),
-        ("_Cfg(...)", lambda: tdj._Cfg(q, v, proj, D**-0.5, 1e-6, False, 64)),
+        ("_Cfg(...)", lambda: tdj._Cfg(q, v, proj, D**-0.5, 1e-6, False, 64, True)),
+        ("_cfg_for(...) (cached _Cfg)", lambda: tdj._cfg_for(q, v, proj, D**-0.5, 1e-6, False, 64, True)),
         ("_call_spec(...)", lambda: tdj._call_spec(cfg, v.dtype, q, k, v, proj, lw, ld)),
         ("one direct launch (scan kernel)", scan),
-        ("sum over (0, 2) of [1, H, NC, M]", lambda: hloc[:, :, :D].view(1, H, cfg.NC, D).sum(dim=(0, 2))),
-        ("_forward (3 launches + buffers)",
+        (f"_forward ({n_fwd} launches + buffers)",
          lambda: tdj._forward(q, k, v, proj, lw, ld, None, cfg, False, v.dtype, spec)),
-        ("_backward (4 launches + buffers)",
-         lambda: tdj._backward(q, k, v, proj, lw, ld, None, den, hloc, segf, do, None, None, cfg, False, spec)),
+        (f"_backward ({n_bwd} launches + buffers)",
+         lambda: tdj._backward(q, k, v, proj, lw, ld, None, den, states, do, None, None, cfg, False, spec)),
         ("fused_dijiang_attention, no grad", fwd_nograd),
         ("fused_dijiang_attention, graph recorded", fwd_grad_only),
         ("fused fwd+bwd (autograd)", fwd_bwd_fused),
@@ -191,6 +192,65 @@ def breakdown_report(T, H=16, D=64):
     for name, fn in pieces:
         host_ms, _ = host_and_gpu_ms(fn, n=500 if "fwd+bwd" in name else 2000)
         lines.append(f"| {name} | {host_ms * 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def backward_path_report(T=256, H=16, D=64, calls=300, device="cuda"):
+    """Where the host time of one forward+backward goes, by timestamps: the forward call (main thread), the
+    engine handing over to our backward (autograd's device thread), our backward's body and its kernel driver,
+    the engine's work after it (gradient accumulation), back on the main thread. The same for an empty
+    autograd Function. Medians in us, T short enough that the GPU keeps up."""
+    q, k, v, proj, lw, ld = bench_ops.make(1, T, H, D, D, torch.bfloat16, device)
+    do = torch.randn_like(v)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v, lw, ld)]
+    marks: dict = {}
+    clock = time.perf_counter_ns
+
+    def timed(fn, enter, leave):
+        def wrapper(*args, **kwargs):
+            marks[enter] = clock()
+            out = fn(*args, **kwargs)
+            marks[leave] = clock()
+            return out
+        return wrapper
+
+    real_bwd, real_driver = tdj._FusedDiJiang.backward, tdj._backward
+    real_empty = _EmptyOp.backward
+    rows = {}
+    try:
+        tdj._FusedDiJiang.backward = staticmethod(timed(real_bwd, "bwd_in", "bwd_out"))
+        tdj._backward = timed(real_driver, "drv_in", "drv_out")
+        _EmptyOp.backward = staticmethod(timed(real_empty, "bwd_in", "bwd_out"))
+        for name, op in (("fused", lambda: tdj.fused_dijiang_attention(*leaves[:3], proj, leaves[3], leaves[4])[0]),
+                         ("empty Function", lambda: _EmptyOp.apply(*leaves))):
+            spans = []
+            for i in range(calls + 20):
+                marks.clear()
+                t0 = clock()
+                out = op()
+                t1 = clock()
+                torch.autograd.backward(out, do)
+                t2 = clock()
+                for x in leaves:
+                    x.grad = None
+                del out
+                t3 = clock()
+                if i >= 20:
+                    drv = marks["drv_out"] - marks["drv_in"] if "drv_in" in marks else 0
+                    spans.append((t1 - t0, marks["bwd_in"] - t1, marks["bwd_out"] - marks["bwd_in"] - drv, drv,
+                                  t2 - marks["bwd_out"], t3 - t2, t3 - t0))
+            rows[name] = [sorted(col)[len(col) // 2] / 1e3 for col in zip(*spans)]
+    finally:
+        tdj._FusedDiJiang.backward, tdj._backward, _EmptyOp.backward = (staticmethod(real_bwd), real_driver,
+                                                                         staticmethod(real_empty))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    heads = ["forward call", "engine -> our backward", "backward body (no driver)", "kernel driver _backward",
+             "after our backward -> main", "grads = None", "total"]
+    lines = [f"\n## One forward+backward by timestamps, T={T}, 16 x 64, median us of {calls} calls",
+             "| piece | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for j, head in enumerate(heads):
+        lines.append(f"| {head} | " + " | ".join(f"{rows[n][j]:.1f}" for n in rows) + " |")
     return "\n".join(lines)
 
 
@@ -231,6 +291,8 @@ def main(argv=None):
     ap.add_argument("--profile-t", type=int, default=4096)
     ap.add_argument("--out", default=None)
     ap.add_argument("--breakdown-only", action="store_true", help="only the per-piece host table (T=256 and 1024)")
+    ap.add_argument("--backward-path", action="store_true",
+                    help="only the timestamps of one forward+backward (forward, engine hand-over, backward body)")
     args = ap.parse_args(argv)
     lines = []
 
@@ -243,6 +305,11 @@ def main(argv=None):
 
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"python {platform.python_version()}, {platform.processor() or platform.machine()}")
+    if args.backward_path:
+        say(backward_path_report())
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
+        return
     if args.breakdown_only:
         for T in (256, 1024):
             say(breakdown_report(T))

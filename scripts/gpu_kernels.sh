@@ -15,6 +15,11 @@
 #   bash scripts/gpu_kernels.sh model6  (session 6) on ~/model/hf: per-step decode timings, pure decode at 128 and 256
 #                                       new tokens, the default compile mode, the full decode table, training
 #                                       tok/s of teacher and pure (session 6 ran these over several device calls)
+#   bash scripts/gpu_kernels.sh host7   (session 7) GPU kernel tests, host breakdown, fused vs SDPA at 1k-8k eager and
+#                                       from CUDA graphs with the in-kernel carry on and off (DIJIANG_INLINE_CARRY=0)
+#   bash scripts/gpu_kernels.sh host7b  (session 7, after the host trims) GPU kernel tests, timestamps of one
+#                                       forward+backward, host breakdown, fused vs SDPA 1k-8k eager three times
+#                                       (16 x 64) and once (32 x 128), from CUDA graphs once, fused at 64k
 # Results are copied into docs/ by hand (docs/bench_ops_window.md, docs/bench_data/*.json).
 set -uo pipefail
 export PYTHONPATH=~/site:$PWD/src
@@ -64,6 +69,37 @@ elif [ "$stage" = host6 ]; then
   timeout 150 python benchmarks/bench_ops.py --methods sdpa,fused --shapes 16x64,32x128 --lengths 2048,4096,8192 \
     --md "$OUT/ops_short.md" --png "$OUT/ops_short.png" --json "$OUT/ops_short.json" > "$OUT/ops_short.log" 2>&1
   cat "$OUT/host_breakdown.txt"; tail -n 8 "$OUT/ops_short.log"
+elif [ "$stage" = host7 ]; then
+  nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
+  timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
+    2>&1 | tail -30 > "$OUT/gpu_tests.txt"
+  tail -n 4 "$OUT/gpu_tests.txt"
+  timeout 80 python benchmarks/profile_host.py --breakdown-only --out "$OUT/host_breakdown.txt" > /dev/null 2>&1
+  short() {  # $1: file stem, then extra bench_ops options
+    timeout 70 python benchmarks/bench_ops.py --shapes 16x64,32x128 --lengths 1024,2048,4096,8192 --no-write \
+      --json "$OUT/$1.json" "${@:2}" > "$OUT/$1.log" 2>&1
+  }
+  short ops_eager --methods sdpa,fused
+  DIJIANG_INLINE_CARRY=0 short ops_eager_nocarry --methods fused
+  short ops_eager_again --methods sdpa,fused
+  short ops_graphs --methods sdpa,fused --cuda-graphs
+  DIJIANG_INLINE_CARRY=0 short ops_graphs_nocarry --methods fused --cuda-graphs
+  timeout 60 python benchmarks/bench_ops.py --shapes 16x64,32x128 --lengths 65536 --methods fused --no-write \
+    --json "$OUT/ops_64k.json" > "$OUT/ops_64k.log" 2>&1
+  cat "$OUT/host_breakdown.txt"; for f in "$OUT"/ops_*.log; do echo "== $f"; tail -n 12 "$f"; done
+elif [ "$stage" = host7b ]; then
+  nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
+  timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
+    2>&1 | tail -30 > "$OUT/gpu_tests.txt"
+  tail -n 2 "$OUT/gpu_tests.txt"
+  { python benchmarks/profile_host.py --backward-path; python benchmarks/profile_host.py --breakdown-only; } \
+    > "$OUT/host.txt" 2>&1
+  ops() { timeout 100 python benchmarks/bench_ops.py --no-write "$@" 2>&1 | grep -v '^{'; }
+  { for i in 1 2 3; do ops --shapes 16x64 --lengths 1024,2048,4096,8192 --methods sdpa,fused; done
+    ops --shapes 32x128 --lengths 1024,2048,4096,8192 --methods sdpa,fused
+    ops --shapes 16x64,32x128 --lengths 1024,2048,4096,8192 --methods sdpa,fused --cuda-graphs
+    ops --shapes 16x64,32x128 --lengths 65536 --methods fused; } > "$OUT/ops.txt"
+  cat "$OUT/host.txt" "$OUT/ops.txt"
 elif [ "$stage" = model6 ]; then
   bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }
   python benchmarks/decode_steps.py --model ~/model/hf --kind pure --context 2048 --steps 256 \

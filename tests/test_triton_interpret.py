@@ -36,7 +36,7 @@ def _assert_case(name: str, errors: dict, tol: float) -> None:
 
 def test_every_case_ran(results):
     assert sum(name.startswith("window") and not name.startswith("window decode") for name in results) == 5
-    assert sum(name.startswith("dijiang") for name in results) == 3
+    assert sum(name.startswith("dijiang") for name in results) == 5
     assert sum(name.startswith("reduce") for name in results) == 1
     assert sum(name.startswith("window decode") for name in results) == 3
 
@@ -62,6 +62,10 @@ def test_window_kernel_equals_the_torch_op(results):
 
 
 def test_fused_dijiang_kernel_equals_the_torch_op(results):
+    # against a float64 reference; the decay gradient is a sum that cancels ~10x, so float32 accumulation leaves
+    # it ~2e-5 off on some draws (the scan path and the in-kernel carry alike)
     for name, errors in results.items():
         if name.startswith("dijiang"):
+            assert errors.pop("scan_launches_unexpected") == 0.0, name
+            assert errors.pop("d_decay", 0.0) < 1e-4, name
             _assert_case(name, errors, tol=2e-5)

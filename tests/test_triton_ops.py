@@ -194,6 +194,17 @@ def test_fused_segments_forced():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,normalize", [(1, 1000, 2, False), (1, 4097, 2, True), (2, 4096, 16, False)])
+def test_fused_in_kernel_carry(B, T, H, normalize):
+    """No state in or out, short enough that F3/B3 carry the segment states themselves (no scan launches)."""
+    meta = torch.empty(B, T, H, 64, device="meta")
+    cfg = tdj._Cfg(meta, meta, torch.empty(64, 64, device="meta"), 0.125, 1e-6, normalize, 64, plain=True)
+    assert cfg.inline and cfg.NSEG > 1
+    _check(B, T, H, 64, 64, 64, normalize=normalize, init=False, final=False)
+
+
+@gpu
+@pytest.mark.gpu
 def test_fused_float32_tight():
     # float32 inputs: the kernels' dots run in tf32 (~5e-4 per operand); the decay gradient (ill-conditioned
     # scalar, see _check) gets a looser bound than the tensors
@@ -343,3 +354,14 @@ def test_launch_keys_tell_triton_specialisations_apart():
     assert tdj._arg_key(x) != tdj._arg_key(x[1:])  # 16-byte alignment
     assert tdj._arg_key(x) != tdj._arg_key(x.float())  # dtype
     assert tdj._arg_key(True) != tdj._arg_key(1)
+    # the whole call's key: alignment and dtype of any outside tensor
+    q = torch.zeros(1, 20, 2, 16, dtype=torch.bfloat16)
+    shifted = torch.zeros(q.numel() + 1, dtype=torch.bfloat16)[1:].view(q.shape)
+    proj, lw, ld = torch.zeros(16, 16), torch.zeros(2, 16), torch.zeros(2)
+    cfg = tdj._Cfg(q, q, proj, 0.25, 1e-6, False, 16)
+    spec = tdj._call_spec(cfg, q.dtype, q, q, q, proj, lw, ld)
+    assert spec == tdj._call_spec(cfg, q.dtype, q.clone(), q, q, proj, lw, ld)
+    assert spec != tdj._call_spec(cfg, q.dtype, q, shifted, q, proj, lw, ld)
+    assert spec != tdj._call_spec(cfg, q.dtype, q, q, q, proj, lw, torch.zeros(3)[1:])
+    assert spec != tdj._call_spec(cfg, q.dtype, q, q, q.half(), proj, lw, ld)
+    assert spec != tdj._call_spec(cfg, torch.float32, q, q, q, proj, lw, ld)

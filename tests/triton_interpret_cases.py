@@ -67,8 +67,9 @@ def window_case(B, T, H, d, W, seed=0) -> dict:
     return out
 
 
-def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False) -> dict:
-    """frozen_map: log_weight and the decay need no gradient (the kernel then skips their reductions)."""
+def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, final=True) -> dict:
+    """frozen_map: log_weight and the decay need no gradient (the kernel then skips their reductions).
+    with_state=False, final=False: no state in or out, so F3/B3 carry the segment states themselves (inline)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (leaf(B, T, H, d, gen=gen) for _ in range(3))
     proj = torch.randn(d, d, generator=gen)
@@ -80,19 +81,30 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False) ->
         log_weight.requires_grad_(False)
         decay_raw.requires_grad_(False)
     leaves = [q, k, v] + ([] if frozen_map else [log_weight, decay_raw]) + ([init] if with_state else [])
-    common = dict(normalize=normalize, initial_state=init, output_final_state=True, chunk_size=16)
+    common = dict(normalize=normalize, initial_state=init, output_final_state=final, chunk_size=16)
 
     def fused():
         return fused_dijiang_attention(q, k, v, proj, log_weight, F.logsigmoid(decay_raw), backend="triton", **common)
 
-    def reference():
-        qf = dijiang_feature_map(q, proj, log_weight, d**-0.5)
-        kf = dijiang_feature_map(k, proj, log_weight, d**-0.5)
-        return linear_attention(qf, kf, v, F.logsigmoid(decay_raw), mode="parallel", **common)
+    def reference():  # float64: the decay gradient cancels ~10x, so a float32 reference is no yardstick for it
+        qf, kf = (torch.softmax(x.double() * d**-0.25 @ proj.double() + log_weight.double(), -1) for x in (q, k))
+        state = dict(common, initial_state=None if init is None else init.double())
+        o, final = linear_attention(qf, kf, v.double(), F.logsigmoid(decay_raw.double()), mode="parallel", **state)
+        return o.float(), None if final is None else final.float()
 
-    o1, s1, g1 = grads_of(fused, leaves, seed + 1)
+    scans = []
+    real_scan = triton_dijiang._scan
+    triton_dijiang._scan = lambda *args: scans.append(args) or real_scan(*args)
+    try:
+        o1, s1, g1 = grads_of(fused, leaves, seed + 1)
+    finally:
+        triton_dijiang._scan = real_scan
     o2, s2, g2 = grads_of(reference, leaves, seed + 1)
-    out = {"o": rel(o1, o2), "state": rel(s1, s2)}
+    out = {"o": rel(o1, o2)}
+    if final:
+        out["state"] = rel(s1, s2)
+    # the scan kernels (forward, backward) run only where a state goes in or out
+    out["scan_launches_unexpected"] = float(len(scans) != (2 if with_state or final else 0))
     names = ["q", "k", "v"] + ([] if frozen_map else ["log_weight", "decay"]) + ["init"]
     out.update({f"d_{n}": rel(a, b) for n, a, b in zip(names, g1, g2)})
     return out
@@ -167,6 +179,10 @@ CASES = {
     "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
     "dijiang T90 normalize, frozen feature weights and decay": lambda: dijiang_case(1, 90, 2, 16, True, True, seed=6,
                                                                                    frozen_map=True),
+    "dijiang T150 normalize, no state (in-kernel carry, 3 segments)": lambda: dijiang_case(1, 150, 2, 16, True, False,
+                                                                                            seed=7, final=False),
+    "dijiang B2 T300 no state (in-kernel carry, 4 segments)": lambda: dijiang_case(2, 300, 2, 16, False, False,
+                                                                                    seed=8, final=False),
     "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
     "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
                                                                                                        13, seed=1),

@@ -21,14 +21,20 @@ backward (same structure, time reversed)
   B1  per segment: local backward states dL/dS (from the segment's own later chunks), per chunk.
   B2  reverse scan over segments (starts from dL/d final_state, ends with dL/d initial_state).
   B3  per chunk: recomputes phi(q), phi(k), all of dq, dk, dv, the softmax backward, per-chunk
-      partial sums for d log_weight and d log_decay.
+      partial sums for d log_weight and d log_decay; the last program of each head to finish (an
+      atomic counter) sums that head's partials in a fixed order.
+
+Inline mode (no state in or out, up to INLINE_MAX_TILES chunk tiles): about sqrt(NC) chunks per
+segment, and F3/B3 carry the segment states over the earlier (later) segments themselves, so F2
+and B2 are not launched. A short call is bound by host time (Python, launches), not GPU time:
+forward + backward is then four launches instead of seven.
 
 Decay gradient (no cancellation): with S_c = g^{n_c} S_{c-1} + sum_j g^{n_c-1-j} K_j^T v_j and
 o_t = intra(g) + g^{i+1} Q_t S_{c-1}, the chain rule through the chunk recurrence gives per chunk
    sum_ij (i-j) A_ij M_ij                         (intra pairs; A = QK^T * decay mask, M = dO V^T)
  + sum_i (i+1) Q_i . dQ_inter_i                   (queries reading the entering state)
  + n_c g^{n_c} <dL/dS_c, S_{c-1}> + sum_j (n_c-1-j) K_j . dK_inter_j   (the state update)
-where every quantity is already in the backward kernel. Summed in torch over chunks and batch.
+where every quantity is already in the backward kernel. Summed over chunks and batch in B3.
 
 Numbers: bf16 (or fp16/fp32) inputs, fp32 accumulation; the feature-map product x @ P is a tf32
 dot with P kept in float32; states are float32 in memory.
@@ -105,8 +111,54 @@ if HAS_TRITON:
         return tl.where(valid[:, None], f, 0.0)
 
     @triton.jit
+    def _carried_state(seg_ptr, row0, first, count, step, lam, SEGLEN, ar_m, ar_v,
+                       M: tl.constexpr, DV: tl.constexpr, NORM: tl.constexpr):
+        """What the scan kernel would leave in seg[first - step]: the segment-local states seg[first],
+        seg[first + step], ... (``count`` of them, full segments) carried across one another with the decay,
+        the last one undecayed. INLINE mode: F3/B3 call it instead of a scan launch."""
+        E = M * DV + M * NORM
+        dec = tl.exp((SEGLEN * 1.0) * lam)
+        S = tl.zeros([M, DV], dtype=tl.float32)
+        z = tl.zeros([M], dtype=tl.float32)
+        for i in range(0, count):
+            sb = seg_ptr + (row0 + first + step * i) * E
+            S = S * dec + tl.load(sb + ar_m[:, None] * DV + ar_v[None, :])
+            if NORM:
+                z = z * dec + tl.load(sb + M * DV + ar_m)
+        return S, z
+
+    @triton.jit
+    def _entering_state(seg_ptr, bh, NSEG, sg, lam, SEGLEN, ar_m, ar_v, M: tl.constexpr, DV: tl.constexpr,
+                        NORM: tl.constexpr, INLINE: tl.constexpr, REVERSE: tl.constexpr):
+        """The state entering segment sg (REVERSE: dL/dS at its end) and its normaliser part: read from the
+        scanned seg buffer, or (INLINE) carried here over the segment-local states of the segments before it
+        (REVERSE: after it)."""
+        row0 = bh.to(tl.int64) * NSEG
+        if INLINE:
+            if REVERSE:
+                S, z = _carried_state(seg_ptr, row0, NSEG - 1, NSEG - 1 - sg, -1, lam, SEGLEN, ar_m, ar_v, M, DV,
+                                      NORM)
+            else:
+                S, z = _carried_state(seg_ptr, row0, 0, sg, 1, lam, SEGLEN, ar_m, ar_v, M, DV, NORM)
+        else:
+            E = M * DV + M * NORM
+            sb = seg_ptr + (row0 + sg) * E
+            S = tl.load(sb + ar_m[:, None] * DV + ar_v[None, :])
+            if NORM:
+                z = tl.load(sb + M * DV + ar_m)
+            else:
+                z = tl.zeros([M], dtype=tl.float32)
+        return S, z
+
+    @triton.jit
+    def _segment_region(chunk_ptr, NC, E: tl.constexpr):
+        """One buffer per direction holds the per-chunk states [B*H, NC, E] and, right after them, the segment
+        states [B*H, NSEG, E] (the backward's also B3's partial sums): one allocation instead of several."""
+        return chunk_ptr + tl.num_programs(1).to(tl.int64) * NC * E
+
+    @triton.jit
     def _f1_segment_states(
-        k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, seg_ptr,
+        k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr,
         T, H, NC, NSEG, s,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
         NORM: tl.constexpr,
@@ -150,7 +202,7 @@ if HAS_TRITON:
                 S = S * dec + tl.dot(tl.trans(Kw), vx.to(tl.float32), input_precision="tf32")
                 if NORM:
                     z = z * dec + tl.sum(Kw, axis=0)
-        sb = seg_ptr + (bh.to(tl.int64) * NSEG + pid_s) * E
+        sb = _segment_region(hloc_ptr, NC, E) + (bh.to(tl.int64) * NSEG + pid_s) * E
         tl.store(sb + ar_m[:, None] * DV + ar_v[None, :], S)
         if NORM:
             tl.store(sb + M * DV + ar_m, z)
@@ -195,10 +247,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _f3_output(
-        q_ptr, k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, seg_ptr, o_ptr, den_ptr,
+        q_ptr, k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, o_ptr, den_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-        NORM: tl.constexpr,
+        NORM: tl.constexpr, INLINE: tl.constexpr,
     ):
         c = tl.program_id(0)
         bh = tl.program_id(1)
@@ -215,6 +267,8 @@ if HAS_TRITON:
         t0 = c * C
         rows = t0 + ar_c
         valid = rows < T
+        S_in, z_in = _entering_state(_segment_region(hloc_ptr, NC, E), bh, NSEG, sg, lam, L * C, ar_m, ar_v, M, DV,
+                                     NORM, INLINE, False)
         P = tl.load(p_ptr + ar_d[:, None] * M + ar_m[None, :])
         w = tl.load(w_ptr + h * M + ar_m)
         tok = (b.to(tl.int64) * T * H + h)
@@ -230,14 +284,12 @@ if HAS_TRITON:
         o = tl.dot(A.to(DT), vx)
         g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
         base = bh.to(tl.int64) * NC + c
-        sb = seg_ptr + (bh.to(tl.int64) * NSEG + sg) * E
         fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
-        hs = tl.load(hloc_ptr + base * E + ar_m[:, None] * DV + ar_v[None, :])
-        hs += fs * tl.load(sb + ar_m[:, None] * DV + ar_v[None, :])
+        hs = tl.load(hloc_ptr + base * E + ar_m[:, None] * DV + ar_v[None, :]) + fs * S_in
         Qg = Q * g_in[:, None]
         o += tl.dot(Qg.to(DT), hs.to(DT))
         if NORM:
-            zs = tl.load(hloc_ptr + base * E + M * DV + ar_m) + fs * tl.load(sb + M * DV + ar_m)
+            zs = tl.load(hloc_ptr + base * E + M * DV + ar_m) + fs * z_in
             den = tl.sum(A, axis=1) + tl.sum(Qg * zs[None, :], axis=1)
             o = o / (den + eps)[:, None]
             tl.store(den_ptr + bh.to(tl.int64) * T + rows, den, mask=valid)
@@ -246,7 +298,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _b1_segment_dstates(
-        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, dden_in_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr, seg_ptr,
+        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, dden_in_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
         NORM: tl.constexpr, DDEN_IN: tl.constexpr,
@@ -298,7 +350,7 @@ if HAS_TRITON:
                 else:
                     dn = dox
                 G = G * dec + tl.dot(tl.trans(Qg.to(DT)), dn.to(DT))
-        sb = seg_ptr + (bh.to(tl.int64) * NSEG + pid_s) * E
+        sb = _segment_region(dloc_ptr, NC, E) + (bh.to(tl.int64) * NSEG + pid_s) * E
         tl.store(sb + ar_m[:, None] * DV + ar_v[None, :], G)
         if NORM:
             tl.store(sb + M * DV + ar_m, g)
@@ -306,11 +358,10 @@ if HAS_TRITON:
     @triton.jit
     def _b3_grads(
         q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, dden_ptr, p_ptr, w_ptr, ld_ptr,
-        hloc_ptr, segf_ptr, dloc_ptr, segb_ptr,
-        dq_ptr, dk_ptr, dv_ptr, part_ptr,
-        T, H, NC, NSEG, s, eps,
+        hloc_ptr, dloc_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, dlam_ptr, count_ptr,
+        B, T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-        NORM: tl.constexpr,
+        NORM: tl.constexpr, INLINE: tl.constexpr, REDUCE: tl.constexpr,
     ):
         c = tl.program_id(0)
         bh = tl.program_id(1)
@@ -359,14 +410,16 @@ if HAS_TRITON:
         term = tl.sum(tl.sum(dist * A * Mx, axis=1), axis=0)
         # states: forward entering chunk c, backward dL/dS after chunk c
         base = bh.to(tl.int64) * NC + c
-        sbf = segf_ptr + (bh.to(tl.int64) * NSEG + sg) * E
-        sbb = segb_ptr + (bh.to(tl.int64) * NSEG + sg) * E
+        segb_ptr = _segment_region(dloc_ptr, NC, E)
+        S_in, z_in = _entering_state(_segment_region(hloc_ptr, NC, E), bh, NSEG, sg, lam, L * C, ar_m, ar_v, M, DV,
+                                     NORM, INLINE, False)
+        G_in, g_in_b = _entering_state(segb_ptr, bh, NSEG, sg, lam, L * C, ar_m, ar_v, M, DV, NORM, INLINE, True)
         fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
         seg_end = tl.minimum((sg + 1) * L * C, T)
         fb = tl.exp((seg_end - (t0 + n)).to(tl.float32) * lam)
         moff = ar_m[:, None] * DV + ar_v[None, :]
-        hs = tl.load(hloc_ptr + base * E + moff) + fs * tl.load(sbf + moff)
-        dhs = tl.load(dloc_ptr + base * E + moff) + fb * tl.load(sbb + moff)
+        hs = tl.load(hloc_ptr + base * E + moff) + fs * S_in
+        dhs = tl.load(dloc_ptr + base * E + moff) + fb * G_in
         g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
         g_out = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
         dQi = tl.dot(dn, tl.trans(hs.to(DT)))
@@ -374,8 +427,8 @@ if HAS_TRITON:
         dec = tl.exp((n * 1.0) * lam)
         st = tl.sum(tl.sum(dhs * hs, axis=1), axis=0)
         if NORM:
-            zs = tl.load(hloc_ptr + base * E + M * DV + ar_m) + fs * tl.load(sbf + M * DV + ar_m)
-            dzs = tl.load(dloc_ptr + base * E + M * DV + ar_m) + fb * tl.load(sbb + M * DV + ar_m)
+            zs = tl.load(hloc_ptr + base * E + M * DV + ar_m) + fs * z_in
+            dzs = tl.load(dloc_ptr + base * E + M * DV + ar_m) + fb * g_in_b
             dQi += dden[:, None] * zs[None, :]
             dKi += dzs[None, :]
             st += tl.sum(dzs * zs, axis=0)
@@ -397,16 +450,24 @@ if HAS_TRITON:
         tl.store(dq_ptr + qoff, dqx.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
         tl.store(dk_ptr + qoff, dkx.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
         tl.store(dv_ptr + voff, dV.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
-        # per-chunk partial sums: d log_weight [B, H, NC, M], then d log_decay [B, H, NC] after all of them
-        tl.store(part_ptr + base * M + ar_m, tl.sum(dXq + dXk, axis=0))
-        n_w = tl.num_programs(1).to(tl.int64) * NC * M
-        tl.store(part_ptr + n_w + base, term)
+        if REDUCE:
+            part_ptr = segb_ptr + tl.num_programs(1).to(tl.int64) * NSEG * E  # after the segment states
+            # per-chunk partial sums: d log_weight [B, H, NC, M], then d log_decay [B, H, NC] after all of them
+            tl.store(part_ptr + base * M + ar_m, tl.sum(dXq + dXk, axis=0))
+            n_w = tl.num_programs(1).to(tl.int64) * NC * M
+            tl.store(part_ptr + n_w + base, term)
+            # the last of head h's B * NC programs to get here sums their partials (no separate launch): the
+            # barrier puts every thread's stores before the counter's release, the acquire before the loads
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + h, 1, sem="acq_rel", scope="gpu")
+            if arrived == B * NC - 1:
+                _reduce_head(part_ptr, dw_ptr, dlam_ptr, h, B, H, NC, M, 32)
+                tl.atomic_xchg(count_ptr + h, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
     @triton.jit
-    def _reduce_partials(part_ptr, out_ptr, B, H, NC, M: tl.constexpr, BLK: tl.constexpr):
-        """out[h, :M] = sum over b, c of part_w[b, h, c, :]; out[H * M + h] = sum of part_lam[b, h, c] (B3's
-        partials), in a fixed order: one launch for both gradients, deterministic."""
-        h = tl.program_id(0)
+    def _reduce_head(part_ptr, dw_ptr, dlam_ptr, h, B, H, NC, M: tl.constexpr, BLK: tl.constexpr):
+        """dw[h, :] = sum over b, c of part_w[b, h, c, :]; dlam[h] = sum of part_lam[b, h, c] (B3's partials), in a
+        fixed order, so deterministic."""
         ar_m = tl.arange(0, M)
         ar_r = tl.arange(0, BLK)
         n_w = (B * H).to(tl.int64) * NC * M
@@ -417,10 +478,16 @@ if HAS_TRITON:
             for r0 in range(0, NC, BLK):
                 rows = r0 + ar_r
                 msk = rows < NC
-                acc += tl.load(part_ptr + (row0 + rows)[:, None] * M + ar_m[None, :], mask=msk[:, None], other=0.0)
-                acc_l += tl.load(part_ptr + n_w + row0 + rows, mask=msk, other=0.0)
-        tl.store(out_ptr + h * M + ar_m, tl.sum(acc, axis=0))
-        tl.store(out_ptr + H * M + h, tl.sum(acc_l, axis=0))
+                acc += tl.load(part_ptr + (row0 + rows)[:, None] * M + ar_m[None, :], mask=msk[:, None], other=0.0,
+                               cache_modifier=".cg")
+                acc_l += tl.load(part_ptr + n_w + row0 + rows, mask=msk, other=0.0, cache_modifier=".cg")
+        tl.store(dw_ptr + h * M + ar_m, tl.sum(acc, axis=0))
+        tl.store(dlam_ptr + h, tl.sum(acc_l, axis=0))
+
+    @triton.jit
+    def _reduce_partials(part_ptr, out_ptr, B, H, NC, M: tl.constexpr, BLK: tl.constexpr):
+        """_reduce_head as a kernel of its own, one program per head, out = [dw (H x M), dlam (H)] (tests)."""
+        _reduce_head(part_ptr, out_ptr, out_ptr + H * M, tl.program_id(0), B, H, NC, M, BLK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,13 +570,25 @@ def launch(fn, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: 
 
 
 SEGMENT_CHUNKS_OVERRIDE: int | None = None  # tests: force the segment length (chunks)
+# force the in-kernel carry on (where allowed) or off; DIJIANG_INLINE_CARRY=0 / 1 (benchmarks, tests)
+INLINE_OVERRIDE: bool | None = {"0": False, "1": True}.get(os.environ.get("DIJIANG_INLINE_CARRY", ""))
+# Up to this many (chunk, b*h) tiles the op is host-bound on the H100 (its GPU work is shorter than the Python and
+# launch cost of its kernels), so F3/B3 carry the segment states themselves and the two scan launches go.
+INLINE_MAX_TILES = 2048
 
 
-def _segment_chunks(num_chunks: int, bh: int) -> int:
-    """Chunks per segment: enough segments to fill the GPU, at most 16 sequential steps each."""
+def _segment_plan(num_chunks: int, bh: int, plain: bool) -> tuple[int, bool]:
+    """(chunks per segment, inline). Default: enough segments to fill the GPU, at most 16 sequential steps each,
+    and a scan kernel between F1 and F3. Inline (short sequences without state in or out): about sqrt(NC) chunks
+    per segment, so F1's sequential walk and F3/B3's carry over earlier segments are both short."""
+    inline = plain and num_chunks * bh <= INLINE_MAX_TILES and num_chunks <= 256
+    if INLINE_OVERRIDE is not None:
+        inline = plain and INLINE_OVERRIDE
     if SEGMENT_CHUNKS_OVERRIDE is not None:
-        return max(1, int(SEGMENT_CHUNKS_OVERRIDE))
-    return max(1, min(16, (num_chunks * bh) // 264))
+        return max(1, int(SEGMENT_CHUNKS_OVERRIDE)), inline
+    if inline:
+        return max(1, math.isqrt(num_chunks - 1) + 1), True
+    return max(1, min(16, (num_chunks * bh) // 264)), False
 
 
 TUNE: dict = {"warps": None, "stages": None}  # benchmarks: override the per-chunk kernels' launch config
@@ -526,28 +605,52 @@ def _stages() -> dict:
 
 
 class _Cfg:
-    __slots__ = ("B", "T", "H", "D", "M", "DV", "C", "NC", "L", "NSEG", "E", "s", "eps", "norm", "warps")
+    __slots__ = ("B", "T", "H", "D", "M", "DV", "C", "NC", "L", "NSEG", "inline", "E", "s", "eps", "norm", "warps",
+                 "ints", "consts", "consts_out", "consts_grads", "consts_grads_only_x")
 
-    def __init__(self, q, v, proj, scale, eps, normalize, chunk_size):
+    def __init__(self, q, v, proj, scale, eps, normalize, chunk_size, plain=False):
+        """plain: no initial state in and no final state out (the in-kernel carry is allowed)."""
         self.B, self.T, self.H, self.D = q.shape
         self.M = proj.shape[1]
         self.DV = v.shape[-1]
         self.C = chunk_size
         self.NC = -(-self.T // self.C)
-        self.L = _segment_chunks(self.NC, self.B * self.H)
+        self.L, self.inline = _segment_plan(self.NC, self.B * self.H, plain)
         self.NSEG = -(-self.NC // self.L)
         self.norm = int(normalize)
         self.E = self.M * self.DV + self.M * self.norm
         self.s = math.sqrt(scale)
         self.eps = float(eps)
         self.warps = _warps(self.M, self.DV, self.D)
+        self.ints = int_spec(self.B, self.T, self.H, self.NC, self.NSEG, self.E, self.L * self.C)
+        # the kernels' constexprs, built once
+        self.consts = dict(C=self.C, D=self.D, M=self.M, DV=self.DV, L=self.L, NORM=self.norm)
+        self.consts_out = dict(self.consts, INLINE=self.inline)
+        self.consts_grads = dict(self.consts_out, REDUCE=True)
+        self.consts_grads_only_x = dict(self.consts_out, REDUCE=False)
 
 
-def _call_spec(cfg: _Cfg, out_dtype, *outside: Tensor | None) -> tuple:
-    """``launch``'s key for the six kernels of one call: every int argument derives from cfg; the tensors that
-    do not come from our own allocations are listed by dtype and 16-byte alignment."""
-    ints = int_spec(cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.E, cfg.L * cfg.C)
-    return (outside[0].get_device(), out_dtype, ints, tensor_spec(*outside))
+_CFGS: dict = {}
+
+
+def _cfg_for(q, v, proj, scale, eps, normalize, chunk_size, plain) -> _Cfg:
+    """The call's _Cfg, built once per shape and option set (it was ~5% of a short call's host time)."""
+    key = (q.shape, v.shape[-1], proj.shape[1], scale, eps, normalize, chunk_size, plain, SEGMENT_CHUNKS_OVERRIDE,
+           INLINE_OVERRIDE, TUNE.get("warps"))
+    cfg = _CFGS.get(key)
+    if cfg is None:
+        if len(_CFGS) > 4096:  # many sequence lengths (variable-length batches): start over
+            _CFGS.clear()
+        cfg = _CFGS[key] = _Cfg(q, v, proj, scale, eps, normalize, chunk_size, plain)
+    return cfg
+
+
+def _call_spec(cfg: _Cfg, out_dtype, q, k, v, P, w, ld) -> tuple:
+    """``launch``'s key for the kernels of one call: every int argument derives from cfg; the tensors that do
+    not come from our own allocations are listed by dtype and 16-byte alignment (one True when all aligned)."""
+    ptrs = q.data_ptr() | k.data_ptr() | v.data_ptr() | P.data_ptr() | w.data_ptr() | ld.data_ptr()
+    aligned = True if ptrs % 16 == 0 else tensor_spec(q, k, v, P, w, ld)
+    return (q.get_device(), out_dtype, cfg.ints, q.dtype, k.dtype, v.dtype, P.dtype, w.dtype, ld.dtype, aligned)
 
 
 def _flat_state(state: Tensor | None, cfg: _Cfg) -> Tensor | None:
@@ -569,24 +672,37 @@ def _unflat_state(flat: Tensor, cfg: _Cfg) -> Tensor:
     return S.reshape(cfg.B, cfg.H, cfg.M, cfg.DV + cfg.norm)
 
 
+def _state_buffer(cfg: _Cfg, dev, extra: int = 0) -> Tensor:
+    """Per-chunk states [B*H, NC, E], then segment states [B*H, NSEG, E], then ``extra`` floats: one float32
+    allocation (the kernels find the segment part with _segment_region)."""
+    bh = cfg.B * cfg.H
+    return torch.empty(bh * (cfg.NC + cfg.NSEG) * cfg.E + extra, device=dev, dtype=torch.float32)
+
+
+def _segments_of(states: Tensor, cfg: _Cfg) -> Tensor:
+    """The segment-state part of a _state_buffer, [B*H, NSEG, E] (for the scan kernel)."""
+    bh = cfg.B * cfg.H
+    start = bh * cfg.NC * cfg.E
+    return states[start : start + bh * cfg.NSEG * cfg.E].view(bh, cfg.NSEG, cfg.E)
+
+
 def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool, out_dtype: torch.dtype, spec):
-    """Launches F1, the forward scan and F3: (o, den or None, chunk states, segment states, final or None)."""
+    """Launches F1, the forward scan (unless inline) and F3: (o, den or None, states, final or None)."""
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
-    consts = dict(C=cfg.C, D=cfg.D, M=cfg.M, DV=cfg.DV, L=cfg.L, NORM=cfg.norm)
-    hloc = torch.empty(BH, cfg.NC, cfg.E, device=dev, dtype=f32)  # per chunk: S (m x dv), then z (m) if NORM
-    seg = torch.empty(BH, cfg.NSEG, cfg.E, device=dev, dtype=f32)
-    launch(_f1_segment_states, (cfg.NSEG, BH), (k, v, P, w, ld, hloc, seg, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s),
-           consts, num_warps=4, spec=spec)
+    states = _state_buffer(cfg, dev)  # per chunk: S (m x dv), then z (m) if NORM; then per segment
+    launch(_f1_segment_states, (cfg.NSEG, BH), (k, v, P, w, ld, states, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s),
+           cfg.consts, num_warps=4, spec=spec)
     final = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_final else None
-    _scan(seg, init_flat, final, ld, cfg, False, spec)
-    o = torch.empty(v.shape, device=dev, dtype=out_dtype)
+    if not cfg.inline:
+        _scan(_segments_of(states, cfg), init_flat, final, ld, cfg, False, spec)
+    o = torch.empty_like(v, dtype=out_dtype)
     den = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else None
-    launch(_f3_output, (cfg.NC, BH), (q, k, v, P, w, ld, hloc, seg, o, hloc if den is None else den, cfg.T, cfg.H,
-                                      cfg.NC, cfg.NSEG, cfg.s, cfg.eps), consts, num_warps=cfg.warps, **_stages(),
-           spec=spec)
-    return o, den, hloc, seg, final
+    launch(_f3_output, (cfg.NC, BH), (q, k, v, P, w, ld, states, o, states if den is None else den, cfg.T, cfg.H,
+                                      cfg.NC, cfg.NSEG, cfg.s, cfg.eps), cfg.consts_out,
+           num_warps=cfg.warps, **_stages(), spec=spec)
+    return o, den, states, final
 
 
 def _scan(seg, init_flat, final, ld, cfg: _Cfg, reverse: bool, spec):
@@ -598,57 +714,71 @@ def _scan(seg, init_flat, final, ld, cfg: _Cfg, reverse: bool, spec):
            spec=spec)
 
 
-def _backward(q, k, v, P, w, ld, o, den, hloc, segf, do, dfinal_flat, dden_in, cfg: _Cfg, want_dinit: bool, spec,
+def _backward(q, k, v, P, w, ld, o, den, states, do, dfinal_flat, dden_in, cfg: _Cfg, want_dinit: bool, spec,
               want_dw=True, want_dlam=True):
-    """Launches B1, the reverse scan and B3: (dq, dk, dv, d log_weight [H, m], d log_decay [H], dinit), the last
-    three None where not wanted."""
+    """Launches B1, the reverse scan (unless inline) and B3: (dq, dk, dv, d log_weight [H, m], d log_decay [H],
+    dinit), the last three None where not wanted. ``states``: the forward's _state_buffer."""
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
-    consts = dict(C=cfg.C, D=cfg.D, M=cfg.M, DV=cfg.DV, L=cfg.L, NORM=cfg.norm)
-    dloc = torch.empty(BH, cfg.NC, cfg.E, device=dev, dtype=f32)
-    dden = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else dloc
-    segb = torch.empty(BH, cfg.NSEG, cfg.E, device=dev, dtype=f32)
+    reduce = want_dw or want_dlam
+    # B3's per-chunk partial sums of d log_weight [B, H, NC, M] then d log_decay [B, H, NC] ride at the end of the
+    # backward state buffer; B3's last program per head sums them into dw and dlam
+    dstates = _state_buffer(cfg, dev, BH * cfg.NC * (cfg.M + 1) if reduce else 0)
+    dden = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else dstates
     o_or_any = q if o is None else o  # o and den are read only when NORM
-    den_or_any = dloc if den is None else den
+    den_or_any = dstates if den is None else den
     launch(_b1_segment_dstates, (cfg.NSEG, BH),
-           (q, do, o_or_any, den_or_any, dden, dden if dden_in is None else dden_in, P, w, ld, dloc, segb, cfg.T,
-            cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps), dict(consts, DDEN_IN=dden_in is not None), num_warps=4,
+           (q, do, o_or_any, den_or_any, dden, dden if dden_in is None else dden_in, P, w, ld, dstates, cfg.T,
+            cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps), dict(cfg.consts, DDEN_IN=dden_in is not None), num_warps=4,
            spec=spec)
     dinit = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_dinit else None
-    _scan(segb, dfinal_flat, dinit, ld, cfg, True, spec)
+    if not cfg.inline:
+        _scan(_segments_of(dstates, cfg), dfinal_flat, dinit, ld, cfg, True, spec)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    # per-chunk partial sums of d log_weight [B, H, NC, M] then d log_decay [B, H, NC], in one allocation
-    n_w = cfg.B * cfg.H * cfg.NC * cfg.M
-    part = torch.empty(n_w + cfg.B * cfg.H * cfg.NC, device=dev, dtype=f32)
-    launch(_b3_grads, (cfg.NC, BH), (q, k, v, do, den_or_any, dden, P, w, ld, hloc, segf, dloc, segb, dq, dk, dv,
-                                     part, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps),
-           consts, num_warps=cfg.warps, **_stages(), spec=spec)
-    dw = dlam = None
-    if want_dw or want_dlam:  # one small launch instead of two torch sums (~20 us of host time each)
-        sums = torch.empty(cfg.H * cfg.M + cfg.H, device=dev, dtype=f32)
-        launch(_reduce_partials, (cfg.H,), (part, sums, cfg.B, cfg.H, cfg.NC), dict(M=cfg.M, BLK=32), num_warps=4,
-               spec=spec + int_spec(cfg.B))
-        dw = sums[: cfg.H * cfg.M].view(cfg.H, cfg.M) if want_dw else None
-        dlam = sums[cfg.H * cfg.M :] if want_dlam else None
-    return dq, dk, dv, dw, dlam, dinit
+    if reduce:  # own tensors for the two gradients: slicing one buffer cost more host time than allocating
+        dw = torch.empty(cfg.H, cfg.M, device=dev, dtype=f32)
+        dlam = torch.empty(cfg.H, device=dev, dtype=f32)
+        counts = _head_counters(q, cfg.H)
+    else:
+        dw = dlam = counts = dstates
+    launch(_b3_grads, (cfg.NC, BH), (q, k, v, do, den_or_any, dden, P, w, ld, states, dstates, dq, dk, dv, dw, dlam,
+                                     counts, cfg.B, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps),
+           cfg.consts_grads if reduce else cfg.consts_grads_only_x, num_warps=cfg.warps, **_stages(), spec=spec)
+    return dq, dk, dv, dw if want_dw else None, dlam if want_dlam else None, dinit
+
+
+_COUNTERS: dict = {}
+
+
+def _head_counters(x: Tensor, n: int) -> Tensor:
+    """B3's per-head arrival counters: int32 zeros kept per device and stream (a launch on another stream could
+    run at the same time), left at zero again by every B3 launch."""
+    dev = x.get_device()
+    key = (dev, _raw_stream(dev)) if dev >= 0 else (dev, 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=x.device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 class _FusedDiJiang(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_final, out_dtype, want_den):
+    def forward(ctx, q, k, v, proj, log_weight, log_decay, initial_state, call):
+        cfg, want_final, out_dtype, want_den = call  # one argument: apply's cost grows with their number
         ctx.set_materialize_grads(False)  # unused outputs get no zero gradients built
         P = proj.float().contiguous()
         w = log_weight.float().contiguous()
         ld = log_decay.float().contiguous()
         init_flat = _flat_state(initial_state, cfg)
         spec = _call_spec(cfg, out_dtype, q, k, v, P, w, ld)
-        o, den, hloc, segf, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final, out_dtype, spec)
+        o, den, states, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final, out_dtype, spec)
         ctx.cfg, ctx.spec = cfg, spec
         ctx.save_for_backward(q, k, v, P, w, ld, o if cfg.norm else None, den)
-        ctx.hloc, ctx.segf = hloc, segf  # intermediates, never outputs: no reference cycle on ctx
+        ctx.states = states  # an intermediate, never an output: no reference cycle on ctx
         final_state = _unflat_state(final, cfg) if want_final else None
         # the normaliser sum per row [B*H, T] (normalize=True only), without eps
         return o, final_state, (den if want_den else None)
@@ -656,7 +786,7 @@ class _FusedDiJiang(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal, dden):
         if do is None and dfinal is None and dden is None:
-            return (None,) * 11
+            return (None,) * 8
         q, k, v, P, w, ld, o, den = ctx.saved_tensors
         cfg = ctx.cfg
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
@@ -664,10 +794,13 @@ class _FusedDiJiang(torch.autograd.Function):
         dden_in = None if dden is None else dden.contiguous()
         spec = ctx.spec + tensor_spec(do, dden_in)
         need = ctx.needs_input_grad
-        dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, ctx.hloc, ctx.segf, do, dfinal_flat,
-                                                dden_in, cfg, need[6], spec, want_dw=need[4], want_dlam=need[5])
+        dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, ctx.states, do, dfinal_flat, dden_in,
+                                                cfg, need[6], spec, want_dw=need[4], want_dlam=need[5])
         dinit_state = _unflat_state(dinit, cfg) if dinit is not None else None
-        return dq, dk, dv, None, dw, dlam, dinit_state, None, None, None, None
+        return dq, dk, dv, None, dw, dlam, dinit_state, None
+
+
+_RAW_APPLY = super(torch.autograd.Function, _FusedDiJiang).apply  # torch._C._FunctionBase.apply, bound
 
 
 def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: int = 64) -> tuple[bool, str]:
@@ -686,6 +819,9 @@ def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: 
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
         return False, f"dtypes {q.dtype}, {k.dtype}, {v.dtype} not one float dtype"
     return True, ""
+
+
+_PLANS: dict = {}  # checked call signatures that take the fused path -> (_Cfg, out dtype)
 
 
 def fused_dijiang_attention(
@@ -725,6 +861,19 @@ def fused_dijiang_attention(
     Returns:
         ``(o [B, T, H, dv] in out_dtype, final_state [B, H, m, dv(+1)] float32 or None)``.
     """
+    # a call like an earlier one that took the fused path skips the checks below: they were ~10% of a short
+    # call's host time
+    key = None
+    if attention_mask is None:
+        key = (q.shape, k.shape, v.shape, proj.shape, None if log_weight is None else log_weight.shape,
+               log_decay.shape, None if initial_state is None else initial_state.shape, q.dtype, k.dtype, v.dtype,
+               q.is_cuda, scale, normalize, output_final_state, chunk_size, eps, backend, out_dtype,
+               SEGMENT_CHUNKS_OVERRIDE, INLINE_OVERRIDE, TUNE.get("warps"))
+        plan = _PLANS.get(key)
+        if plan is not None:
+            o, final, _ = _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, plan[0],
+                                       output_final_state, plan[1], want_den=False)
+            return o, final
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -763,7 +912,10 @@ def fused_dijiang_attention(
                                            initial_state=initial_state, output_final_state=output_final_state,
                                            chunk_size=chunk_size, attention_mask=attention_mask, eps=eps)
         return o.to(out_dtype), final
-    cfg = _Cfg(q, v, proj, scale, eps, normalize, chunk_size)
+    cfg = _cfg_for(q, v, proj, scale, eps, normalize, chunk_size, initial_state is None and not output_final_state)
+    if len(_PLANS) > 4096:
+        _PLANS.clear()
+    _PLANS[key] = (cfg, out_dtype)
     o, final, _ = _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, cfg, output_final_state, out_dtype,
                                want_den=False)
     return o, final
@@ -773,8 +925,11 @@ def _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_
     """The autograd call shared by the public entry points: (o, final state or None, den or None)."""
     if log_weight is None:
         log_weight = q.new_zeros(cfg.H, cfg.M, dtype=torch.float32)
-    o, final, den = _FusedDiJiang.apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay,
-                                        initial_state, cfg, want_final, out_dtype, want_den)
+    # Function.apply's Python layer (default-argument binding, unwrapping dead functorch wrappers) cost ~15 us of
+    # host time per call on the H100 host; it matters only under functorch transforms, which then get it
+    apply = _FusedDiJiang.apply if torch._C._are_functorch_transforms_active() else _RAW_APPLY
+    o, final, den = apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay, initial_state,
+                          (cfg, want_final, out_dtype, want_den))
     return o, (final if want_final else None), (den if want_den else None)
 
 
@@ -784,7 +939,7 @@ def fused_dijiang_with_denominator(q, k, v, proj, log_weight, log_decay, *, scal
 
     Returns ``(o [B, T, H, dv] float32 = num / (den + eps), den [B*H, T] float32, final state
     [B, H, m, dv + 1] or None)``. Triton only (inputs already checked by the caller)."""
-    cfg = _Cfg(q, v, proj, scale, eps, True, 64)
+    cfg = _cfg_for(q, v, proj, scale, eps, True, 64, not output_final_state)
     o, final, den = _apply_fused(q, k, v, proj, log_weight, log_decay, None, cfg, output_final_state, torch.float32,
                                  want_den=True)
     return o, den, final
