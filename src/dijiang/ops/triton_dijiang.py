@@ -926,8 +926,10 @@ def _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_
     if log_weight is None:
         log_weight = q.new_zeros(cfg.H, cfg.M, dtype=torch.float32)
     # Function.apply's Python layer (default-argument binding, unwrapping dead functorch wrappers) cost ~15 us of
-    # host time per call on the H100 host; it matters only under functorch transforms, which then get it
-    apply = _FusedDiJiang.apply if torch._C._are_functorch_transforms_active() else _RAW_APPLY
+    # host time per call on the H100 host; it matters only under functorch transforms and for torch.compile's
+    # tracing, which then get it
+    plain = not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
+    apply = _RAW_APPLY if plain else _FusedDiJiang.apply
     o, final, den = apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay, initial_state,
                           (cfg, want_final, out_dtype, want_den))
     return o, (final if want_final else None), (den if want_den else None)
