@@ -606,7 +606,7 @@ def _stages() -> dict:
 
 class _Cfg:
     __slots__ = ("B", "T", "H", "D", "M", "DV", "C", "NC", "L", "NSEG", "inline", "E", "s", "eps", "norm", "warps",
-                 "ints", "consts", "consts_out", "consts_grads", "consts_grads_only_x")
+                 "ints", "consts", "consts_out", "consts_grads", "consts_grads_no_reduce")
 
     def __init__(self, q, v, proj, scale, eps, normalize, chunk_size, plain=False):
         """plain: no initial state in and no final state out (the in-kernel carry is allowed)."""
@@ -627,7 +627,7 @@ class _Cfg:
         self.consts = dict(C=self.C, D=self.D, M=self.M, DV=self.DV, L=self.L, NORM=self.norm)
         self.consts_out = dict(self.consts, INLINE=self.inline)
         self.consts_grads = dict(self.consts_out, REDUCE=True)
-        self.consts_grads_only_x = dict(self.consts_out, REDUCE=False)
+        self.consts_grads_no_reduce = dict(self.consts_out, REDUCE=False)
 
 
 _CFGS: dict = {}
@@ -746,7 +746,7 @@ def _backward(q, k, v, P, w, ld, o, den, states, do, dfinal_flat, dden_in, cfg: 
         dw = dlam = counts = dstates
     launch(_b3_grads, (cfg.NC, BH), (q, k, v, do, den_or_any, dden, P, w, ld, states, dstates, dq, dk, dv, dw, dlam,
                                      counts, cfg.B, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps),
-           cfg.consts_grads if reduce else cfg.consts_grads_only_x, num_warps=cfg.warps, **_stages(), spec=spec)
+           cfg.consts_grads if reduce else cfg.consts_grads_no_reduce, num_warps=cfg.warps, **_stages(), spec=spec)
     return dq, dk, dv, dw if want_dw else None, dlam if want_dlam else None, dinit
 
 
