@@ -16,7 +16,8 @@
 #                                       new tokens, the default compile mode, the full decode table, training
 #                                       tok/s of teacher and pure (session 6 ran these over several device calls)
 #   bash scripts/gpu_kernels.sh host7   (session 7) GPU kernel tests, host breakdown, fused vs SDPA at 1k-8k eager and
-#                                       from CUDA graphs with the in-kernel carry on and off (DIJIANG_INLINE_CARRY=0)
+#                                       from CUDA graphs with the in-kernel carry on and off (DIJIANG_INLINE_CARRY=0);
+#                                       its 70 s limit per sweep cut two eager sweeps short of the 32 x 128 rows
 #   bash scripts/gpu_kernels.sh host7b  (session 7, after the host trims) GPU kernel tests, timestamps of one
 #                                       forward+backward, host breakdown, fused vs SDPA 1k-8k eager three times
 #                                       (16 x 64) and once (32 x 128), from CUDA graphs once, fused at 64k
