@@ -229,3 +229,36 @@ def test_learned_projection_trains_and_round_trips(tmp_path):
     assert next(layer for _, layer in iter_dijiang_layers(half)).feature_map.projection.dtype == torch.float32
     with pytest.raises(ValueError, match="no projection"):
         dijiang.convert(tiny_model("llama"), dict(feature_map="elu", learn_projection=True))
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_feature_transform_starts_as_identity_trains_and_round_trips(tmp_path, window):
+    ids = torch.randint(3, VOCAB, (2, 13))
+    plain = dijiang.convert(tiny_model("llama"), dict(window=window)).eval()
+    model = dijiang.convert(tiny_model("llama"), dict(window=window, feature_transform=True)).train()
+    layer = next(layer for _, layer in iter_dijiang_layers(model))
+    transform = layer.feature_transform
+    assert transform.shape == (layer.num_heads, layer.head_dim, layer.head_dim)
+    assert any(p is transform for p in layer.new_parameters())
+    model(ids, labels=ids).loss.backward()
+    assert transform.grad is not None and transform.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, plain(ids).logits) < 1e-6  # identity at init
+        for _, each in iter_dijiang_layers(model):
+            each.feature_transform.add_(0.2 * torch.randn_like(each.feature_transform))
+        expected = model(ids, use_cache=False).logits
+        stepped, _ = incremental_logits(model, ids, prefill=5)
+    assert rel_err(stepped, expected) < 1e-5 and rel_err(expected, plain(ids).logits) > 1e-6  # it acts
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_window_mix_init_sets_the_linear_weight():
+    model = dijiang.convert(tiny_model("llama"), dict(window=4, window_mix_init=0.7))
+    layer = next(layer for _, layer in iter_dijiang_layers(model))
+    assert torch.allclose(torch.nn.functional.softplus(layer.window_mix), torch.full_like(layer.window_mix, 0.7))
+    with pytest.raises(ValueError, match="window_mix_init"):
+        dijiang.convert(tiny_model("llama"), dict(window=4, window_mix_init=0.0))

@@ -365,3 +365,48 @@ def test_eval_cli_end_to_end(model, tokenizer, tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert set(results) == {"perplexity", "fidelity", "passkey"}
     assert is_png(tmp_path / "out" / "fidelity.png")
+
+
+def test_eval_cli_context_table_with_the_branch_ablation(model, tokenizer, tmp_path, capsys):
+    import argparse
+    import json
+
+    import dijiang
+
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    hybrid = dijiang.convert(copy.deepcopy(model), {"window": 8, "window_mix_init": 1.0})
+    pure = dijiang.convert(copy.deepcopy(model))
+    for name, student in (("hybrid", hybrid), ("pure", pure)):
+        student.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "a.txt").write_text(CORPUS)
+    (tmp_path / "b.txt").write_text(CORPUS[::-1])
+    parser = argparse.ArgumentParser()
+    evaluate.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--teacher", str(tmp_path / "tiny"), "--student", str(tmp_path / "hybrid"),
+                              "--student", f"linear={tmp_path / 'pure'}", "--text", str(tmp_path / "a.txt"),
+                              "--text", str(tmp_path / "b.txt"), "--windows", "16,32", "--max-windows", "2",
+                              "--branch-off", "--passkey", "64", "--passkey-trials", "1",
+                              "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "| hybrid, branch off |" in printed and "linear, branch off" not in printed
+    results = json.loads((tmp_path / "out" / "eval.json").read_text())
+    rows = results["context"]
+    assert len(rows) == 2 * 2 * 4  # texts x windows x (teacher, hybrid, hybrid off, linear)
+    assert {(r["text"], r["window"]) for r in rows} == {(t, w) for t in ("a.txt", "b.txt") for w in (16, 32)}
+    for row in rows:
+        if row["model"] == "teacher":
+            assert row["ratio"] == 1.0
+        if row["model"] == "hybrid, branch off":
+            on = next(r for r in rows if r["model"] == "hybrid" and (r["text"], r["window"]) == (row["text"], row["window"]))
+            assert row["branch_worth"] == pytest.approx(row["perplexity"] / on["perplexity"] - 1)
+            assert row["perplexity"] != on["perplexity"]  # the branch does something in a 16/32-token window of 8
+    assert set(results["passkey"]) == {"teacher", "hybrid", "hybrid, branch off", "linear"}
+    assert is_png(tmp_path / "out" / "context.png")
+    layer = next(layer for _, layer in dijiang.conversion.iter_dijiang_layers(hybrid))
+    before = layer.window_mix.detach().clone()
+    with evaluate.linear_branch_off(hybrid) as switched:
+        assert switched == 2 and bool((layer.window_mix == -30).all())
+    assert torch.equal(layer.window_mix, before)

@@ -39,7 +39,8 @@ def grads_of(fn, leaves, seed):
     return o.detach(), state, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
 
-def window_case(B, T, H, d, W, seed=0) -> dict:
+def window_case(B, T, H, d, W, seed=0, transform=False) -> dict:
+    """transform: the linear part sees q, k through a per-head d x d map (the layer's feature_transform)."""
     gen = torch.Generator().manual_seed(seed)
     q, k = leaf(B, T, H, d, scale=2.0, gen=gen), leaf(B, T, H, d, scale=2.0, gen=gen)
     v = leaf(B, T, H, d, gen=gen)
@@ -47,21 +48,31 @@ def window_case(B, T, H, d, W, seed=0) -> dict:
     log_weight = leaf(H, d, scale=0.3, gen=gen)
     decay_raw, mix_raw = leaf(H, gen=gen), leaf(H, gen=gen)
     leaves = [q, k, v, log_weight, decay_raw, mix_raw]
+    if transform:
+        leaves.append(leaf(H, d, d, scale=d**-0.5, gen=gen))
     fs = 0.2
 
+    def linear_inputs():
+        if not transform:
+            return q, k
+        return (torch.einsum("bthd,hde->bthe", x, leaves[-1]) for x in (q, k))
+
     def fused():
+        q_lin, k_lin = linear_inputs()
         return fused_window_attention(q, k, v, proj, log_weight, F.logsigmoid(decay_raw), F.softplus(mix_raw),
-                                      window=W, scale=d**-0.5, feature_scale=fs, output_final_state=True)
+                                      window=W, scale=d**-0.5, feature_scale=fs, output_final_state=True,
+                                      q_lin=q_lin if transform else None, k_lin=k_lin if transform else None)
 
     def reference():
-        qf, kf = dijiang_feature_map(q, proj, log_weight, fs), dijiang_feature_map(k, proj, log_weight, fs)
+        qf, kf = (dijiang_feature_map(x, proj, log_weight, fs) for x in linear_inputs())
         return window_attention(q, k, v, qf, kf, F.logsigmoid(decay_raw), F.softplus(mix_raw), window=W,
                                 scale=d**-0.5, mode="parallel", output_final_state=True)
 
     o1, s1, g1 = grads_of(fused, leaves, seed + 1)
     o2, s2, g2 = grads_of(reference, leaves, seed + 1)
     out = {"o": rel(o1, o2)}
-    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix"], g1, g2)})
+    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix", "transform"],
+                                                         g1, g2)})
     out.update({f"state_{key}": rel(s1[key].float(), s2[key].float()) for key in ("S", "k", "v", "kf")})
     out["state_mask_equal"] = 0.0 if bool((s1["mask"] == s2["mask"]).all()) else 1.0
     return out
@@ -175,6 +186,8 @@ CASES = {
     "window B1 T100 W128 (window longer than the sequence)": lambda: window_case(1, 100, 2, 16, 128, seed=2),
     "window B1 T64 W1 (one-key band: the max gradient dominates)": lambda: window_case(1, 64, 2, 16, 1, seed=3),
     "window B1 T130 W100 (band across three key blocks)": lambda: window_case(1, 130, 2, 16, 100, seed=4),
+    "window B1 T200 W48 (linear part through a learned transform)": lambda: window_case(1, 200, 2, 16, 48, seed=5,
+                                                                                       transform=True),
     "dijiang T150 normalize": lambda: dijiang_case(1, 150, 2, 16, True, False),
     "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
     "dijiang T90 normalize, frozen feature weights and decay": lambda: dijiang_case(1, 90, 2, 16, True, True, seed=6,

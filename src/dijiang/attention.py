@@ -42,6 +42,11 @@ class DiJiangSettings:
     learn_projection: train the feature map's projection (initialised by the map's own construction, e.g. DCT
         x QMC radii) with the other new parameters, as Hedgehog/LoLCATs learn theirs. The fused kernel has no
         gradient for it, so training then takes the torch path.
+    feature_transform: a learned per-head d x d map applied to q and k before the feature map of the linear
+        part only (identity at init), so that the features can learn which directions to compare; the fused
+        kernels see transformed q, k as ordinary inputs, so training keeps the fast path. The softmax window
+        keeps the untransformed q, k.
+    window_mix_init: the linear part's weight (softplus of ``window_mix``) at init, per head.
     checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
     backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
@@ -68,6 +73,8 @@ class DiJiangSettings:
     backend: str = "auto"
     checkpoint: bool = False
     learn_projection: bool = False
+    feature_transform: bool = False
+    window_mix_init: float = 0.1
 
     def __post_init__(self):
         self.decay_range = tuple(self.decay_range)
@@ -82,6 +89,9 @@ class DiJiangSettings:
                              f"got {self.backend!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if not self.window_mix_init > 0:
+            raise ValueError(f"window_mix_init is the linear part's weight at init and must be > 0, got "
+                             f"{self.window_mix_init}")
         low, high = self.decay_range
         if not (0 < low < 1 and 0 < high < 1):
             raise ValueError(f"decay_range entries are 1 - gamma and must lie in (0, 1), got {self.decay_range}")
@@ -108,6 +118,10 @@ class DiJiangSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
 
 
 def initial_decay_logits(num_heads: int, decay_range: tuple[float, float]) -> torch.Tensor:
@@ -153,13 +167,23 @@ class DiJiangAttention(nn.Module):
         if self.gate is not None:
             nn.init.normal_(self.gate.weight, std=hidden**-0.5)
         self.norm = nn.GroupNorm(H, H * d, **factory) if settings.use_norm else None
-        # softplus(-2.252) = 0.1: start close to the plain sliding window. On SmolLM2 before any training this
-        # gave pydoc perplexity 55 against 91 for a mix of 1 and 64 for no linear part at all.
-        self.window_mix = nn.Parameter(torch.full((H,), -2.252, device=param.device)) if settings.window else None
+        # The default 0.1 starts close to the plain sliding window. On SmolLM2 before any training this gave
+        # pydoc perplexity 55 against 91 for a mix of 1 and 64 for no linear part at all.
+        mix = _inverse_softplus(settings.window_mix_init)
+        self.window_mix = nn.Parameter(torch.full((H,), mix, device=param.device)) if settings.window else None
+        self.feature_transform = (nn.Parameter(torch.eye(d, **factory).repeat(H, 1, 1))
+                                  if settings.feature_transform else None)
 
     @property
     def log_decay(self) -> torch.Tensor:
         return F.logsigmoid(self.decay_logit.float())
+
+    def linear_inputs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q, k the linear part's feature map sees: ``feature_transform`` applied per head, if any."""
+        if self.feature_transform is None:
+            return q, k
+        transform = self.feature_transform.to(q.dtype)
+        return torch.einsum("bthd,hde->bthe", q, transform), torch.einsum("bthd,hde->bthe", k, transform)
 
     def new_parameters(self):
         """Parameters DiJiang added (everything else in the layer is pretrained)."""
@@ -181,15 +205,18 @@ class DiJiangAttention(nn.Module):
         q_fused, k_fused = (q, k) if q.dtype == v.dtype or not q.is_cuda else (q.to(v.dtype), k.to(v.dtype))
         if self._can_fuse(q_fused, v, mode, mask, initial_state):
             fm = self.feature_map
+            q_lin, k_lin = self.linear_inputs(q_fused, k_fused)
             if self.settings.window:
                 o, state = fused_window_attention(
                     q_fused, k_fused, v, fm.projection, fm.log_weight, self.log_decay,
                     F.softplus(self.window_mix.float()), window=self.settings.window, scale=self.scale,
                     feature_scale=fm.scale, output_final_state=layer_cache is not None,
+                    q_lin=None if self.feature_transform is None else q_lin,
+                    k_lin=None if self.feature_transform is None else k_lin,
                 )
             else:
                 o, state = fused_dijiang_attention(
-                    q_fused, k_fused, v, fm.projection, fm.log_weight, self.log_decay, scale=fm.scale,
+                    q_lin, k_lin, v, fm.projection, fm.log_weight, self.log_decay, scale=fm.scale,
                     normalize=self.settings.normalize, initial_state=initial_state,
                     output_final_state=layer_cache is not None, chunk_size=self.settings.chunk_size,
                 )
@@ -203,7 +230,7 @@ class DiJiangAttention(nn.Module):
         return self._finish(o, state, layer_cache, hidden_states)
 
     def _attend(self, q, k, v, *, mode, mask, initial_state, output_final_state):
-        qf, kf = self.feature_map(q), self.feature_map(k)
+        qf, kf = (self.feature_map(x) for x in self.linear_inputs(q, k))
         if self.settings.window:
             lin_weight = F.softplus(self.window_mix.float())
             return window_attention(

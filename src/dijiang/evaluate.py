@@ -6,6 +6,7 @@ subcommand. lm-eval-harness lives in `dijiang.lm_eval_adapter`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -200,6 +201,71 @@ def compare_perplexity(models: dict, tokenizer, text: str, **kwargs) -> list[dic
     return rows
 
 
+# ----------------------------------------------------------------------------- long context
+
+
+def default_max_windows(window: int) -> int:
+    """About 40k scored tokens per window length, 6 to 40 windows: 512 -> 40, 2048 -> 20, 8192 -> 6."""
+    return max(6, min(40, 40960 // window))
+
+
+@contextlib.contextmanager
+def linear_branch_off(model):
+    """Switch the DiJiang branch of every window-hybrid layer off (its weight softplus(-30) ~ 1e-13): the
+    model becomes a plain sliding-window softmax model. The ablation that tells what the branch is worth."""
+    from dijiang.conversion import iter_dijiang_layers
+
+    saved = []
+    for _, layer in iter_dijiang_layers(model):
+        if layer.window_mix is not None:
+            saved.append((layer.window_mix, layer.window_mix.detach().clone()))
+    try:
+        with torch.no_grad():
+            for parameter, _ in saved:
+                parameter.fill_(-30.0)
+        yield len(saved)
+    finally:
+        with torch.no_grad():
+            for parameter, value in saved:
+                parameter.copy_(value)
+
+
+def has_linear_branch(model) -> bool:
+    from dijiang.conversion import iter_dijiang_layers
+
+    return any(layer.window_mix is not None for _, layer in iter_dijiang_layers(model))
+
+
+def context_perplexity(models: dict, tokenizer, texts: dict[str, str], windows: Sequence[int], *,
+                       branch_off: bool = False, batch_size: int = 4, max_windows: int | None = None,
+                       progress: bool = True) -> list[dict]:
+    """Perplexity of each model on each text at each window length; the first model is the reference.
+
+    branch_off adds, for every window hybrid, a row with its DiJiang branch switched off (``linear_branch_off``)
+    and that row's ``branch_worth``: how much the perplexity rises without the branch (0.10 = +10 %).
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(text_name, window, name) for text_name in texts for window in windows for name in models]
+    rows, reference = [], {}
+    for text_name, window, name in tqdm(jobs, desc="perplexity", disable=not progress):
+        model = models[name]
+        kwargs = dict(window=window, batch_size=batch_size,
+                      max_windows=max_windows or default_max_windows(window))
+        result = perplexity(model, tokenizer, texts[text_name], **kwargs)
+        row = {"text": text_name, "window": window, "model": name, **asdict(result)}
+        reference.setdefault((text_name, window), result.perplexity)
+        rows.append(row)
+        if branch_off and has_linear_branch(model):
+            with linear_branch_off(model):
+                off = perplexity(model, tokenizer, texts[text_name], **kwargs)
+            rows.append({"text": text_name, "window": window, "model": f"{name}, branch off", **asdict(off),
+                         "branch_worth": off.perplexity / result.perplexity - 1})
+    for row in rows:
+        row["ratio"] = row["perplexity"] / reference[(row["text"], row["window"])]
+    return rows
+
+
 # ----------------------------------------------------------------------------- attention fidelity
 
 
@@ -362,35 +428,80 @@ def _load_model(name_or_path: str, dtype: str, device: str):
     return dijiang.load_pretrained(name_or_path, dtype=getattr(torch, dtype), device=device)
 
 
-def _student_for(args, teacher, tokenizer):
+def _students_for(args, teacher) -> dict:
+    """{name: model}: each --student folder (named by its folder, or NAME=PATH), or the converted teacher."""
     import dijiang
 
-    if args.student:
-        student, _ = _load_model(args.student, args.dtype, args.device)
-        return student
-    settings = {"window": args.convert_window} if args.convert_window else None
-    return dijiang.convert(copy.deepcopy(teacher), settings=settings)
+    if args.convert:
+        settings = {"window": args.convert_window} if args.convert_window else None
+        return {"student": dijiang.convert(copy.deepcopy(teacher), settings=settings)}
+    students = {}
+    for spec in args.student or []:
+        name, _, path = spec.rpartition("=") if "=" in spec else (None, "", spec)
+        name = name or (Path(path).name if len(args.student) > 1 else "student")
+        if name in students or name == "teacher":
+            raise SystemExit(f"error: two students named {name!r}; name them with --student NAME=PATH")
+        students[name], _ = _load_model(path, args.dtype, args.device)
+    return students
+
+
+def _texts_for(args) -> dict[str, str]:
+    if args.string is not None:
+        return {"string": args.string}
+    sources = args.text or ["pydoc"]
+    return {Path(source).name or source: load_text(source, split=args.hf_split, config=args.hf_config,
+                                                   column=args.hf_column) for source in sources}
+
+
+def _window_lengths(spec: str | None, single: int) -> list[int]:
+    if not spec:
+        return [single]
+    try:
+        windows = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --windows takes comma-separated integers, got {spec!r}") from None
+    if not windows or min(windows) < 2:
+        raise SystemExit(f"error: --windows needs window lengths >= 2, got {spec!r}")
+    return windows
+
+
+CONTEXT_COLUMNS = [("text", "text"), ("window", "window"), ("model", "model"), ("perplexity", "perplexity"),
+                   ("ratio", "ratio to teacher"), ("branch_worth", "branch worth"), ("num_targets", "tokens")]
 
 
 def run_eval(args) -> int:
-    text = args.string if args.string is not None else load_text(
-        args.text, split=args.hf_split, config=args.hf_config, column=args.hf_column)
+    texts = _texts_for(args)
     teacher, tokenizer = _load_model(args.teacher, args.dtype, args.device)
-    student = _student_for(args, teacher, tokenizer) if (args.student or args.convert) else None
-    models = {"teacher": teacher, **({"student": student} if student is not None else {})}
+    students = _students_for(args, teacher)
+    student = next(iter(students.values()), None)
+    models = {"teacher": teacher, **students}
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
 
-    rows = compare_perplexity(models, tokenizer, text, window=args.window, stride=args.stride,
-                              max_windows=args.max_windows, max_tokens=args.max_tokens,
-                              batch_size=args.batch_size)
-    results["perplexity"] = rows
-    print(markdown_table(rows, [("model", "model"), ("perplexity", "perplexity"), ("ratio", "ratio to teacher"),
-                                ("num_targets", "tokens"), ("num_windows", "windows"), ("seconds", "seconds")]))
+    if args.windows or len(texts) > 1 or len(students) > 1 or args.branch_off:
+        rows = context_perplexity(models, tokenizer, texts, _window_lengths(args.windows, args.window),
+                                  branch_off=args.branch_off, batch_size=args.batch_size,
+                                  max_windows=args.max_windows)
+        results["context"] = rows
+        print(markdown_table(rows, CONTEXT_COLUMNS))
+        if out:
+            from dijiang.plots import plot_context
+
+            plot_context(rows, out / "context.png")
+    else:
+        text = next(iter(texts.values()))
+        rows = compare_perplexity(models, tokenizer, text, window=args.window, stride=args.stride,
+                                  max_windows=args.max_windows or 40, max_tokens=args.max_tokens,
+                                  batch_size=args.batch_size)
+        results["perplexity"] = rows
+        print(markdown_table(rows, [("model", "model"), ("perplexity", "perplexity"),
+                                    ("ratio", "ratio to teacher"), ("num_targets", "tokens"),
+                                    ("num_windows", "windows"), ("seconds", "seconds")]))
 
     if args.fidelity and student is not None:
+        text = next(iter(texts.values()))
         ids = tokenize(tokenizer, text)[None, :args.fidelity_tokens]
         fidelity = attention_fidelity(teacher, student, ids)
         results["fidelity"] = fidelity
@@ -404,10 +515,17 @@ def run_eval(args) -> int:
     if args.passkey:
         lengths = [int(x) for x in args.passkey.split(",")]
         for name, model in models.items():
-            rows = passkey_accuracy(model, tokenizer, lengths, trials=args.passkey_trials, seed=args.seed)
-            results.setdefault("passkey", {})[name] = rows
-            print(f"\npasskey retrieval, {name}:")
-            print(markdown_table(rows, ["context", "trials", "accuracy"]))
+            variants = [(name, contextlib.nullcontext())]
+            if args.branch_off and has_linear_branch(model):
+                variants.append((f"{name}, branch off", linear_branch_off(model)))
+            for label, switch in variants:
+                with switch:
+                    rows = passkey_accuracy(model, tokenizer, lengths, trials=args.passkey_trials, seed=args.seed)
+                results.setdefault("passkey", {})[label] = rows
+        table = [{"model": label, **{str(r["context"]): r["accuracy"] for r in rows}}
+                 for label, rows in results["passkey"].items()]
+        print(f"\npasskey retrieval, accuracy over {args.passkey_trials} trials per context length:")
+        print(markdown_table(table, ["model", *(str(n) for n in lengths)]))
 
     if out:
         (out / "eval.json").write_text(json.dumps(results, indent=2))
@@ -423,19 +541,30 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--teacher", "--model", dest="teacher", default="smollm2",
                         help="teacher: 'smollm2', a hub name or a local folder")
     student = parser.add_mutually_exclusive_group()
-    student.add_argument("--student", help="folder of a converted (fine-tuned) model saved by `dijiang train`")
+    student.add_argument("--student", action="append",
+                         help="folder of a converted (fine-tuned) model saved by `dijiang train`; repeat for "
+                              "several (NAME=PATH names one)")
     student.add_argument("--convert", action="store_true", help="student = the teacher converted with defaults")
     parser.add_argument("--convert-window", type=int, default=0,
                         help="with --convert: exact softmax over the last W tokens (hybrid); 0 = pure DiJiang")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text", default="pydoc", help="'pydoc', a text file, a folder, or hf:DATASET")
+    source.add_argument("--text", action="append",
+                        help="'pydoc' (the default), a text file, a folder, or hf:DATASET; repeat for several")
     source.add_argument("--string", help="evaluate this literal text instead")
     parser.add_argument("--hf-split", default="test")
     parser.add_argument("--hf-config", default=None)
     parser.add_argument("--hf-column", default="text")
     parser.add_argument("--window", type=int, default=512, help="tokens per window")
+    parser.add_argument("--windows", default=None,
+                        help="several window lengths, e.g. 512,2048,8192: one table, JSON and plot (context.png) "
+                             "of the ratio to the teacher against context; windows per length default to "
+                             "about 40k scored tokens (40 / 20 / 6)")
+    parser.add_argument("--branch-off", action="store_true",
+                        help="also score every window hybrid with its DiJiang branch switched off (a plain "
+                             "sliding window): what the linear part is worth")
     parser.add_argument("--stride", type=int, default=None, help="new tokens per window (default window-1)")
-    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--max-windows", type=int, default=None,
+                        help="windows per length (default 40 for --window; see --windows)")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--fidelity", action="store_true", help="per-layer attention fidelity (needs a student)")

@@ -91,6 +91,8 @@ def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
         if isinstance(attn, DiJiangAttention):
             if not isinstance(attn.feature_map, (ProjectedFeatureMap, EluFeatureMap)):
                 return False, f"feature map {type(attn.feature_map).__name__} has no fast path"
+            if attn.feature_transform is not None:
+                return False, "feature_transform (a learned map in front of the feature map) has no fast path"
         else:
             window = getattr(attn, "sliding_window", None)
             if window and max_len is not None and max_len > window:

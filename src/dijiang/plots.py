@@ -110,3 +110,27 @@ def plot_demo(perplexity_rows: Sequence[dict], log: str | Path | Sequence[dict] 
                         fontsize=8)
     _draw_loss(ax_loss, loss_records(log) if log is not None else [])
     return _save(fig, out_path)
+
+
+def plot_context(rows: Sequence[dict], out_path: str | Path) -> Path:
+    """Ratio of perplexity to the teacher's against the evaluation window, one panel per text, one line per
+    model (a model with its DiJiang branch switched off dashed, in its model's colour)."""
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4), squeeze=False)
+    colours: dict[str, str] = {}
+    for ax, text in zip(axes[0], texts):
+        models = dict.fromkeys(r["model"] for r in rows if r["text"] == text and r["model"] != "teacher")
+        for model in models:
+            base = model.removesuffix(", branch off")
+            points = sorted((r["window"], r["ratio"]) for r in rows if r["text"] == text and r["model"] == model)
+            line, = ax.plot(*zip(*points), marker="o", lw=1.5, label=model, color=colours.get(base),
+                            ls="--" if model != base else "-")
+            colours.setdefault(base, line.get_color())
+        ax.axhline(1.0, color="k", lw=0.8, label="teacher")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation window (tokens)")
+        ax.set_ylabel("perplexity / teacher's")
+        ax.set_title(text)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out_path)

@@ -297,6 +297,8 @@ def fused_window_attention(
     feature_scale: float | None = None,
     output_final_state: bool = False,
     eps: float = 1e-6,
+    q_lin: Tensor | None = None,
+    k_lin: Tensor | None = None,
 ) -> tuple[Tensor, dict | None]:
     """Window hybrid with the DiJiang softmax feature map ``phi(x) = softmax(sqrt(feature_scale) x P + log_weight)``.
 
@@ -305,6 +307,8 @@ def fused_window_attention(
         proj: ``[d, m]`` frozen projection. log_weight: ``[H, m]`` or None. log_decay: ``[H]`` (<= 0).
         lin_weight: ``[H]`` (> 0), the linear part's weight. window: softmax band length.
         scale: softmax scale (default ``d ** -0.5``); feature_scale: the feature map's (default the same).
+        q_lin, k_lin: what the linear part's feature map sees, if not q, k (same shape; e.g. a learned
+            per-head transform of them); the softmax band always uses q, k.
 
     Returns ``(o [B, T, H, dv] in v.dtype, state dict or None)`` as ``window_attention``; gradients flow to
     q, k, v, log_weight, log_decay and lin_weight. CUDA (or the Triton interpreter) only.
@@ -325,11 +329,15 @@ def fused_window_attention(
     scale = d**-0.5 if scale is None else float(scale)
     feature_scale = scale if feature_scale is None else float(feature_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q_lin = q if q_lin is None else q_lin.contiguous()
+    k_lin = k if k_lin is None else k_lin.contiguous()
+    if q_lin.shape != q.shape or k_lin.shape != k.shape:
+        raise ValueError(f"q_lin {tuple(q_lin.shape)} / k_lin {tuple(k_lin.shape)} must match q {tuple(q.shape)}")
     lin_state = None
     if T > window:
         # one normalised call that also returns its denominator D; N = o * (D + eps) recovers the numerator
         lin_o, lin_den, lin_state = fused_dijiang_with_denominator(
-            q[:, window:], k[:, : T - window], v[:, : T - window], proj, log_weight, log_decay,
+            q_lin[:, window:], k_lin[:, : T - window], v[:, : T - window], proj, log_weight, log_decay,
             scale=feature_scale, output_final_state=output_final_state, eps=LIN_EPS)
         lin_num = lin_o * (lin_den.view(B, H, T - window).transpose(1, 2) + LIN_EPS).unsqueeze(-1)
     else:
@@ -338,6 +346,6 @@ def fused_window_attention(
     o = _WindowBand.apply(q, k, v, lin_num, lin_den, lin_weight.float().contiguous(), window, scale, float(eps))
     if not output_final_state:
         return o, None
-    kept = k[:, T - min(T, window):]
+    kept = k_lin[:, T - min(T, window):]
     k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
     return o, _final_state(k, v, k_feat, lin_state, window, proj.shape[1])
