@@ -8,9 +8,14 @@ For every layer and head of a softmax model, on one long text, for queries t >= 
                1 = the kernel ranks far keys exactly as the teacher does, uniform = no information.
 Candidates: the exact exp kernel on pre-RoPE q, k; DiJiang feature maps phi(q).phi(k) on RoPE'd and
 pre-RoPE q, k with the paper's normal radii and chi radii; uniform (content-blind) weights.
-Per-layer far mass is also the importance score used to pick which layers to keep as softmax.
+With --needles N it measures retrieval instead: N prompts of filler text (the --text file) with a
+sentence holding a number at some depth and a question at the end, the answer teacher-forced; for every
+head, the attention mass that the positions predicting the answer's digits put on the needle's digits
+(retrieval heads). The needle and question wording is unlike the passkey evaluation's, on purpose: this
+score picks the layers to keep as softmax, so it must not be tuned on the test.
 
     python scripts/probe_far_attention.py --text FILE [--tokens 2048] [--json out.json]
+    python scripts/probe_far_attention.py --text FILE --needles 4 [--json out.json]
 """
 from __future__ import annotations
 
@@ -100,6 +105,43 @@ def kernels_for(layer: dict, index: int, head_dim: int, num_heads: int) -> dict:
     return kernels
 
 
+NEEDLE = " Note for later: the serial number of the {thing} is {key}. "
+QUESTION = "\nQuestion: what is the serial number of the {thing}? Answer: the serial number of the {thing} is"
+THINGS = ("red lamp", "old bicycle", "blue kettle", "garden gate", "small radio", "brass key")
+
+
+def retrieval_scores(model, tokenizer, filler_ids: list[int], needles: int, tokens: int, seed: int = 0) -> list:
+    """[layer][head] mean attention mass from the answer-digit predictions onto the needle's digits."""
+    import random
+
+    rng = random.Random(seed)
+    totals = None
+    for trial in range(needles):
+        thing, key = THINGS[trial % len(THINGS)], str(rng.randint(10000, 99999))
+        needle = tokenizer(NEEDLE.format(thing=thing, key=key), add_special_tokens=False)["input_ids"]
+        tail = tokenizer(QUESTION.format(thing=thing), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+        room = tokens - len(needle) - len(tail) - len(answer)
+        start = rng.randint(0, len(filler_ids) - room)
+        filler = filler_ids[start:start + room]
+        depth = rng.randint(room // 10, room * 9 // 10)
+        ids = filler[:depth] + needle + filler[depth:] + tail + answer
+        key_ids = tokenizer(key, add_special_tokens=False)["input_ids"]
+        first = next(i for i in range(len(needle)) if needle[i:i + len(key_ids)] == key_ids)
+        needle_span = torch.arange(depth + first, depth + first + len(key_ids))
+        predictors = torch.arange(len(ids) - len(answer) - 1, len(ids) - 1)  # each predicts the next token
+        layers = capture_qk(model, torch.tensor([ids]))
+        scores = []
+        for layer in layers:
+            s = layer["scale"] * torch.einsum("thd,jhd->htj", layer["qr"][predictors], layer["kr"])
+            causal = torch.arange(len(ids))[None, None, :] > predictors[None, :, None]
+            p = torch.softmax(s.masked_fill(causal, float("-inf")), dim=-1)
+            scores.append(p[:, :, needle_span].sum(-1).mean(-1))  # [H]
+        scores = torch.stack(scores)
+        totals = scores if totals is None else totals + scores
+    return (totals / needles).tolist()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -108,11 +150,23 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--min-query", type=int, default=1024)
     parser.add_argument("--sinks", type=int, default=4, help="first tokens counted apart (attention sinks)")
+    parser.add_argument("--needles", type=int, default=0, help="measure retrieval heads over N needle prompts")
     parser.add_argument("--json", help="write the per-layer, per-head numbers here")
     args = parser.parse_args(argv)
     model, tokenizer = dijiang.load_pretrained(args.model, attn_implementation="eager")
     model.eval()
     text = open(args.text, encoding="utf-8").read()
+    if args.needles:
+        filler = tokenizer(text, add_special_tokens=False)["input_ids"]
+        scores = retrieval_scores(model, tokenizer, filler, args.needles, args.tokens)
+        for index, heads in enumerate(scores):
+            print(f"layer {index:2d}  needle mass max {max(heads):.3f}  mean {sum(heads) / len(heads):.3f}")
+        ranking = sorted(range(len(scores)), key=lambda i: -max(scores[i]))
+        print("layers by their strongest retrieval head:", ranking)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "needle_mass": scores, "ranking": ranking}, f, indent=1)
+        return 0
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.tokens]
     if ids.shape[1] < args.tokens:
         sys.exit(f"{args.text} holds only {ids.shape[1]} tokens, fewer than --tokens {args.tokens}")

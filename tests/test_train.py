@@ -152,7 +152,9 @@ def test_two_stage_run_logs_checkpoints_evaluates_and_saves(assets, tmp_path):
     assert log[-1]["lr"] == pytest.approx(config.lr * config.min_lr_ratio)
     assert [d.name for d in checkpoint_dirs(out)] == ["step_00000015", "step_00000016"]
     assert not list((out / "checkpoints").glob(".tmp*"))
-    assert set(summary["eval"]) == {"eval_held_out_loss", "eval_held_out_ppl", "eval_pydoc_loss", "eval_pydoc_ppl"}
+    assert set(summary["eval"]) == {"eval_held_out_loss", "eval_held_out_ppl", "eval_pydoc_loss", "eval_pydoc_ppl",
+                                    "slowest_gamma_min", "slowest_gamma_max"}  # pure DiJiang: decays, no mix
+    assert 0 < summary["eval"]["slowest_gamma_min"] <= summary["eval"]["slowest_gamma_max"] < 1
     assert summary["final"] and (out / "final" / "config.json").exists()
     with pytest.raises(ValueError, match="--resume"):
         train(config)

@@ -265,6 +265,21 @@ class DiJiangAttention(nn.Module):
         return self.adapter.output(self, o.to(hidden_states.dtype)), None
 
 
+def gate_summary(layers) -> dict:
+    """Where the learned gates stand across converted layers (logged during training, to see them move):
+    the linear part's weight softplus(window_mix) and each layer's slowest decay gamma."""
+    layers = list(layers)
+    if not layers:
+        return {}
+    slowest = torch.stack([layer.log_decay.detach().max().exp() for layer in layers])
+    summary = {"slowest_gamma_min": slowest.min().item(), "slowest_gamma_max": slowest.max().item()}
+    mixes = [F.softplus(layer.window_mix.detach().float()) for layer in layers if layer.window_mix is not None]
+    if mixes:
+        mix = torch.cat(mixes)
+        summary.update(mix_min=mix.min().item(), mix_mean=mix.mean().item(), mix_max=mix.max().item())
+    return summary
+
+
 def _layer_cache(cache, layer_idx: int):
     if cache is None:
         return None

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from dijiang import data as data_lib
+from dijiang.attention import gate_summary
 from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
 
 DEFAULT_TEACHER_TOKENS = 100_000  # sampled from the teacher when no data source is given
@@ -635,6 +636,7 @@ def _evaluate(student, eval_sets: dict, config: TrainConfig, accelerator) -> dic
             loss = evaluate_loss(model, blocks, config.batch_size, accelerator)
             results[f"eval_{name}_loss"] = loss
             results[f"eval_{name}_ppl"] = math.exp(min(loss, 50))
+        results.update(gate_summary(layer for _, layer in dijiang_layers(model)))
     accelerator.wait_for_everyone()
     return results
 

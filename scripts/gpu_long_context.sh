@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The long-context ablation on the lent GPU machine (docs/results.md holds what it measured).
+# Each recipe of recipes/long-context/ trains in its own background process (setsid), all at once on one
+# GPU, then `dijiang eval` scores it at 512 / 2048 / 8192-token windows on three texts, with its DiJiang
+# branch switched off too, and passkey retrieval at 1k-8k.
+#   bash scripts/gpu_long_context.sh stash     # call 1 (carries .gguf_a): the model's first half
+#   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .whl .gpu_corpus): model, launch
+#   bash scripts/gpu_long_context.sh status    # later calls: one line per job
+#   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
+# .gpu_corpus/part-000.jsonl.xz: a slice of the training corpus (scripts/build_corpus.py) that fits a call.
+# JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget.
+set -uo pipefail
+WORK=~/long_context
+RUNS=$WORK/runs
+export PYTHONPATH=~/site:$WORK/src PYTHONUNBUFFERED=1 DIJIANG_CACHE=~/dijiang_cache TOKENIZERS_PARALLELISM=true
+JOBS=${JOBS:-baseline chi-decay transform layer-hybrid pure}
+TEXTS="--text pydoc --text data/heldout/austen-pride-and-prejudice.txt --text $WORK/python-stdlib.txt"
+
+case "${1:-}" in
+stash)
+  mkdir -p ~/stash && cp .gguf_a/* ~/stash/ && ls -la ~/stash
+  ;;
+start)
+  python3 -m pip install -q --no-index --no-deps --target ~/site .whl/gguf-*.whl || exit 1
+  mkdir -p ~/model $RUNS
+  cat ~/stash/*.part0 .gguf_b/*.part1 > ~/model/smollm2.gguf
+  [ "$(md5sum < ~/model/smollm2.gguf | cut -d' ' -f1)" = "$(cat .gguf_b/*.md5)" ] || { echo "model md5 differs"; exit 1; }
+  cp -r src scripts data recipes $WORK/ && mkdir -p $WORK/corpus && cp .gpu_corpus/*.jsonl.xz $WORK/corpus/
+  cd $WORK
+  # a third evaluation text of another kind: Python source code (the corpus holds no Python)
+  cat $(python3 -c "import argparse, inspect, typing; print(argparse.__file__, inspect.__file__, typing.__file__)") \
+    > $WORK/python-stdlib.txt
+  python3 -c "import dijiang; m, t = dijiang.load_pretrained('$HOME/model/smollm2.gguf'); \
+dijiang.conversion.save_converted(m, t, '$HOME/model/hf')" > $RUNS/prepare.log 2>&1 || { tail $RUNS/prepare.log; exit 1; }
+  for job in $JOBS; do
+    train="python3 -m dijiang train --recipe recipes/long-context/$job.yaml --model $HOME/model/hf \
+--data $WORK/corpus/part-000.jsonl.xz --out $RUNS/$job --no-progress ${TOKENS:+--tokens $TOKENS}"
+    evaluate="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
+--windows 512,2048,8192 --branch-off --passkey 1024,2048,4096,8192 --passkey-trials 10 --dtype bfloat16 \
+--out $RUNS/$job/eval"
+    setsid nohup bash -c "$train > $RUNS/$job.train.log 2>&1 && $evaluate > $RUNS/$job.eval.log 2>&1; \
+echo \$? > $RUNS/$job.done" > /dev/null 2>&1 < /dev/null &
+    # the first job tokenises the corpus and caches the packed blocks; the others (same block size) reuse them
+    for _ in $(seq 120); do ls ~/dijiang_cache/blocks/*.pt > /dev/null 2>&1 && break; sleep 2; done
+  done
+  sleep 20; nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv
+  ;;
+status)
+  cd $WORK
+  for job in $JOBS; do
+    log=$RUNS/$job/log.jsonl
+    echo "== $job: done=$(cat $RUNS/$job.done 2>/dev/null || echo no) last: $(tail -n 1 $log 2>/dev/null | cut -c1-260)"
+    tail -c 400 $RUNS/$job.train.log 2>/dev/null | tr '\r' '\n' | tail -n 2
+    [ -f $RUNS/$job.eval.log ] && tail -n 3 $RUNS/$job.eval.log
+  done
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+  ;;
+collect)
+  cd $RUNS
+  tar czf "$OUT/long_context.tar.gz" --exclude='final' --exclude='checkpoints' --exclude='*.pt' \
+    --exclude='*.safetensors' .
+  ls -la "$OUT"
+  ;;
+*) echo "usage: $0 stash|start|status|collect" >&2; exit 2 ;;
+esac
