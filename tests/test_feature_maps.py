@@ -40,7 +40,7 @@ def all_configs():
 
 
 def test_registry_has_all_maps():
-    assert {"dijiang", "official", "performer", "pff", "elu"} <= set(FEATURE_MAPS)
+    assert {"dijiang", "official", "performer", "pff", "elu", "hedgehog"} <= set(FEATURE_MAPS)
 
 
 @pytest.mark.parametrize("name,m,stab", list(all_configs()))
@@ -57,6 +57,7 @@ def test_shape_dtype_finite(name, m, stab, dtype):
 
 def test_default_num_features_is_head_dim():
     assert build_feature_map("dijiang", D, H).num_features == D
+    assert build_feature_map("hedgehog", D, H).num_features == 2 * D  # identity init: a half per sign
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
@@ -65,7 +66,7 @@ def test_deterministic_by_seed(name):
     a = build_feature_map(name, D, H, seed=3)(x)
     b = build_feature_map(name, D, H, seed=3)(x)
     assert torch.equal(a, b)
-    if name != "elu":
+    if name not in ("elu", "hedgehog"):  # elu has no randomness; hedgehog starts from the identity
         assert not torch.equal(a, build_feature_map(name, D, H, seed=4)(x))
 
 
@@ -229,6 +230,62 @@ def test_gradients_reach_log_weight():
     assert [n for n, _ in build_feature_map("pff", D, H).named_parameters()] == []
 
 
+# --- hedgehog -----------------------------------------------------------------------------------
+
+
+def hedgehog_with_random_weights(m=2 * D, seed=0):
+    """A hedgehog map whose W is no longer the identity (as after training), per head different."""
+    fmap = build_feature_map("hedgehog", D, H, m)
+    with torch.no_grad():
+        fmap.weight.normal_(generator=torch.Generator().manual_seed(seed))
+    return fmap
+
+
+def test_hedgehog_weights_are_per_head_identity_fp32_parameters():
+    fmap = build_feature_map("hedgehog", D, H)
+    assert [name for name, _ in fmap.named_parameters()] == ["weight"]
+    assert fmap.weight.shape == (H, D, D) and fmap.weight.requires_grad
+    assert torch.equal(fmap.weight, torch.eye(D).expand(H, D, D))
+    fmap.to(torch.bfloat16)
+    assert fmap.weight.dtype == torch.float32
+    assert fmap(torch.randn(4, H, D, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    narrow = build_feature_map("hedgehog", D, H, D)  # m/2 < d: the rectangular identity, first m/2 coordinates
+    assert torch.equal(narrow.weight[1], torch.eye(D, D // 2))
+
+
+def test_hedgehog_identity_init_is_softmax_of_both_signs():
+    x = 3.0 * torch.randn(2, 5, H, D)
+    expected = torch.cat([torch.softmax(x, dim=-1), torch.softmax(-x, dim=-1)], dim=-1)
+    torch.testing.assert_close(build_feature_map("hedgehog", D, H)(x), expected, rtol=0, atol=1e-7)
+
+
+def test_hedgehog_halves_are_positive_distributions_of_x_w():
+    fmap = hedgehog_with_random_weights()
+    x = torch.randn(3, 4, H, D)
+    y = fmap(x)
+    assert (y > 0).all()
+    torch.testing.assert_close(y.unflatten(-1, (2, D)).sum(-1), torch.ones(3, 4, H, 2))
+    z = torch.stack([x[..., h, :] @ fmap.weight[h] for h in range(H)], dim=-2)  # head h uses its own W_h
+    torch.testing.assert_close(y[..., :D], torch.softmax(z, -1))
+    torch.testing.assert_close(y[..., D:], torch.softmax(-z, -1))
+
+
+def test_hedgehog_gradient_reaches_every_head_of_w():
+    fmap = hedgehog_with_random_weights()
+    x = torch.randn(5, H, D)
+    (fmap(x) * torch.randn(5, H, 2 * D)).sum().backward()
+    assert fmap.weight.grad.shape == (H, D, D)
+    assert (fmap.weight.grad.abs().sum(dim=(1, 2)) > 0).all()
+
+
+def test_hedgehog_state_dict_round_trip_and_learn_projection_is_implied():
+    src = hedgehog_with_random_weights(seed=3)
+    dst = build_feature_map("hedgehog", D, H, learn_projection=True)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(6, H, D)
+    assert torch.equal(src(x), dst(x))
+
+
 # --- approximation_error ------------------------------------------------------------------------
 
 
@@ -328,6 +385,7 @@ def test_unknown_name_lists_registered():
         (("pff", D, H, 24), {}),
         (("official", D, H, 2 * D), {}),
         (("elu", D, H, 2 * D), {}),
+        (("hedgehog", D, H), {"stabiliser": "relu"}),
         (("dijiang", 0, H), {}),
         (("performer", D, 0), {}),
         (("performer", D, H, 0), {}),
@@ -341,6 +399,11 @@ def test_unknown_name_lists_registered():
 def test_bad_construction_raises(args, kwargs):
     with pytest.raises(ValueError):
         build_feature_map(*args, **kwargs)
+
+
+def test_odd_hedgehog_num_features_says_it_must_be_even():
+    with pytest.raises(ValueError, match="even num_features"):
+        build_feature_map("hedgehog", D, H, 2 * D + 1)
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))

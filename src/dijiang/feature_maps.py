@@ -15,6 +15,9 @@ Frequency constructions (columns of P):
 * ``dijiang``: orthonormal DCT-II directions times QMC radii, learnable per-head weights.
 * ``official``: the official repository's ``DCT @ diag(Phi^-1(torch.rand))``, frozen, softmax.
 * ``elu``: ``elu(x) + 1`` (no kernel estimator; stabiliser ignored).
+* ``hedgehog``: Hedgehog's learned map (Zhang et al. 2024; LoLCATs, Lizard), ``[softmax(x W_h), softmax(-x W_h)]``
+  with a trained per-head ``W_h [d, m/2]`` initialised as the identity, separate maps for queries and keys
+  (no kernel estimator to stabilise; no temperature, W learns it).
 
 Radii (``radius=``): ``"normal"`` (paper) uses t = Phi^-1(u), a signed N(0, 1) radius. A frequency
 w = t c with a unit direction c then has E[w w^T] = c c^T, so averaged over a full orthonormal block
@@ -112,6 +115,11 @@ def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))[None, :]
 
 
+def check_stabiliser(stabiliser: str) -> None:
+    if stabiliser not in STABILISERS:
+        raise ValueError(f"stabiliser must be one of {STABILISERS}, got {stabiliser!r}")
+
+
 def _num_blocks(name: str, head_dim: int, num_features: int) -> int:
     if num_features % head_dim != 0:
         raise ValueError(
@@ -130,6 +138,9 @@ class FeatureMap(nn.Module):
     """Base class: x [..., H, d] -> [..., H, m], output in x.dtype, computed in fp32."""
 
     name = "base"
+    fp32_tensors: tuple[str, ...] = ()  # attributes (parameters, buffers) kept fp32 under a module dtype cast
+    separate_key_map = False  # True: the layer gives keys their own copy of the map, trained apart
+    always_trained = False  # True: the map's own weights always train (learn_projection is implied)
 
     def __init__(self, head_dim: int, num_heads: int, num_features: int, scale: float | None = None):
         super().__init__()
@@ -143,6 +154,25 @@ class FeatureMap(nn.Module):
         self.scale = float(head_dim**-0.5 if scale is None else scale)
         if self.scale <= 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
+
+    @classmethod
+    def default_num_features(cls, head_dim: int) -> int:
+        return head_dim
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() must not round the map's own weights: keep them fp32, follow only the device.
+        # detach() holds on to the fp32 tensor: a Parameter's .data is swapped in place by the cast
+        fp32_tensors = {name: getattr(self, name).detach() for name in self.fp32_tensors}
+        out = super()._apply(fn, recurse)
+        for name, fp32 in fp32_tensors.items():
+            tensor = getattr(self, name)
+            if tensor.dtype == torch.float32:
+                continue
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = fp32.to(device=tensor.device)
+            else:
+                setattr(self, name, fp32.to(device=tensor.device))
+        return out
 
     def check_input(self, x: Tensor) -> None:
         if x.dim() < 2 or tuple(x.shape[-2:]) != (self.num_heads, self.head_dim):
@@ -159,6 +189,7 @@ class ProjectedFeatureMap(FeatureMap):
     """exp-type map: z = sqrt(scale) x @ P, then the stabiliser. Subclasses build P [d, m] (float64)."""
 
     learnable_weights = False
+    fp32_tensors = ("projection",)
 
     def __init__(
         self,
@@ -174,8 +205,7 @@ class ProjectedFeatureMap(FeatureMap):
         learn_projection: bool = False,
     ):
         super().__init__(head_dim, num_heads, num_features, scale)
-        if stabiliser not in STABILISERS:
-            raise ValueError(f"stabiliser must be one of {STABILISERS}, got {stabiliser!r}")
+        check_stabiliser(stabiliser)
         if qmc not in QMC_KINDS:
             raise ValueError(f"qmc must be one of {QMC_KINDS}, got {qmc!r}")
         if radius not in RADII:
@@ -195,17 +225,6 @@ class ProjectedFeatureMap(FeatureMap):
 
     def build_projection(self) -> np.ndarray | Tensor:
         raise NotImplementedError
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bf16) / .half() must not round the frozen projection: keep it fp32, follow only the device.
-        fp32_projection = self.projection.detach()  # a Parameter's .data is swapped in place: keep the old tensor
-        out = super()._apply(fn, recurse)
-        if self.projection.dtype != torch.float32:
-            if isinstance(self.projection, nn.Parameter):
-                self.projection.data = fp32_projection.to(device=self.projection.device)
-            else:
-                self.projection = fp32_projection.to(device=self.projection.device)
-        return out
 
     def log_features(self, x: Tensor) -> Tensor:
         """Unstabilised log-features log w + sqrt(scale) x @ P in fp32."""
@@ -309,14 +328,54 @@ class EluFeatureMap(FeatureMap):
     def __init__(self, head_dim: int, num_heads: int, num_features: int, *, scale=None, stabiliser="softmax", **_):
         if num_features != head_dim:
             raise ValueError(f"feature map 'elu' needs num_features == head_dim={head_dim}, got {num_features}")
-        if stabiliser not in STABILISERS:
-            raise ValueError(f"stabiliser must be one of {STABILISERS}, got {stabiliser!r}")
+        check_stabiliser(stabiliser)
         super().__init__(head_dim, num_heads, num_features, scale)
         self.log_weight = None
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return (F.elu(x.float() * math.sqrt(self.scale)) + 1.0).to(x.dtype)
+
+
+@register_feature_map("hedgehog")
+class HedgehogFeatureMap(FeatureMap):
+    """Hedgehog's learned map: phi(x) = [softmax(x W_h), softmax(-x W_h)] per head h, W_h [d, m/2] trained.
+
+    Zhang et al. 2024 ("The Hedgehog & the Porcupine"), the map LoLCATs and Lizard convert with. W starts as
+    the identity (m/2 == d, the default m = 2d; otherwise the rectangular identity, as LoLCATs falls back to)
+    and is trained with the layer's other new parameters, e.g. by attention transfer. No temperature is
+    applied: the peers apply none to raw q, k, and W can learn one. No bias: LoLCATs' configs ship without
+    one (its optional bias is one scalar per head, which the softmax cancels). Queries and keys get separate
+    maps from the same init (``separate_key_map``), as LoLCATs' configs have them. The stabiliser is checked
+    and ignored (the map is its own softmax), as for elu. The fused Triton kernels do not take this map (not
+    a ``ProjectedFeatureMap``): layers with it run the torch path.
+    """
+
+    fp32_tensors = ("weight",)
+    separate_key_map = True
+    always_trained = True
+
+    def __init__(self, head_dim: int, num_heads: int, num_features: int, *, scale=None, stabiliser="softmax", **_):
+        if num_features % 2:
+            raise ValueError(f"feature map 'hedgehog' needs an even num_features (two halves of m/2), "
+                             f"got {num_features}")
+        check_stabiliser(stabiliser)
+        super().__init__(head_dim, num_heads, num_features, scale)
+        self.log_weight = None
+        identity = torch.eye(head_dim, num_features // 2)
+        self.weight = nn.Parameter(identity.expand(num_heads, -1, -1).clone())  # [H, d, m/2]
+
+    @classmethod
+    def default_num_features(cls, head_dim: int) -> int:
+        return 2 * head_dim  # identity init: one softmax half per sign of x
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        z = torch.einsum("...hd,hdf->...hf", x.float(), self.weight.float())
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).to(x.dtype)
+
+    def extra_repr(self) -> str:  # no scale: this map applies none
+        return f"d={self.head_dim}, H={self.num_heads}, m={self.num_features}"
 
 
 def build_feature_map(
@@ -332,19 +391,19 @@ def build_feature_map(
     radius: str = "normal",
     learn_projection: bool = False,
 ) -> FeatureMap:
-    """Build a registered feature map. num_features defaults to head_dim.
+    """Build a registered feature map. num_features defaults to head_dim (2 head_dim for hedgehog).
 
     learn_projection makes the projection P of an exp-type map a trained parameter (initialised as the map
-    defines it); the elu map has no projection and refuses it."""
+    defines it); the elu map has no projection and refuses it; hedgehog always trains its map."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {name!r}; registered: {sorted(FEATURE_MAPS)}")
     dims_are_ints = isinstance(head_dim, numbers.Integral) and isinstance(num_heads, numbers.Integral)
     if not dims_are_ints or head_dim < 1 or num_heads < 1:
         raise ValueError(f"head_dim and num_heads must be ints >= 1, got {head_dim!r} and {num_heads!r}")
-    m = head_dim if num_features is None else int(num_features)
     cls = FEATURE_MAPS[name]
+    m = cls.default_num_features(int(head_dim)) if num_features is None else int(num_features)
     options = dict(scale=scale, stabiliser=stabiliser, seed=seed, qmc=qmc, radius=radius)
-    if learn_projection:
+    if learn_projection and not cls.always_trained:
         if not issubclass(cls, ProjectedFeatureMap):
             raise ValueError(f"feature map {name!r} has no projection to learn (learn_projection=True)")
         options["learn_projection"] = True
