@@ -79,6 +79,8 @@ JOBS = {
     "abl-pff": ("ablation: pff (QMC, orthogonal, no DCT/weights)", {"feature_map": "pff"}, None, "1M", {}),
     "abl-performer": ("ablation: performer (Monte Carlo)", {"feature_map": "performer"}, None, "1M", {}),
     "abl-elu": ("ablation: elu + 1", {"feature_map": "elu"}, None, "1M", {}),
+    "abl-hedgehog": ("ablation: hedgehog (learned softmax map, identity init, m = 2d)", {"feature_map": "hedgehog"},
+                     None, "1M", {}),
     "abl-dijiang-2d": ("ablation: dijiang, m = 2d", {"num_features": 128}, None, "1M", {}),
     "abl-two-softmax": ("ablation: dijiang, layers 0 and 15 kept softmax", {}, KeepSoftmax((0, 15)), "1M", {}),
 }

@@ -27,6 +27,16 @@ def test_convert_then_generate(tiny_dir, tmp_path, capsys):
     assert fast.strip() == plain.strip()  # greedy: the fast path emits the same tokens
 
 
+def test_convert_with_the_hedgehog_map_then_generate(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "hedgehog"
+    assert main(["convert", "--model", str(tiny_dir), "--out", str(out), "--feature-map", "hedgehog"]) == 0
+    assert json.loads((out / "config.json").read_text())["dijiang"]["feature_map"] == "hedgehog"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the cat") and len(text.strip()) > len("the cat")
+
+
 def test_bad_inputs_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
     assert main(["convert", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such model directory" in capsys.readouterr().err

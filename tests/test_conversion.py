@@ -7,6 +7,9 @@ from transformers import AutoModelForCausalLM
 import dijiang
 from dijiang.cache import DiJiangCache, DiJiangStateLayer
 from dijiang.conversion import iter_dijiang_layers
+from dijiang.fast_decode import supports_fast_decode
+from dijiang.feature_maps import HedgehogFeatureMap
+from dijiang.train import TrainConfig, build_optimizer, new_parameter_ids
 
 VOCAB = 97
 
@@ -43,7 +46,8 @@ def tiny_model(family: str, seed: int = 0):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_neox", "gpt2", "opt"]
-SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official()}
+SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
+            "hedgehog": dict(feature_map="hedgehog", window=4)}
 
 
 def rel_err(a, b):
@@ -262,3 +266,66 @@ def test_window_mix_init_sets_the_linear_weight():
     assert torch.allclose(torch.nn.functional.softplus(layer.window_mix), torch.full_like(layer.window_mix, 0.7))
     with pytest.raises(ValueError, match="window_mix_init"):
         dijiang.convert(tiny_model("llama"), dict(window=4, window_mix_init=0.0))
+
+
+def hedgehog_maps(model):
+    """(query map, key map) of every converted layer."""
+    return [(layer.feature_map, layer.key_feature_map) for _, layer in iter_dijiang_layers(model)]
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_hedgehog_layer_forms_agree_in_outputs_and_map_gradients(window):
+    ids = torch.randint(3, VOCAB, (2, 13))
+    runs = {}
+    for mode in ("parallel", "chunk", "recurrent"):
+        settings = dict(feature_map="hedgehog", window=window, mode=mode, chunk_size=4)
+        model = dijiang.convert(tiny_model("llama"), settings).train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = [fm.weight.grad for maps in hedgehog_maps(model) for fm in maps]
+        runs[mode] = (out.logits.detach(), grads)
+    logits_ref, grads_ref = runs["parallel"]
+    assert all(g.abs().sum() > 0 for g in grads_ref)  # both maps of every layer train
+    for mode in ("chunk", "recurrent"):
+        logits, grads = runs[mode]
+        assert rel_err(logits, logits_ref) < 1e-5, mode
+        assert all(rel_err(g, g0) < 1e-5 for g, g0 in zip(grads, grads_ref)), mode
+
+
+def test_hedgehog_maps_are_new_parameters_and_never_fused():
+    model = dijiang.convert(tiny_model("llama"), dict(feature_map="hedgehog"))
+    new_ids = new_parameter_ids(model)
+    optimizer = build_optimizer(model.named_parameters(), new_ids, TrainConfig(lr=1e-5, new_lr=3e-2))
+    peak_lr = {id(p): group["peak_lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(peak_lr[id(fm.weight)] == 3e-2 for maps in hedgehog_maps(model) for fm in maps)
+    for (_, layer), (query_map, key_map) in zip(iter_dijiang_layers(model), hedgehog_maps(model)):
+        assert isinstance(query_map, HedgehogFeatureMap) and isinstance(key_map, HedgehogFeatureMap)
+        assert query_map.num_features == 2 * 16 and query_map.weight is not key_map.weight
+        assert torch.equal(query_map.weight, key_map.weight)  # one init, trained apart
+        assert {id(query_map.weight), id(key_map.weight)} <= new_ids
+        assert not layer.feature_map_fuses()
+    plain = next(layer for _, layer in iter_dijiang_layers(dijiang.convert(tiny_model("llama"))))
+    assert plain.feature_map_fuses() and plain.key_feature_map is None
+    ok, why = supports_fast_decode(model)  # fast_generate then falls back to generate
+    assert not ok and "HedgehogFeatureMap has no fast path" in why
+
+
+def test_hedgehog_round_trips_through_save_and_from_pretrained(tmp_path):
+    model = dijiang.convert(tiny_model("llama"), dict(feature_map="hedgehog", window=4)).eval()
+    with torch.no_grad():  # trained-looking maps, query and key apart, so the reload must restore both
+        for maps in hedgehog_maps(model):
+            for fm in maps:
+                fm.weight.add_(0.1 * torch.randn_like(fm.weight))
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.dijiang["feature_map"] == "hedgehog"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    for maps, loaded_maps in zip(hedgehog_maps(model), hedgehog_maps(loaded)):
+        for fm, loaded_fm in zip(maps, loaded_maps):
+            assert torch.equal(fm.weight, loaded_fm.weight)
+    half = dijiang.convert(tiny_model("llama"), dict(feature_map="hedgehog")).to(torch.bfloat16)
+    assert all(fm.weight.dtype == torch.float32 for maps in hedgehog_maps(half) for fm in maps)

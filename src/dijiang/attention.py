@@ -7,6 +7,7 @@ original key and adds only the new DiJiang parameters.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -29,8 +30,10 @@ MODES = ("chunk", "recurrent", "parallel")
 class DiJiangSettings:
     """How a softmax attention layer is replaced. Defaults are the best plain setting we measured.
 
-    feature_map: registry name in ``dijiang.feature_maps`` (``dijiang``, ``official``, ``performer``, ``pff``, ``elu``).
-    num_features: m, features per head (default head_dim; a multiple of head_dim for DCT-based maps).
+    feature_map: registry name in ``dijiang.feature_maps`` (``dijiang``, ``official``, ``performer``, ``pff``,
+        ``elu``; ``hedgehog``: Hedgehog's learned map, separate for queries and keys, always trained, torch path).
+    num_features: m, features per head (default head_dim, 2 head_dim for hedgehog; a multiple of head_dim for
+        DCT-based maps, even for hedgehog).
     stabiliser: ``softmax`` (divide by the feature sum, official) or ``norm`` (||x||^2/2, unbiased).
     qmc / radius: the QMC sequence (sobol, halton) and radius law (``normal``: the paper's Phi^-1(u);
         ``chi``: chi_d radii, which give the frequencies the second moment of N(0, I)).
@@ -157,6 +160,8 @@ class DiJiangAttention(nn.Module):
             stabiliser=settings.stabiliser, seed=settings.seed + layer_idx, qmc=settings.qmc,
             radius=settings.radius, learn_projection=settings.learn_projection,
         ).to(**factory)
+        # Hedgehog (as LoLCATs) trains a key map apart from the query map, both from the same init.
+        self.key_feature_map = copy.deepcopy(self.feature_map) if self.feature_map.separate_key_map else None
         logits = initial_decay_logits(H, settings.decay_range).to(param.device)
         if settings.learn_decay:
             self.decay_logit = nn.Parameter(logits)
@@ -184,6 +189,11 @@ class DiJiangAttention(nn.Module):
             return q, k
         transform = self.feature_transform.to(q.dtype)
         return torch.einsum("bthd,hde->bthe", q, transform), torch.einsum("bthd,hde->bthe", k, transform)
+
+    @property
+    def key_map(self):
+        """The feature map applied to keys: its own where the map trains one apart, else the query map."""
+        return self.feature_map if self.key_feature_map is None else self.key_feature_map
 
     def new_parameters(self):
         """Parameters DiJiang added (everything else in the layer is pretrained)."""
@@ -230,7 +240,8 @@ class DiJiangAttention(nn.Module):
         return self._finish(o, state, layer_cache, hidden_states)
 
     def _attend(self, q, k, v, *, mode, mask, initial_state, output_final_state):
-        qf, kf = (self.feature_map(x) for x in self.linear_inputs(q, k))
+        q_lin, k_lin = self.linear_inputs(q, k)
+        qf, kf = self.feature_map(q_lin), self.key_map(k_lin)
         if self.settings.window:
             lin_weight = F.softplus(self.window_mix.float())
             return window_attention(
@@ -242,11 +253,17 @@ class DiJiangAttention(nn.Module):
             output_final_state=output_final_state, normalize=self.settings.normalize, attention_mask=mask,
         )
 
+    def feature_map_fuses(self) -> bool:
+        """Whether the fused kernels can compute this layer's feature map: one softmax-stabilised projection
+        map for q and k, with a projection that needs no gradient (the kernels have none for it)."""
+        fm = self.feature_map
+        return (isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax" and self.key_feature_map is None
+                and not (fm.projection.requires_grad and torch.is_grad_enabled()))
+
     def _can_fuse(self, q: torch.Tensor, v: torch.Tensor, mode: str, mask, initial_state) -> bool:
         fm = self.feature_map
         common = (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
-                  and isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax"
-                  and not (fm.projection.requires_grad and torch.is_grad_enabled()))
+                  and self.feature_map_fuses())
         if not common:
             return False
         if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)
