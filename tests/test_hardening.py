@@ -223,6 +223,11 @@ def test_convert_validates_settings_and_layers(settings, layers, message):
         dijiang.convert(model, settings, layers)
 
 
+def test_train_checks_attention_settings_before_loading_a_model():
+    with pytest.raises(ValueError, match="window .* must be an integer"):
+        TrainConfig(model="/nonexistent/model", attention={"window": True}).validated()
+
+
 # ---------------------------------------------------------------- 4. official feature map
 
 
@@ -302,6 +307,11 @@ def test_json_errors_name_the_file(assets, tmp_path):
     log.write_text('{"step": 1}\n{oops\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"log.jsonl:2: not valid JSON"):
         read_jsonl(log)
+    from dijiang.bench import main as bench_main
+
+    (tmp_path / "run.json").write_text("{truncated")
+    with pytest.raises(ValueError, match=r"run.json: not valid JSON"):
+        bench_main(["--from-json", str(tmp_path / "run.json"), "--out", str(tmp_path / "report.md")])
 
 
 @pytest.mark.parametrize("name", ["runs/dijiang-missing", "./dijiang-missing", "~/dijiang-missing-x",

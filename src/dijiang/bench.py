@@ -421,9 +421,11 @@ def _label_window(row: dict, meta: dict) -> dict:
 
 def report_from_json(args) -> int:
     """Merge the JSON of several runs (e.g. device calls split by batch size) into one report and plot."""
+    from dijiang.files import read_json
+
     inference_rows, training_rows, metas = [], [], []
     for name in args.from_json.split(","):
-        data = json.loads(Path(name).read_text())
+        data = read_json(name)
         metas.append(data["meta"])
         inference_rows += [_label_window(row, data["meta"]) for row in data["inference"]]
         training_rows += [_label_window(row, data["meta"]) for row in data["training"]]

@@ -3,6 +3,7 @@ folders (models, checkpoints, caches) appear whole or not at all.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -23,6 +24,14 @@ def refuse_to_replace(path: str | Path, overwrite: bool, what: str = "output") -
 
 def same_path(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def read_json(path: str | Path):
+    """The JSON value in `path`; a ValueError that names the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

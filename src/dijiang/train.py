@@ -30,7 +30,7 @@ import torch
 
 from dijiang import data as data_lib
 from dijiang.arguments import fraction, non_negative_float, non_negative_int, parse_bool, positive_float, positive_int
-from dijiang.attention import gate_summary
+from dijiang.attention import DiJiangSettings, gate_summary
 from dijiang.files import write_text_atomic as _write_atomic
 from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
 
@@ -133,6 +133,8 @@ class TrainConfig:
                 setattr(self, spec.name, parse_bool(spec.name, value))
         if self.layers is not None:
             self.layers = [non_negative_int.check("layers entry", i) for i in self.layers]
+        if self.attention:  # before any model is loaded: a bad setting fails in a second, not after minutes
+            DiJiangSettings.from_any(dict(self.attention))
         if self.kd_weight + self.lm_weight == 0:
             raise ValueError("kd_weight and lm_weight must not both be 0")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
