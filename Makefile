@@ -18,7 +18,7 @@ test-gpu: setup
 
 # The main job on the embedded SmolLM2: convert, short fine-tune, evaluate, generate, print a table.
 demo: setup
-	$(PY) -m dijiang demo
+	$(PY) -m dijiang demo --overwrite  # runs/demo: the demo's own folder
 
 bench: setup
-	$(PY) -m dijiang bench
+	$(PY) -m dijiang bench --overwrite  # runs/bench (docs/ only with an explicit --out)

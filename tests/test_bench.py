@@ -1,6 +1,8 @@
 """`dijiang bench` on a tiny random model, CPU, seconds: the table, the report and the plot are written."""
 import json
 
+import pytest
+
 from dijiang import cli
 from dijiang.bench import main
 
@@ -27,7 +29,9 @@ def test_bench_writes_table_report_and_plot(tmp_path, capsys):
     other = json.loads(data.read_text())
     other["meta"].update(window=128, command="dijiang bench --window 128")
     (tmp_path / "w128.json").write_text(json.dumps(other))
-    assert main(["--from-json", f"{data},{tmp_path / 'w128.json'}", "--out", str(merged)]) == 0
+    with pytest.raises(ValueError, match="--overwrite"):  # an earlier report is never replaced silently
+        main(["--from-json", f"{data},{tmp_path / 'w128.json'}", "--out", str(merged)])
+    assert main(["--from-json", f"{data},{tmp_path / 'w128.json'}", "--out", str(merged), "--overwrite"]) == 0
     text = merged.read_text()  # runs with different windows: each window row names its own
     assert f"| window{rows['meta']['window']} | 1 | 32 |" in text and "| window128 | 1 | 32 |" in text
     assert "dijiang bench --window 128" in text
@@ -51,5 +55,5 @@ def test_cli_subcommand_is_registered():
 
     add_cli(sub)
     args = parser.parse_args(["bench", "--model", "tiny"])
-    assert args.func is not None and args.contexts.startswith("1024")
+    assert args.func is not None and args.contexts[0] == 1024
     assert "bench" in cli.SUBCOMMAND_MODULES

@@ -82,8 +82,12 @@ def test_read_documents_from_folders_jsonl_and_files(tmp_path):
     (tmp_path / "sub" / "records.jsonl").write_text(
         json.dumps({"text": "delta", "body": "x"}) + "\n\n" + json.dumps({"text": "epsilon", "body": "y"}) + "\n"
     )
-    # sorted paths: a.txt, sub/b.md, sub/deeper/c.rst, sub/records.jsonl; binary and hidden files skipped
-    assert data.read_documents([str(tmp_path)]) == ["alpha", "beta", "gamma", "delta", "epsilon"]
+    (tmp_path / "sub" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    # sorted paths: a.txt, sub/b.md, sub/deeper/c.rst, sub/records.jsonl; binary, non-UTF-8 and hidden files skipped
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\).*sub/blob.bin, sub/latin1.txt"):
+        assert data.read_documents([str(tmp_path)]) == ["alpha", "beta", "gamma", "delta", "epsilon"]
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):  # named on its own: an error, not a skip
+        data.read_documents([str(tmp_path / "sub" / "latin1.txt")])
     assert data.read_documents(str(tmp_path / "sub" / "records.jsonl"), text_field="body") == ["x", "y"]
     mixed = data.read_documents([str(tmp_path / "a.txt"), str(tmp_path / "sub" / "records.jsonl"), "pydoc"])
     assert mixed[:3] == ["alpha", "delta", "epsilon"] and "assignment" in mixed[3].lower()
@@ -133,8 +137,22 @@ def test_tokenizer_mismatch_is_detected():
     data.check_same_tokenizer(tokenizer, tiny_tokenizer())
     with pytest.raises(ValueError, match="vocabulary"):
         data.check_same_tokenizer(tokenizer, tiny_tokenizer(vocab_size=330))
-    with pytest.raises(ValueError, match="encode"):
+    with pytest.raises(ValueError, match="same size but other tokens"):
         data.check_same_tokenizer(tokenizer, tiny_tokenizer(text_start=200_000))
+    with pytest.raises(ValueError, match="other BPE merges"):
+        data.check_same_tokenizer(tokenizer, with_merges_reordered(tokenizer))
+
+
+def with_merges_reordered(tokenizer):
+    """Same vocabulary, the last two merges swapped: a tokenizer that splits some words differently."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    merges[-1], merges[-2] = merges[-2], merges[-1]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<eos>",
+                                   pad_token="<eos>")
 
 
 def test_sample_teacher_text_is_deterministic_and_long_enough():

@@ -18,12 +18,16 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from dijiang.feature_maps import FEATURE_MAPS, ProjectedFeatureMap, build_feature_map
+from dijiang.feature_maps import FEATURE_MAPS, QMC_KINDS, RADII, STABILISERS, ProjectedFeatureMap, build_feature_map
 from dijiang.ops import linear_attention, window_attention
 from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
 from dijiang.ops.triton_window import fused_window_attention
 
 MODES = ("chunk", "recurrent", "parallel")
+MAX_WINDOW = 65536
+BOOL_SETTINGS = ("normalize", "use_norm", "use_gate", "learn_decay", "checkpoint", "learn_projection",
+                 "feature_transform")
+CHOICES = {"stabiliser": STABILISERS, "qmc": QMC_KINDS, "radius": RADII}
 
 
 @dataclass
@@ -80,23 +84,34 @@ class DiJiangSettings:
     window_mix_init: float = 0.1
 
     def __post_init__(self):
+        from dijiang.arguments import Number, non_negative_int, parse_bool, positive_float, positive_int
+
         self.decay_range = tuple(self.decay_range)
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {self.feature_map!r}; known: {sorted(FEATURE_MAPS)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
-        if self.window < 0:
-            raise ValueError(f"window must be >= 0 (0 = pure linear attention), got {self.window}")
+        # a window longer than this is a typo (a 100000 window costs what the input needs, but its decode state
+        # keeps `window` keys and values per layer)
+        self.window = Number(int, 0, MAX_WINDOW).check("window (0 = pure linear attention)", self.window)
+        if self.num_features is not None:
+            self.num_features = positive_int.check("num_features", self.num_features)
+        self.chunk_size = positive_int.check("chunk_size", self.chunk_size)
+        self.seed = non_negative_int.check("seed", self.seed)
+        for name in BOOL_SETTINGS:
+            setattr(self, name, parse_bool(name, getattr(self, name)))
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.backend not in ("auto", "torch"):
             raise ValueError(f"backend must be 'auto' (fused Triton kernel on CUDA where it applies) or 'torch', "
                              f"got {self.backend!r}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if not self.window_mix_init > 0:
-            raise ValueError(f"window_mix_init is the linear part's weight at init and must be > 0, got "
-                             f"{self.window_mix_init}")
+        self.window_mix_init = positive_float.check("window_mix_init (the linear part's weight at init)",
+                                                    self.window_mix_init)
+        if len(self.decay_range) != 2:
+            raise ValueError(f"decay_range must be two numbers (1 - gamma of the first and last head), got {self.decay_range}")
         low, high = self.decay_range
-        if not (0 < low < 1 and 0 < high < 1):
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1 for x in (low, high)):
             raise ValueError(f"decay_range entries are 1 - gamma and must lie in (0, 1), got {self.decay_range}")
 
     @classmethod

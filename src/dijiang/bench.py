@@ -345,11 +345,10 @@ def run(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     kinds = [k for k in args.kinds.split(",") if k]
-    contexts = [int(c) for c in args.contexts.split(",") if c]
-    batches = [int(b) for b in args.batches.split(",") if b]
-    big_contexts = [int(c) for c in args.batch_contexts.split(",") if c] if args.batch_contexts else contexts
-    train_contexts = [int(c) for c in args.train_contexts.split(",") if c]
+    contexts, batches, train_contexts = args.contexts, args.batches, args.train_contexts
+    big_contexts = args.batch_contexts or contexts
     t_start = time.perf_counter()
+    report_paths(args)
     if args.from_json:
         return report_from_json(args)
     models = build_models(args.model, kinds, args.window, device, dtype)
@@ -389,9 +388,8 @@ def run(args) -> int:
             training_rows.append(row)
             print(json.dumps(row), flush=True)
 
-    out = Path(args.out)
+    out, png = report_paths(args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    png = Path(args.png) if args.png else out.with_suffix(".png")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     meta = dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="minutes"),
@@ -423,9 +421,11 @@ def _label_window(row: dict, meta: dict) -> dict:
 
 def report_from_json(args) -> int:
     """Merge the JSON of several runs (e.g. device calls split by batch size) into one report and plot."""
+    from dijiang.files import read_json
+
     inference_rows, training_rows, metas = [], [], []
     for name in args.from_json.split(","):
-        data = json.loads(Path(name).read_text())
+        data = read_json(name)
         metas.append(data["meta"])
         inference_rows += [_label_window(row, data["meta"]) for row in data["inference"]]
         training_rows += [_label_window(row, data["meta"]) for row in data["training"]]
@@ -434,30 +434,48 @@ def report_from_json(args) -> int:
         meta["window"] = "/".join(sorted({str(m.get("window")) for m in metas}))
     meta["command"] = "; ".join(m["command"] for m in metas)
     meta["date"] = ", ".join(sorted({m["date"] for m in metas}))
-    out = Path(args.out)
-    png = Path(args.png) if args.png else out.with_suffix(".png")
+    out, png = report_paths(args)
     meta["png_name"] = png.name
     plot(inference_rows, png)
     print(write_report(out, inference_rows, training_rows, meta))
     return 0
 
 
+DEFAULT_REPORT = "runs/bench/bench_model.md"  # not docs/: a casual run must not replace the measured report
+
+
+def report_paths(args) -> tuple[Path, Path]:
+    """(report, plot) paths; ValueError when one (or --json) exists and --overwrite was not given."""
+    from dijiang.files import refuse_to_replace
+
+    out = Path(args.out)
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    for path in (out, png, *([Path(args.json)] if args.json else [])):
+        refuse_to_replace(path, args.overwrite, "bench output")
+    return out, png
+
+
 def add_arguments(parser) -> None:
+    from dijiang.arguments import int_list, non_negative_int, positive_int
+
+    contexts = int_list(positive_int)
     parser.add_argument("--model", default="smollm2", help="embedded name, dir or .gguf; 'tiny' = random tiny Llama")
     parser.add_argument("--kinds", default="teacher,pure,window")
-    parser.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
-    parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--batch-contexts", default="2048,8192,32768",
+    parser.add_argument("--contexts", type=contexts, default="1024,2048,4096,8192,16384,32768")
+    parser.add_argument("--batches", type=contexts, default="1,16")
+    parser.add_argument("--batch-contexts", type=contexts, default="2048,8192,32768",
                         help="contexts for batches other than the smallest (default 2048,8192,32768)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens on the fast path")
-    parser.add_argument("--hf-new-tokens", type=int, default=16, help="new tokens through HF generate (0: skip)")
-    parser.add_argument("--train-contexts", default="2048,16384")
-    parser.add_argument("--train-tokens", type=int, default=16384, help="tokens per training step")
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=positive_int, default=128, help="new tokens on the fast path")
+    parser.add_argument("--hf-new-tokens", type=non_negative_int, default=16,
+                        help="new tokens through HF generate (0: skip)")
+    parser.add_argument("--train-contexts", type=contexts, default="2048,16384")
+    parser.add_argument("--train-tokens", type=positive_int, default=16384, help="tokens per training step")
+    parser.add_argument("--window", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--out", default="docs/bench_model.md")
+    parser.add_argument("--out", default=DEFAULT_REPORT, help=f"markdown report (default {DEFAULT_REPORT})")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report, plot or JSON if they exist")
     parser.add_argument("--png", default=None, help="plot path (default: --out with .png)")
     parser.add_argument("--json", default=None, help="also write every number as JSON here")
     parser.add_argument("--from-json", default=None, help="comma-separated JSON files of earlier runs: only report")

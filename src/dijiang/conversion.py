@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import numbers
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,11 +77,18 @@ def convert(model: nn.Module, settings: DiJiangSettings | dict | None = None, la
 def _choose_layers(layers, num_layers: int) -> set[int]:
     if layers is None:
         return set(range(num_layers))
-    chosen = {int(i) for i in layers}
-    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"layers must be a list of layer indices, got {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty: pass None to convert every layer, or the indices to convert")
+    not_ints = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if not_ints:  # int(0.7) would silently pick layer 0
+        raise ValueError(f"layer indices must be integers, got {not_ints}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"layer indices {sorted(bad)} out of range: the model has {num_layers} attention layers")
-    return chosen
+    return {int(i) for i in layers}
 
 
 def _become_dijiang(model, family: str, settings: DiJiangSettings, chosen: list[int]) -> None:
@@ -225,34 +234,80 @@ def load_pretrained(name_or_path: str = "smollm2", *, dtype=torch.float32, devic
     """(model, tokenizer) from an embedded name ("smollm2"), a local directory, a .gguf file or a hub name.
 
     The embedded GGUF is dequantised once and cached as safetensors under $DIJIANG_CACHE (~/.cache/dijiang).
+    Warns when a weight holds NaN or inf (every output of such a model is garbage).
     """
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     path = Path(str(name_or_path)).expanduser()
     if name_or_path in EMBEDDED_MODELS:
-        cached = CACHE_DIR / name_or_path
-        if not (cached / "config.json").exists():
-            folder, gguf = embedded_gguf(name_or_path)
-            model, tokenizer = _load_gguf(folder, gguf, kwargs)
-            model.save_pretrained(cached)
-            tokenizer.save_pretrained(cached)
-        path = cached
+        path = _cached_embedded_model(name_or_path, kwargs)
     elif path.suffix == ".gguf":
         if not path.exists():
             raise FileNotFoundError(f"no such GGUF file: {path}")
         model, tokenizer = _load_gguf(path.parent, path.name, kwargs)
+        warn_if_non_finite(model, str(name_or_path))
         return model.to(device), tokenizer
-    elif not path.exists() and _looks_local(str(name_or_path)):
-        raise FileNotFoundError(f"no such model directory: {name_or_path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    else:
+        check_local_path(str(name_or_path))
+    model = _causal_lm_from_pretrained(str(path), kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    warn_if_non_finite(model, str(name_or_path))
     return model.to(device), tokenizer
 
 
-def _looks_local(name: str) -> bool:
-    """Hub names are 'org/model'; anything rooted or deeper is a local path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
+def _cached_embedded_model(name: str, kwargs: dict) -> Path:
+    """The embedded GGUF dequantised to safetensors once; written atomically, so that a kill mid-write leaves
+    no folder that looks complete (a config.json without weights broke every later run)."""
+    from dijiang.files import atomic_dir
+
+    cached = CACHE_DIR / name
+    if not ((cached / "config.json").exists() and any(cached.glob("*.safetensors"))):
+        folder, gguf = embedded_gguf(name)
+        model, tokenizer = _load_gguf(folder, gguf, kwargs)
+        with atomic_dir(cached) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return cached
+
+
+def check_local_path(name: str) -> None:
+    """FileNotFoundError for a missing path that is clearly local, before transformers spends a minute
+    retrying the hub for it. Hub names are 'org/model'; a rooted path, a deeper one, or one whose first
+    folder exists here (runs/smollm2-dijiang) is local."""
+    if Path(name).expanduser().exists():
+        return
+    rooted = name.startswith((".", "/", "~", "\\")) or Path(name).is_absolute()
+    first_folder = name.split("/")[0]
+    local_parent = "/" in name and Path(first_folder).is_dir()
+    if rooted or name.count("/") > 1 or local_parent:
+        raise FileNotFoundError(f"no such model directory: {name} (a local path; hub names look like org/model)")
+
+
+def _causal_lm_from_pretrained(path: str, kwargs: dict):
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        # transformers lists every causal-LM config class (3 KB); name the model's own type and ours instead
+        model_type = getattr(AutoConfig.from_pretrained(path), "model_type", "?")
+        raise ValueError(f"{path} is a {model_type!r} model, not a causal LM that dijiang handles; supported "
+                         f"families: {', '.join(sorted(ADAPTERS))}") from None
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers that hold a NaN or an inf."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, tensor in named
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+
+
+def warn_if_non_finite(model: nn.Module, where: str) -> None:
+    bad = non_finite_tensors(model)
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}); "
+                      "every output of this model will be NaN or garbage", stacklevel=3)
 
 
 def _load_gguf(folder: Path, gguf: str, kwargs: dict):
@@ -263,13 +318,16 @@ def _load_gguf(folder: Path, gguf: str, kwargs: dict):
 
 
 def save_converted(model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained into a temporary folder renamed to `out_dir` at the end: a kill leaves the old or the new."""
+    from dijiang.files import atomic_dir
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if getattr(model, "hf_quantizer", None) is not None:
         detach_gguf_quantizer(model)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -279,29 +337,39 @@ def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="convert a model to DiJiang attention and save it")
     parser.add_argument("--model", default="smollm2", help="embedded name (smollm2), local dir, .gguf or hub name")
     parser.add_argument("--out", required=True, help="output directory (safetensors + config + tokenizer)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
     add_settings_arguments(parser)
     parser.set_defaults(func=_run_convert_cli)
 
 
 def add_settings_arguments(parser) -> None:
-    parser.add_argument("--feature-map", default="dijiang")
-    parser.add_argument("--num-features", type=int, default=None)
+    from dijiang.arguments import non_empty_int_list, non_negative_int, positive_int
+
+    parser.add_argument("--feature-map", default=None, help="feature map (default dijiang; official with --official)")
+    parser.add_argument("--num-features", type=positive_int, default=None)
     parser.add_argument("--stabiliser", default="softmax", choices=["softmax", "norm"])
-    parser.add_argument("--window", type=int, default=0, help="exact-softmax window (0 = pure DiJiang)")
-    parser.add_argument("--layers", default=None, help="comma-separated layer indices to convert (default all)")
-    parser.add_argument("--official", action="store_true", help="the official layer: GroupNorm + gate, no denominator")
+    parser.add_argument("--window", type=non_negative_int, default=0, help="exact-softmax window (0 = pure DiJiang)")
+    parser.add_argument("--layers", type=non_empty_int_list(non_negative_int), default=None,
+                        help="comma-separated layer indices to convert (default all)")
+    parser.add_argument("--official", action="store_true",
+                        help="the official layer: its feature map, GroupNorm + gate, no denominator")
 
 
 def settings_from_args(args) -> tuple[DiJiangSettings, list[int] | None]:
-    overrides = dict(feature_map=args.feature_map, num_features=args.num_features,
-                     stabiliser=args.stabiliser, window=args.window)
+    overrides = dict(num_features=args.num_features, stabiliser=args.stabiliser, window=args.window)
+    if args.feature_map is not None:
+        overrides["feature_map"] = args.feature_map
     settings = DiJiangSettings.official(**overrides) if args.official else DiJiangSettings(**overrides)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    return settings, layers
+    return settings, args.layers
 
 
 def _run_convert_cli(args) -> int:
+    from dijiang.files import refuse_to_replace, same_path
+
     settings, layers = settings_from_args(args)
+    if Path(str(args.model)).expanduser().exists() and same_path(args.model, args.out):
+        raise ValueError(f"--out {args.out} is the source model: converting in place would replace it")
+    refuse_to_replace(args.out, args.overwrite, "--out")
     model, tokenizer = load_pretrained(args.model)
     convert(model, settings, layers)
     out = save_converted(model, tokenizer, args.out)

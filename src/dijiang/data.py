@@ -17,6 +17,7 @@ import json
 import lzma
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +88,11 @@ def _read_source(source: str, text_field: str) -> list[str]:
         if path.is_dir():
             if any((path / marker).exists() for marker in DATASET_FOLDER_MARKERS):
                 return _read_dataset_folder(path, text_field)
-            return [doc for file in _text_files(path) for doc in _read_file(file, text_field)]
-        return _read_file(path, text_field)
+            return _read_folder(path, text_field)
+        try:
+            return _read_file(path, text_field)
+        except NotText as error:
+            raise ValueError(f"data source {path}: {error}") from None
     if source == "pydoc":
         return [pydoc_topics_text()]
     if any(char in source for char in "*?["):
@@ -121,16 +125,35 @@ def _plain_name(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in COMPRESSED else path
 
 
+class NotText(ValueError):
+    """A file that is binary or not UTF-8."""
+
+
+def _read_folder(folder: Path, text_field: str) -> list[str]:
+    """Every text file under `folder`; binary and non-UTF-8 files are skipped, with one warning naming them."""
+    documents, skipped = [], []
+    for file in _text_files(folder):
+        try:
+            documents.extend(_read_file(file, text_field))
+        except NotText:
+            skipped.append(file.relative_to(folder).as_posix())
+    if skipped:
+        names = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(f"{folder}: skipped {len(skipped)} file(s) that are binary or not UTF-8 text: {names}",
+                      stacklevel=3)
+    return documents
+
+
 def _read_file(path: Path, text_field: str) -> list[str]:
     if _plain_name(path).suffix == ".jsonl":
         return _read_jsonl(path, text_field)
     raw = COMPRESSED[path.suffix](path).read() if path.suffix in COMPRESSED else path.read_bytes()
     if b"\x00" in raw[:8192]:
-        return []  # binary file inside a folder of text
+        raise NotText("binary file (it holds NUL bytes)")
     try:
         return [raw.decode("utf-8")]
-    except UnicodeDecodeError:
-        return []
+    except UnicodeDecodeError as error:
+        raise NotText(f"not UTF-8 text ({error})") from None
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
@@ -366,9 +389,22 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     sizes = (len(teacher_tokenizer), len(student_tokenizer))
     if sizes[0] != sizes[1]:
         raise ValueError(f"tokenizer mismatch: teacher vocabulary has {sizes[0]} tokens, student {sizes[1]}")
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ValueError("tokenizer mismatch: teacher and student vocabularies have the same size but other tokens")
+    merges = [_merges_of(tok) for tok in (teacher_tokenizer, student_tokenizer)]
+    if None not in merges and merges[0] != merges[1]:
+        raise ValueError("tokenizer mismatch: teacher and student have the same vocabulary but other BPE merges")
     probe = [tok(PROBE_TEXT, add_special_tokens=False)["input_ids"] for tok in (teacher_tokenizer, student_tokenizer)]
     if probe[0] != probe[1]:
         raise ValueError("tokenizer mismatch: teacher and student encode the same probe text differently")
+
+
+def _merges_of(tokenizer):
+    """The BPE merge list of a fast tokenizer (None when it has none, or is a slow tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return json.loads(backend.to_str()).get("model", {}).get("merges")
 
 
 # ---------------------------------------------------------------- overlap with evaluation text

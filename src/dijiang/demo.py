@@ -91,8 +91,6 @@ def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed:
     from dijiang.plots import read_jsonl
     from dijiang.train import TrainConfig, train
 
-    if out_dir.exists():  # the trainer refuses to overwrite checkpoints; this folder is the demo's own
-        shutil.rmtree(out_dir)
     config = TrainConfig(model=str(source), out=str(out_dir), data=[str(train_file)], eval_data=[],
                          tokens=str(tokens), block_size=block_size, batch_size=4, attention={"window": window},
                          save_every=0, keep_checkpoints=1, seed=seed, progress=progress)
@@ -113,15 +111,22 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
              out: str | Path = "runs/demo", window: int = 64, seed: int = 0, block_size: int = 256,
              eval_window: int = 512, eval_windows: int = 8, sample_tokens: int = 30,
              prompt: str = DEFAULT_PROMPT, eval_text: str | None = None, train_text: str | None = None,
-             convert_fn: Callable | None = None, train_fn: Callable | None = None,
+             convert_fn: Callable | None = None, train_fn: Callable | None = None, overwrite: bool = False,
              log: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo; returns the rows, the table and where the files went. See the module docstring."""
+    """Run the demo; returns the rows, the table and where the files went. See the module docstring.
+
+    `out` must be new or empty unless `overwrite` (then its `train` folder, an earlier demo's, is replaced).
+    """
+    from dijiang.files import refuse_to_replace
+
     if tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
     if window < 1:
         raise ValueError(f"the demo's hybrid needs a window >= 1 token, got {window}")
     start = time.perf_counter()
     out_dir = Path(out)
+    refuse_to_replace(out_dir, overwrite, "demo output folder")
+    shutil.rmtree(out_dir / "train", ignore_errors=True)  # the trainer refuses an earlier run's folder
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
@@ -200,7 +205,7 @@ def _write_outputs(out_dir: Path, rows: list[dict], table: str, train_log: list[
 def _run_demo_cli(args) -> int:
     run_demo(model_name=args.model, tokens=args.tokens, out=args.out, window=args.window, seed=args.seed,
              block_size=args.block_size, eval_window=args.eval_window, eval_windows=args.eval_windows,
-             prompt=args.prompt)
+             prompt=args.prompt, overwrite=args.overwrite)
     return 0
 
 
@@ -209,22 +214,28 @@ def parse_count(text: str) -> int:
     text = str(text).strip().upper().replace("_", "")
     scale = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000}.get(text[-1:], 1)
     try:
-        return int(float(text[:-1] if scale > 1 else text) * scale)
+        count = int(float(text[:-1] if scale > 1 else text) * scale)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a token count like 40K or 2M, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 token, got {text!r}")
+    return count
 
 
 def add_cli(subparsers) -> None:
+    from dijiang.arguments import Number, non_negative_int, positive_int
+
     parser = subparsers.add_parser(
         "demo", help="teacher -> DiJiang -> short fine-tune -> perplexity table, on a CPU in minutes",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="teacher: 'smollm2', a hub name or a local folder")
     parser.add_argument("--tokens", type=parse_count, default=16_000, help="fine-tuning tokens (e.g. 16K; CPU training runs at ~20-150 tokens/s)")
-    parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--window", type=int, default=64, help="exact-softmax window of the hybrid, in tokens")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--block-size", type=int, default=256, help="fine-tuning sequence length")
-    parser.add_argument("--eval-window", type=int, default=512, help="perplexity window length")
-    parser.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per model")
+    parser.add_argument("--out", default="runs/demo", help="output folder (new or empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
+    parser.add_argument("--window", type=positive_int, default=64, help="exact-softmax window of the hybrid, in tokens")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--block-size", type=positive_int, default=256, help="fine-tuning sequence length")
+    parser.add_argument("--eval-window", type=Number(int, 2), default=512, help="perplexity window length")
+    parser.add_argument("--eval-windows", type=positive_int, default=8, help="perplexity windows per model")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the greedy samples")
     parser.set_defaults(func=_run_demo_cli)

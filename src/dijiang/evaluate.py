@@ -428,9 +428,10 @@ def _load_model(name_or_path: str, dtype: str, device: str):
     return dijiang.load_pretrained(name_or_path, dtype=getattr(torch, dtype), device=device)
 
 
-def _students_for(args, teacher) -> dict:
+def _students_for(args, teacher, tokenizer) -> dict:
     """{name: model}: each --student folder (named by its folder, or NAME=PATH), or the converted teacher."""
     import dijiang
+    from dijiang.data import check_same_tokenizer
 
     if args.convert:
         settings = {"window": args.convert_window} if args.convert_window else None
@@ -441,7 +442,9 @@ def _students_for(args, teacher) -> dict:
         name = name or (Path(path).name if len(args.student) > 1 else "student")
         if name in students or name == "teacher":
             raise SystemExit(f"error: two students named {name!r}; name them with --student NAME=PATH")
-        students[name], _ = _load_model(path, args.dtype, args.device)
+        students[name], student_tokenizer = _load_model(path, args.dtype, args.device)
+        # every model is scored with the teacher's tokenizer: another vocabulary gives a meaningless perplexity
+        check_same_tokenizer(tokenizer, student_tokenizer)
     return students
 
 
@@ -453,18 +456,6 @@ def _texts_for(args) -> dict[str, str]:
                                                    column=args.hf_column) for source in sources}
 
 
-def _window_lengths(spec: str | None, single: int) -> list[int]:
-    if not spec:
-        return [single]
-    try:
-        windows = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --windows takes comma-separated integers, got {spec!r}") from None
-    if not windows or min(windows) < 2:
-        raise SystemExit(f"error: --windows needs window lengths >= 2, got {spec!r}")
-    return windows
-
-
 CONTEXT_COLUMNS = [("text", "text"), ("window", "window"), ("model", "model"), ("perplexity", "perplexity"),
                    ("ratio", "ratio to teacher"), ("branch_worth", "branch worth"), ("num_targets", "tokens")]
 
@@ -472,7 +463,7 @@ CONTEXT_COLUMNS = [("text", "text"), ("window", "window"), ("model", "model"), (
 def run_eval(args) -> int:
     texts = _texts_for(args)
     teacher, tokenizer = _load_model(args.teacher, args.dtype, args.device)
-    students = _students_for(args, teacher)
+    students = _students_for(args, teacher, tokenizer)
     student = next(iter(students.values()), None)
     models = {"teacher": teacher, **students}
     out = Path(args.out) if args.out else None
@@ -481,7 +472,7 @@ def run_eval(args) -> int:
     results: dict = {}
 
     if args.windows or len(texts) > 1 or len(students) > 1 or args.branch_off:
-        rows = context_perplexity(models, tokenizer, texts, _window_lengths(args.windows, args.window),
+        rows = context_perplexity(models, tokenizer, texts, args.windows or [args.window],
                                   branch_off=args.branch_off, batch_size=args.batch_size,
                                   max_windows=args.max_windows)
         results["context"] = rows
@@ -513,7 +504,7 @@ def run_eval(args) -> int:
             plot_fidelity(fidelity, out / "fidelity.png")
 
     if args.passkey:
-        lengths = [int(x) for x in args.passkey.split(",")]
+        lengths = args.passkey
         for name, model in models.items():
             variants = [(name, contextlib.nullcontext())]
             if args.branch_off and has_linear_branch(model):
@@ -534,6 +525,8 @@ def run_eval(args) -> int:
 
 
 def add_cli(subparsers) -> None:
+    from dijiang.arguments import Number, int_list, non_empty_int_list, non_negative_int, positive_int
+
     parser = subparsers.add_parser(
         "eval", help="perplexity (teacher vs student), per-layer attention fidelity, passkey retrieval",
         description="Evaluate a teacher and (optionally) a DiJiang student on the same text.",
@@ -545,7 +538,7 @@ def add_cli(subparsers) -> None:
                          help="folder of a converted (fine-tuned) model saved by `dijiang train`; repeat for "
                               "several (NAME=PATH names one)")
     student.add_argument("--convert", action="store_true", help="student = the teacher converted with defaults")
-    parser.add_argument("--convert-window", type=int, default=0,
+    parser.add_argument("--convert-window", type=non_negative_int, default=0,
                         help="with --convert: exact softmax over the last W tokens (hybrid); 0 = pure DiJiang")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", action="append",
@@ -554,24 +547,25 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--hf-split", default="test")
     parser.add_argument("--hf-config", default=None)
     parser.add_argument("--hf-column", default="text")
-    parser.add_argument("--window", type=int, default=512, help="tokens per window")
-    parser.add_argument("--windows", default=None,
+    parser.add_argument("--window", type=Number(int, 2), default=512, help="tokens per window")
+    parser.add_argument("--windows", type=non_empty_int_list(Number(int, 2)), default=None,
                         help="several window lengths, e.g. 512,2048,8192: one table, JSON and plot (context.png) "
                              "of the ratio to the teacher against context; windows per length default to "
                              "about 40k scored tokens (40 / 20 / 6)")
     parser.add_argument("--branch-off", action="store_true",
                         help="also score every window hybrid with its DiJiang branch switched off (a plain "
                              "sliding window): what the linear part is worth")
-    parser.add_argument("--stride", type=int, default=None, help="new tokens per window (default window-1)")
-    parser.add_argument("--max-windows", type=int, default=None,
+    parser.add_argument("--stride", type=positive_int, default=None, help="new tokens per window (default window-1)")
+    parser.add_argument("--max-windows", type=positive_int, default=None,
                         help="windows per length (default 40 for --window; see --windows)")
-    parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=Number(int, 2), default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--fidelity", action="store_true", help="per-layer attention fidelity (needs a student)")
-    parser.add_argument("--fidelity-tokens", type=int, default=512)
-    parser.add_argument("--passkey", default="", help="comma-separated context lengths, e.g. 256,512,1024")
-    parser.add_argument("--passkey-trials", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fidelity-tokens", type=positive_int, default=512)
+    parser.add_argument("--passkey", type=int_list(Number(int, 16)), default=[],
+                        help="comma-separated context lengths, e.g. 256,512,1024")
+    parser.add_argument("--passkey-trials", type=positive_int, default=5)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for eval.json and fidelity.png")

@@ -312,10 +312,13 @@ class OfficialFeatureMap(ProjectedFeatureMap):
         super().__init__(head_dim, num_heads, num_features, **kwargs)
 
     def build_projection(self) -> Tensor:
+        # Built on the CPU whatever the default device: from_pretrained constructs modules under a meta-device
+        # context, where torch.distributions.Normal's argument check calls .item() and fails. Normal(0, 1).icdf
+        # is exactly sqrt(2) erfinv(2u - 1).
         d = self.head_dim
         gen = torch.Generator().manual_seed(self.seed)
-        uniforms = torch.diag_embed(torch.diag(torch.rand(d, d, generator=gen)))
-        icdf = torch.distributions.Normal(0, 1).icdf(uniforms)
+        uniforms = torch.diag_embed(torch.diag(torch.rand(d, d, generator=gen, device="cpu")))
+        icdf = torch.erfinv(2 * uniforms - 1) * math.sqrt(2)
         icdf = torch.where(torch.isinf(icdf), torch.zeros_like(icdf), icdf)
         dct = torch.from_numpy(dct_matrix(d)).float()
         return dct @ icdf

@@ -10,9 +10,8 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, te
     """Greedy (temperature 0) or sampled continuation of `prompt`; returns the new text only."""
     if not prompt:
         raise ValueError("prompt is empty")
-    if chat and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
+    if chat:
+        prompt = chat_prompt(tokenizer, prompt)
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
@@ -23,14 +22,24 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, te
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as one user turn of the tokenizer's chat template, ready for the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat: this model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def add_cli(subparsers) -> None:
+    from dijiang.arguments import Number, non_negative_float, non_negative_int, positive_int
+
     parser = subparsers.add_parser("generate", help="generate text from a converted (or any) model, streaming")
     parser.add_argument("--model", default="smollm2", help="converted model dir, embedded name, .gguf or hub name")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=Number(float, 0, 1, open_minimum=True), default=1.0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--fast", action="store_true",
                         help="static-state decode loop (CUDA graph on GPU; dijiang.fast_decode); prints at the end")
@@ -47,7 +56,8 @@ def _run_cli(args) -> int:
     if args.fast:
         from dijiang.fast_decode import fast_generate
 
-        ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+        text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(args.device)
         out = fast_generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                             temperature=max(args.temperature, 1e-5), top_p=args.top_p, seed=args.seed)
         print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

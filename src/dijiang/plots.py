@@ -11,12 +11,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL log (blank lines skipped)."""
+def read_jsonl(path: str | Path, torn_last_line_ok: bool = False) -> list[dict]:
+    """Records of a JSONL log (blank lines skipped); a bad line is a ValueError naming the file and line.
+
+    torn_last_line_ok: drop an unreadable last line instead (a kill in the middle of appending it).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such log file: {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if torn_last_line_ok and index == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+    return records
 
 
 def loss_records(log: str | Path | Sequence[dict]) -> list[dict]:

@@ -29,7 +29,9 @@ from typing import Callable
 import torch
 
 from dijiang import data as data_lib
-from dijiang.attention import gate_summary
+from dijiang.arguments import fraction, non_negative_float, non_negative_int, parse_bool, positive_float, positive_int
+from dijiang.attention import DiJiangSettings, gate_summary
+from dijiang.files import write_text_atomic as _write_atomic
 from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
 
 DEFAULT_TEACHER_TOKENS = 100_000  # sampled from the teacher when no data source is given
@@ -72,39 +74,45 @@ class TrainConfig:
         default="0", metadata=_help(f"tokens to sample from the teacher as training text (default {DEFAULT_TEACHER_TOKENS} when no --data)")
     )
     eval_data: list = field(default_factory=lambda: ["pydoc"], metadata=_help("evaluation text sources"))
-    eval_blocks: int = field(default=16, metadata=_help("blocks per evaluation set"))
-    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)"))
-    held_out: float = field(default=0.0, metadata=_help("held-out part of the training text: fraction (<1) or blocks"))
+    eval_blocks: int = field(default=16, metadata=_help("blocks per evaluation set", check=positive_int))
+    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)", check=non_negative_int))
+    held_out: float = field(default=0.0, metadata=_help("held-out part of the training text: fraction (<1) or blocks",
+                                                        check=non_negative_float))
     tokens: str = field(default="20M", metadata=_help("stage-2 token budget (K/M/G suffixes)"))
     attention_transfer_tokens: str = field(default="0", metadata=_help("stage-1 (attention transfer) token budget"))
-    block_size: int = field(default=512, metadata=_help("tokens per training sequence"))
-    batch_size: int = field(default=8, metadata=_help("sequences per micro-batch per process"))
-    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    lr: float = field(default=1e-4, metadata=_help("peak learning rate of pretrained weights"))
-    new_lr: float = field(default=1e-3, metadata=_help("peak learning rate of the parameters DiJiang added"))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay (matrices only)"))
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup: float = field(default=0.05, metadata=_help("warm-up: fraction of the steps (<1) or a number of steps"))
-    min_lr_ratio: float = field(default=0.1, metadata=_help("final learning rate as a fraction of the peak"))
-    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm (0: off)"))
-    kd_weight: float = field(default=1.0, metadata=_help("weight of KL(teacher || student)"))
-    lm_weight: float = field(default=0.2, metadata=_help("weight of the next-token cross-entropy"))
-    temperature: float = field(default=1.0, metadata=_help("distillation temperature"))
-    lora_rank: int = field(default=0, metadata=_help("LoRA rank (0: full fine-tuning)"))
-    lora_alpha: float = 32.0
+    block_size: int = field(default=512, metadata=_help("tokens per training sequence", check=positive_int))
+    batch_size: int = field(default=8, metadata=_help("sequences per micro-batch per process", check=positive_int))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step", check=positive_int))
+    lr: float = field(default=1e-4, metadata=_help("peak learning rate of pretrained weights", check=non_negative_float))
+    new_lr: float = field(default=1e-3, metadata=_help("peak learning rate of the parameters DiJiang added",
+                                                       check=non_negative_float))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay (matrices only)", check=non_negative_float))
+    beta1: float = field(default=0.9, metadata=_help("AdamW beta1", check=fraction))
+    beta2: float = field(default=0.95, metadata=_help("AdamW beta2", check=fraction))
+    warmup: float = field(default=0.05, metadata=_help("warm-up: fraction of the steps (<1) or a number of steps",
+                                                       check=non_negative_float))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("final learning rate as a fraction of the peak", check=fraction))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm (0: off)", check=non_negative_float))
+    kd_weight: float = field(default=1.0, metadata=_help("weight of KL(teacher || student)", check=non_negative_float))
+    lm_weight: float = field(default=0.2, metadata=_help("weight of the next-token cross-entropy", check=non_negative_float))
+    temperature: float = field(default=1.0, metadata=_help("distillation temperature", check=positive_float))
+    lora_rank: int = field(default=0, metadata=_help("LoRA rank (0: full fine-tuning)", check=non_negative_int))
+    lora_alpha: float = field(default=32.0, metadata=_help("LoRA alpha", check=positive_float))
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                metadata=_help("module names LoRA adapts"))
     attention: dict = field(default_factory=dict, metadata=_help("DiJiang settings, KEY=VALUE (window=64 ...)"))
-    layers: list | None = field(default=None, metadata=_help("layer indices to convert (default all)", type=int))
+    layers: list | None = field(default=None, metadata=_help("layer indices to convert (default all)",
+                                                             type=non_negative_int))
     gradient_checkpointing: bool = False
     mixed_precision: str = field(default="auto", metadata=_help("auto (bf16 on CUDA), bf16, fp16 or no"))
-    save_every: int = field(default=500, metadata=_help("checkpoint every N steps (0: never)"))
-    keep_checkpoints: int = 2
-    max_steps: int | None = field(default=None, metadata=_help("stop after N steps (the schedule keeps its length)", type=int))
-    seed: int = 0
+    save_every: int = field(default=500, metadata=_help("checkpoint every N steps (0: never)", check=non_negative_int))
+    keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept (0: all)", check=non_negative_int))
+    max_steps: int | None = field(default=None, metadata=_help("stop after N steps (the schedule keeps its length)",
+                                                               check=positive_int))
+    seed: int = field(default=0, metadata=_help("random seed", check=non_negative_int))
     data_cache: bool = field(default=True, metadata=_help("cache the packed training blocks under $DIJIANG_CACHE/blocks"))
     resume: bool = field(default=False, metadata=_help("continue from the last checkpoint in --out"))
+    overwrite: bool = field(default=False, metadata=_help("replace an earlier run's files in --out (else an error)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
 
     @classmethod
@@ -117,11 +125,18 @@ class TrainConfig:
         return cls(**normalised)
 
     def validated(self) -> "TrainConfig":
-        for name in ("block_size", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kd_weight < 0 or self.lm_weight < 0 or self.kd_weight + self.lm_weight == 0:
-            raise ValueError("kd_weight and lm_weight must be >= 0 and not both 0")
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if "check" in spec.metadata and value is not None:
+                setattr(self, spec.name, spec.metadata["check"].check(spec.name, value))
+            elif isinstance(spec.default, bool):  # a recipe's quoted "no" must not read as true
+                setattr(self, spec.name, parse_bool(spec.name, value))
+        if self.layers is not None:
+            self.layers = [non_negative_int.check("layers entry", i) for i in self.layers]
+        if self.attention:  # before any model is loaded: a bad setting fails in a second, not after minutes
+            DiJiangSettings.from_any(dict(self.attention))
+        if self.kd_weight + self.lm_weight == 0:
+            raise ValueError("kd_weight and lm_weight must not both be 0")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
         if isinstance(self.data, str):
@@ -292,15 +307,19 @@ def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out
             documents = data_lib.sample_teacher_text(teacher, tokenizer, n_tokens, seed=seed)
             lines = [json.dumps(key)] + [json.dumps({"text": doc}) for doc in documents]
             _write_atomic(cache, "\n".join(lines) + "\n")
-    lines = cache.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["text"] for line in lines[1:]]
+    from dijiang.plots import read_jsonl
+
+    return [record["text"] for record in read_jsonl(cache)[1:]]
 
 
 def _cached_key(path: Path):
     if not path.exists():
         return None
     with path.open(encoding="utf-8") as lines:
-        return json.loads(lines.readline() or "null")
+        try:
+            return json.loads(lines.readline() or "null")
+        except json.JSONDecodeError:  # unreadable cache: sample again
+            return None
 
 
 def data_fingerprint(blocks: torch.Tensor) -> str:
@@ -321,12 +340,6 @@ class Batches:
 
 
 # ---------------------------------------------------------------- checkpoints
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -379,10 +392,21 @@ def save_checkpoint(out: Path, step: int, model, names: list[str], optimizer, pr
 
 
 def load_checkpoint(folder: Path, model, names: list[str], accelerator) -> tuple[dict, dict]:
-    """Load weights into `model` and restore this rank's RNG; returns (progress, optimizer state)."""
+    """Load weights into `model` and restore this rank's RNG; returns (progress, optimizer state).
+
+    Every file is read before anything is applied: an unreadable one raises CorruptCheckpoint naming it and
+    leaves the model and the RNG as they were.
+    """
     from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / "trainable.safetensors"))
+    rng_file = folder / f"rng_rank{accelerator.process_index}.pt"
+    if not rng_file.exists():
+        raise ValueError(f"{folder} was written by fewer processes; resume with the same number of processes")
+    tensors = _read_checkpoint_file(folder / "trainable.safetensors", lambda f: load_file(str(f)))
+    rng = _read_checkpoint_file(rng_file, lambda f: torch.load(f, weights_only=True))
+    optimizer_state = _read_checkpoint_file(folder / "optimizer.pt",
+                                            lambda f: torch.load(f, weights_only=True, map_location="cpu"))
+    progress = _read_checkpoint_file(folder / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
     if sorted(tensors) != sorted(names):
         raise ValueError(
             f"checkpoint {folder} holds different parameters than this run trains "
@@ -392,20 +416,73 @@ def load_checkpoint(folder: Path, model, names: list[str], accelerator) -> tuple
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
-    rng_file = folder / f"rng_rank{accelerator.process_index}.pt"
-    if not rng_file.exists():
-        raise ValueError(f"{folder} was written by fewer processes; resume with the same number of processes")
-    set_rng_state(torch.load(rng_file, weights_only=True))
-    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
-    return json.loads((folder / "state.json").read_text()), optimizer_state
+    set_rng_state(rng)
+    return progress, optimizer_state
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (truncated, overwritten, bad JSON)."""
+
+
+def _read_checkpoint_file(path: Path, read: Callable):
+    try:
+        return read(path)
+    except Exception as error:  # safetensors, torch.load and json each raise their own kinds
+        raise CorruptCheckpoint(f"checkpoint file {path} cannot be read ({type(error).__name__}: {error})") from None
+
+
+def load_newest_checkpoint(out: Path, model, names: list[str], accelerator) -> tuple[Path, dict, dict]:
+    """The newest checkpoint that reads back; a corrupt newer one is skipped with a warning."""
+    folders = checkpoint_dirs(out)
+    for folder in reversed(folders):
+        try:
+            return (folder, *load_checkpoint(folder, model, names, accelerator))
+        except CorruptCheckpoint as error:
+            if folder == folders[0]:
+                raise
+            print(f"warning: {error}; falling back to the checkpoint before it", file=sys.stderr)
+    raise AssertionError("unreachable: checkpoint_dirs was not empty")
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines of steps after the checkpoint: they are run again."""
+    """Drop log lines of steps after the checkpoint: they are run again (and a line torn by a kill)."""
+    from dijiang.plots import read_jsonl
+
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    _write_atomic(path, "".join(line + "\n" for line in kept))
+    kept = [record for record in read_jsonl(path, torn_last_line_ok=True) if record.get("step", 0) <= last_step]
+    _write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+# ---------------------------------------------------------------- output folder
+
+# what a run writes into --out (anything else there is the user's and stays)
+RUN_FILES = (CHECKPOINT_DIR, LOG_FILE, TEACHER_TEXT_FILE, "summary.json", "final")
+
+
+def check_out_dir(out: Path, config: TrainConfig) -> list[str]:
+    """The earlier run's files in `out`; ValueError when this run would replace them without being asked,
+    or when --resume finds nothing to resume (a mistyped --out must not start from scratch)."""
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if config.resume:
+        if not out.is_dir():
+            raise FileNotFoundError(f"--resume: {out} does not exist, nothing to resume (is --out right?)")
+        finished = {"final", "summary.json"} & set(earlier)
+        if not checkpoint_dirs(out) and (finished or not earlier):
+            what = f"a finished run ({', '.join(sorted(finished))}) without checkpoints" if finished else "no run"
+            raise ValueError(f"--resume: {out} holds {what}; nothing to resume (pass --overwrite without --resume "
+                             "to start over there)")
+        return earlier
+    if earlier and not config.overwrite:
+        raise ValueError(f"{out} already holds an earlier run ({', '.join(earlier)}): pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    return earlier
+
+
+def remove_run_files(out: Path, names: list[str]) -> None:
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 # ---------------------------------------------------------------- steps
@@ -491,10 +568,11 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
         raise ValueError(f"dijiang train does not support {accelerator.distributed_type.name} yet; launch with DDP "
                          "(accelerate launch --multi_gpu, or torchrun)")
     out = Path(config.out)
+    earlier_run = check_out_dir(out, config)  # every rank: an error must stop them all
     if accelerator.is_main_process:
+        if config.overwrite and not config.resume:
+            remove_run_files(out, earlier_run)
         out.mkdir(parents=True, exist_ok=True)
-        if checkpoint_dirs(out) and not config.resume:
-            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     accelerator.wait_for_everyone()
 
     torch.manual_seed(config.seed)
@@ -525,8 +603,7 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     progress = {"step": 0, "position": 0, "fingerprint": data_fingerprint(packed.train)}
     optimizer_state = None
     if config.resume and checkpoint_dirs(out):
-        folder = checkpoint_dirs(out)[-1]
-        progress, optimizer_state = load_checkpoint(folder, student, saved_names, accelerator)
+        folder, progress, optimizer_state = load_newest_checkpoint(out, student, saved_names, accelerator)
         if progress["fingerprint"] != data_fingerprint(packed.train):
             raise ValueError(f"the training data differs from the data of checkpoint {folder}; resume needs the same sources and seed")
         if accelerator.is_main_process:
@@ -553,7 +630,10 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
         while step < min(stage_end, last_step):
             started = time.perf_counter()
             set_lr(optimizer, lr_multiplier(step - first, stage_steps[stage - 1], warmup, config.min_lr_ratio))
-            parts = _optimizer_step(stage, model_for_stage, teacher, paths, optimizer, batches, config, accelerator)
+            parts, updated = _optimizer_step(stage, model_for_stage, teacher, paths, optimizer, batches, config,
+                                             accelerator)
+            if not updated:
+                raise NonFiniteTraining(non_finite_message(step + 1, parts, out))
             step += 1
             elapsed = time.perf_counter() - started
             record = {"step": step, "stage": stage, "tokens": step * tokens_per_step, **parts,
@@ -616,16 +696,39 @@ def _optimizer_step(stage, model, teacher, paths, optimizer, batches, config, ac
         for parameter in trainable:
             if parameter.grad is not None:
                 torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
+    norm = None
     if config.grad_clip:
         if stage == 2:
-            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         else:
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    sums["grad_norm"] = norm.detach().float().to(accelerator.device)
     names = sorted(sums)
+    # reduced before the update, so that every rank takes the same decision (a NaN anywhere is NaN everywhere)
     reduced = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="mean")
-    return {name: float(value) for name, value in zip(names, reduced.tolist())}
+    parts = {name: float(value) for name, value in zip(names, reduced.tolist())}
+    # fp16's grad scaler skips overflowing steps itself; a non-finite loss is never recoverable
+    gradient_ok = math.isfinite(parts["grad_norm"]) or accelerator.scaler is not None
+    updated = gradient_ok and all(math.isfinite(value) for name, value in parts.items() if name != "grad_norm")
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts, updated
+
+
+class NonFiniteTraining(ValueError):
+    """A step gave a NaN/inf loss or gradient: training stops before the update (checkpoints stay good)."""
+
+
+def non_finite_message(step: int, parts: dict, out: Path) -> str:
+    values = ", ".join(f"{name}={value:.4g}" for name, value in sorted(parts.items()))
+    kept = checkpoint_dirs(out)
+    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+    return (f"step {step}: non-finite loss or gradient ({values}); stopped before applying it, {where}, and no "
+            "final model was saved. Usual causes: a NaN/inf weight in the model or teacher (load_pretrained warns), "
+            "a learning rate too high, or fp16 overflow")
 
 
 def _evaluate(student, eval_sets: dict, config: TrainConfig, accelerator) -> dict:
@@ -660,8 +763,14 @@ def _log(out: Path, record: dict, bar, accelerator) -> None:
 
 
 def _save_final(student, tokenizer, out: Path) -> str | None:
+    from dijiang.conversion import non_finite_tensors
+
     final = out / "final"
     model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+    bad = non_finite_tensors(model)
+    if bad:
+        raise NonFiniteTraining(f"the trained model holds NaN or inf in {len(bad)} tensor(s) (e.g. {bad[0]}); "
+                                f"no final model saved")
     try:
         from dijiang.conversion import save_converted
 
@@ -721,7 +830,7 @@ def add_cli(subparsers) -> None:
         elif isinstance(default, list) or spec.name == "layers":
             kwargs.update(nargs="*", type=spec.metadata.get("type", str))
         else:
-            kwargs["type"] = spec.metadata.get("type", type(default))
+            kwargs["type"] = spec.metadata.get("check") or spec.metadata.get("type", type(default))
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(func=run_cli)
 

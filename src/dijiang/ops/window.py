@@ -175,24 +175,31 @@ def naive_window_attention(
     validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
     p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
     tokens = _cat(p.buffer, p.current)  # key position j here is absolute position j - window
-    seq_len = q.shape[1]
-    t = torch.arange(seq_len, device=q.device)[:, None]
-    j = torch.arange(window + seq_len, device=q.device)[None, :]
-    key_real = tokens.mask[:, None, None, :]  # [B, 1, 1, window + T]
+    o = _dense_window(p, tokens, log_decay, lin_weight, _default_scale(q, scale), window, empty_slots=0)
+    final = _final_state(p, tokens, log_decay, k, v, k_feat) if output_final_state else None
+    return finish_outputs(o, True, p.mask, eps, v.dtype), final
+
+
+def _dense_window(p: Prepared, tokens: Tensor, log_decay, lin_weight, scale: float, window: int,
+                  empty_slots: int) -> Tensor:
+    """Unnormalised outputs, every query against every key of ``tokens`` (buffer + current, slot j at absolute
+    position j - window) but the first ``empty_slots`` buffer slots, which must hold no real token."""
+    keys = Tokens(*(x[:, empty_slots:] for x in tokens))
+    seq_len = p.q.shape[1]
+    t = torch.arange(seq_len, device=p.q.device)[:, None]
+    j = torch.arange(empty_slots, window + seq_len, device=p.q.device)[None, :]
+    key_real = keys.mask[:, None, None, :]  # [B, 1, 1, keys]
     in_window = (j > t) & (j <= t + window) & key_real
-    scores = _default_scale(q, scale) * torch.einsum("bthd,bjhd->bhtj", p.q, tokens.k)
+    scores = scale * torch.einsum("bthd,bjhd->bhtj", p.q, keys.k)
     a = _softmax_weights(scores, in_window)
 
     ld = log_decay.float()[:, None, None]
-    lin_exponent = torch.where(j <= t, (t - j) * ld, float("-inf"))  # [H, T, window + T]
-    b = torch.exp(lin_exponent) * torch.einsum("bthm,bjhm->bhtj", p.qf, tokens.kf)
+    lin_exponent = torch.where(j <= t, (t - j) * ld, float("-inf"))  # [H, T, keys]
+    b = torch.exp(lin_exponent) * torch.einsum("bthm,bjhm->bhtj", p.qf, keys.kf)
     lw = lin_weight.float()
-    o = torch.einsum("bhtj,bjhv->bthv", a + lw[:, None, None] * b, tokens.v)
+    o = torch.einsum("bhtj,bjhv->bthv", a + lw[:, None, None] * b, keys.v)
     from_state = torch.einsum("bthm,bhmv->bthv", p.qf, p.state)
-    o = o + (lw * torch.exp((t + 1) * log_decay.float()))[..., None] * from_state
-
-    final = _final_state(p, tokens, log_decay, k, v, k_feat) if output_final_state else None
-    return finish_outputs(o, True, p.mask, eps, v.dtype), final
+    return o + (lw * torch.exp((t + 1) * log_decay.float()))[..., None] * from_state
 
 
 def _to_chunks(x: Tensor, window: int) -> Tensor:
@@ -218,6 +225,8 @@ def chunk_window_attention(
 ) -> tuple[Tensor, dict | None]:
     """Chunks of size ``window``; a query in chunk c sees chunks c-1, c exactly and the rest via a state.
 
+    An input no longer than the window takes the dense form instead (cost T x (T + buffered tokens)).
+
     Positions are counted in the sequence extended by the state's buffer (chunk 0), so query chunk c
     (c >= 1) at in-chunk offset i has: softmax over chunks c-1, c at offsets (i, i + window]; linear
     keys in chunk c-1 at offsets <= i with decay (i - offset); and the state R_{c-2} over chunks
@@ -227,6 +236,13 @@ def chunk_window_attention(
     p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
     tokens = _cat(p.buffer, p.current)
     seq_len = q.shape[1]
+    if seq_len <= window:
+        # Chunks of `window` would cost window^2 whatever T is (63 s for 32 tokens at window 8192). One dense
+        # block costs T x (T + buffered tokens); a fresh state buffers none (its slots are all empty).
+        empty_slots = window if initial_state is None else 0
+        o = _dense_window(p, tokens, log_decay, lin_weight, _default_scale(q, scale), window, empty_slots)
+        final = _final_state(p, tokens, log_decay, k, v, k_feat) if output_final_state else None
+        return finish_outputs(o, True, p.mask, eps, v.dtype), final
     kc, kfc, vc = (_to_chunks(x, window) for x in tokens[:3])  # [B, H, N, window, *]
     maskc = _to_chunks(tokens.mask[:, :, None, None].float(), window).bool()  # [B, 1, N, window, 1]
     qc, qfc = _to_chunks(p.q, window), _to_chunks(p.qf, window)  # [B, H, N-1, window, *]
