@@ -22,6 +22,7 @@ the same FSDP_* variables then drives the same sharding code as a GPU launch (th
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,22 @@ def attention_outputs_on_inputs(student, input_ids: torch.Tensor, modules: list,
         for handle in handles:
             handle.remove()
     return outputs
+
+
+@contextmanager
+def gathered(modules):
+    """Inside the block, the parameters of those `modules` that are FSDP units are whole (for reading them outside
+    a forward, on every rank); a no-op for unsharded modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in modules if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -683,7 +683,9 @@ def _evaluate(student, eval_sets: dict, config: TrainConfig, accelerator) -> dic
             loss = evaluate_loss(model, blocks, config.batch_size, accelerator)
             results[f"eval_{name}_loss"] = loss
             results[f"eval_{name}_ppl"] = math.exp(min(loss, 50))
-        results.update(gate_summary(layer for _, layer in dijiang_layers(model)))
+        layers = [layer for _, layer in dijiang_layers(model)]
+        with distributed.gathered(layers):  # sharded, each layer holds a slice of its gates
+            results.update(gate_summary(layers))
     accelerator.wait_for_everyone()
     return results
 
