@@ -1,7 +1,8 @@
-"""Runs `dijiang.train.train` from a JSON config in its own process(es).
+"""Runs `dijiang.train.train` from JSON configs in its own process(es), one config after the other.
 
-    python tests/ddp_worker.py CONFIG.json --kill-at STEP     # SIGKILLs itself right after STEP
+    python tests/ddp_worker.py CONFIG.json --kill-at STEP     # SIGKILLs itself right after STEP (of the last config)
     accelerate launch --cpu --num_processes 2 tests/ddp_worker.py CONFIG.json --dump-params
+    ACCELERATE_USE_FSDP=true FSDP_VERSION=2 ... torchrun --nproc_per_node 2 tests/ddp_worker.py A.json B.json
 """
 import argparse
 import json
@@ -14,23 +15,28 @@ from dijiang.train import TrainConfig, train
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("config")
-    parser.add_argument("--kill-at", type=int)
+    parser.add_argument("configs", nargs="+", help="several: one launch (process start, imports) for all")
+    parser.add_argument("--kill-at", type=int, help="SIGKILL right after this step of the last config")
     parser.add_argument("--dump-params", action="store_true", help="each rank writes its final parameters")
     args = parser.parse_args()
-    config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
 
-    def on_step(step, record):
+    def kill_at(step, record):
         if step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    summary = train(config, on_step=on_step)
-    if args.dump_params:
-        from safetensors.torch import save_file
+    for index, path in enumerate(args.configs):
+        config = TrainConfig.from_dict(json.loads(Path(path).read_text()))
+        summary = train(config, on_step=kill_at if index == len(args.configs) - 1 else None)
+        if args.dump_params:
+            dump_params(summary["model"], config)
 
-        rank = int(os.environ.get("RANK", "0"))
-        state = {name: p.detach().contiguous() for name, p in summary["model"].named_parameters()}
-        save_file(state, str(Path(config.out) / f"params_rank{rank}.safetensors"))
+
+def dump_params(model, config):
+    from safetensors.torch import save_file
+
+    rank = int(os.environ.get("RANK", "0"))
+    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    save_file(state, str(Path(config.out) / f"params_rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":

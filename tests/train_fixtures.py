@@ -32,20 +32,20 @@ def tiny_tokenizer(vocab_size: int = 320, text_start: int = 0) -> transformers.P
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2) -> transformers.LlamaForCausalLM:
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, tie_embeddings: bool = False) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=0, pad_token_id=0, bos_token_id=0, initializer_range=0.2,
+        eos_token_id=0, pad_token_id=0, bos_token_id=0, initializer_range=0.2, tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
 
 
-def save_tiny_model(folder: Path, seed: int = 0, tokenizer=None) -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, tokenizer=None, tie_embeddings: bool = False) -> Path:
     """A tiny random Llama plus tokenizer, saved like a hub checkpoint (load_pretrained reads it)."""
     tokenizer = tokenizer or tiny_tokenizer()
-    model = tiny_llama(len(tokenizer), seed)
+    model = tiny_llama(len(tokenizer), seed, tie_embeddings=tie_embeddings)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -4,7 +4,8 @@ Stage 1 (optional, `attention_transfer_tokens`): only the parameters DiJiang add
 attention module learning to reproduce its teacher module's output on the teacher's own inputs.
 Stage 2: end to end, KD (KL to the teacher's logits) + LM loss, full fine-tuning or LoRA.
 
-One process on CPU, or several under `accelerate launch` (DDP; FSDP for stage 2). Checkpoints hold
+One process on CPU, or several under `accelerate launch`: DDP, or FSDP2 (both stages; `dijiang.distributed`
+holds what sharding changes). Checkpoints hold
 everything needed to continue bit for bit after a kill: trainable weights (safetensors), optimizer state,
 RNG states of every rank, and the data position (batches are a pure function of seed and position).
 """
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 
 from dijiang import data as data_lib
+from dijiang import distributed
 from dijiang.arguments import fraction, non_negative_float, non_negative_int, parse_bool, positive_float, positive_int
 from dijiang.attention import DiJiangSettings, gate_summary
 from dijiang.files import write_text_atomic as _write_atomic
@@ -183,6 +185,11 @@ def dijiang_layers(model) -> list[tuple[str, torch.nn.Module]]:
 
 def new_parameter_ids(model) -> set[int]:
     return {id(p) for _, module in dijiang_layers(model) for p in module.new_parameters()}
+
+
+def unwrapped_from_peft(model):
+    """The transformers model inside a peft wrapper (whose module paths carry a base_model.model. prefix)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_model(name: str, dtype=torch.float32):
@@ -378,9 +385,10 @@ def save_checkpoint(out: Path, step: int, model, names: list[str], optimizer, pr
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    weights, optimizer_state = _state_to_save(model, names, optimizer, accelerator)
     if accelerator.is_main_process:
-        save_file(trainable_state(model, names), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**progress, "step": step}, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -391,22 +399,23 @@ def save_checkpoint(out: Path, step: int, model, names: list[str], optimizer, pr
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(folder: Path, model, names: list[str], accelerator) -> tuple[dict, dict]:
-    """Load weights into `model` and restore this rank's RNG; returns (progress, optimizer state).
+def _state_to_save(model, names: list[str], optimizer, accelerator) -> tuple[dict | None, dict | None]:
+    """(trained weights, optimizer state) for rank 0 to write: gathered by every rank when sharded (collectives),
+    read by rank 0 alone otherwise."""
+    if distributed.is_sharded(accelerator):
+        return distributed.full_trainable_state(model, names, accelerator), distributed.full_optimizer_state(model, optimizer)
+    if accelerator.is_main_process:
+        return trainable_state(model, names), optimizer.state_dict()
+    return None, None
 
-    Every file is read before anything is applied: an unreadable one raises CorruptCheckpoint naming it and
-    leaves the model and the RNG as they were.
-    """
+
+def _read_trained_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    rng_file = folder / f"rng_rank{accelerator.process_index}.pt"
-    if not rng_file.exists():
-        raise ValueError(f"{folder} was written by fewer processes; resume with the same number of processes")
-    tensors = _read_checkpoint_file(folder / "trainable.safetensors", lambda f: load_file(str(f)))
-    rng = _read_checkpoint_file(rng_file, lambda f: torch.load(f, weights_only=True))
-    optimizer_state = _read_checkpoint_file(folder / "optimizer.pt",
-                                            lambda f: torch.load(f, weights_only=True, map_location="cpu"))
-    progress = _read_checkpoint_file(folder / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+    return _read_checkpoint_file(folder / "trainable.safetensors", lambda f: load_file(str(f)))
+
+
+def _apply_trained_weights(folder: Path, model, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
     if sorted(tensors) != sorted(names):
         raise ValueError(
             f"checkpoint {folder} holds different parameters than this run trains "
@@ -416,6 +425,27 @@ def load_checkpoint(folder: Path, model, names: list[str], accelerator) -> tuple
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
+
+
+def load_trained_weights(folder: Path, model, names: list[str]) -> None:
+    _apply_trained_weights(folder, model, names, _read_trained_weights(folder))
+
+
+def load_checkpoint(folder: Path, model, names: list[str], accelerator) -> tuple[dict, dict]:
+    """Load weights into `model` and restore this rank's RNG; returns (progress, optimizer state).
+
+    Every file is read before anything is applied: an unreadable one raises CorruptCheckpoint naming it and
+    leaves the model and the RNG as they were.
+    """
+    rng_file = folder / f"rng_rank{accelerator.process_index}.pt"
+    if not rng_file.exists():
+        raise ValueError(f"{folder} was written by fewer processes; resume with the same number of processes")
+    tensors = _read_trained_weights(folder)
+    rng = _read_checkpoint_file(rng_file, lambda f: torch.load(f, weights_only=True))
+    optimizer_state = _read_checkpoint_file(folder / "optimizer.pt",
+                                            lambda f: torch.load(f, weights_only=True, map_location="cpu"))
+    progress = _read_checkpoint_file(folder / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+    _apply_trained_weights(folder, model, names, tensors)
     set_rng_state(rng)
     return progress, optimizer_state
 
@@ -489,7 +519,8 @@ def remove_run_files(out: Path, names: list[str]) -> None:
 
 
 def attention_transfer_step(student, teacher, paths: list[str], input_ids: torch.Tensor, accelerator) -> torch.Tensor:
-    """Run the teacher, capture each attention module's inputs and output, run the student module on the same inputs."""
+    """Run the teacher, capture each attention module's inputs and output, run the student module on the same inputs
+    (directly, or inside the student's forward when it is sharded)."""
     captured_inputs, teacher_outputs, handles = {}, {}, []
     for path in paths:
         module = teacher.get_submodule(path)
@@ -510,10 +541,15 @@ def attention_transfer_step(student, teacher, paths: list[str], input_ids: torch
             handle.remove()
     student_outputs = []
     with accelerator.autocast():
-        for path in paths:
-            args, kwargs = captured_inputs[path]
-            output = student.get_submodule(path)(*args, **kwargs)
-            student_outputs.append(output[0] if isinstance(output, tuple) else output)
+        if distributed.is_sharded(accelerator):
+            modules = [unwrapped_from_peft(student).get_submodule(path) for path in paths]
+            student_outputs = distributed.attention_outputs_on_inputs(student, input_ids, modules,
+                                                                      [captured_inputs[p] for p in paths])
+        else:
+            for path in paths:
+                args, kwargs = captured_inputs[path]
+                output = unwrapped_from_peft(student).get_submodule(path)(*args, **kwargs)
+                student_outputs.append(output[0] if isinstance(output, tuple) else output)
     return attention_transfer_loss(student_outputs, [teacher_outputs[p] for p in paths])
 
 
@@ -551,6 +587,8 @@ def _accelerator(config: TrainConfig):
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if distributed.fsdp_requested():
+        return distributed.fsdp_accelerator(precision)
     # cpu=True is what makes accelerate see a torchrun launch on a CPU-only machine as multi-process (gloo)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
@@ -563,10 +601,10 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     """
     config = config.validated()
     accelerator = _accelerator(config)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        # checkpoints and stage 1 read parameters by name from the unwrapped model, which sharding breaks
-        raise ValueError(f"dijiang train does not support {accelerator.distributed_type.name} yet; launch with DDP "
-                         "(accelerate launch --multi_gpu, or torchrun)")
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        raise ValueError("dijiang train does not support DeepSpeed; launch with FSDP "
+                         "(accelerate launch --config_file configs/accelerate_fsdp.yaml) or DDP (--multi_gpu)")
+    sharded = distributed.is_sharded(accelerator)
     out = Path(config.out)
     earlier_run = check_out_dir(out, config)  # every rank: an error must stop them all
     if accelerator.is_main_process:
@@ -583,8 +621,10 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
         data_lib.check_same_tokenizer(teacher_tokenizer, tokenizer)
     else:
         teacher = copy.deepcopy(model)
-    teacher = freeze(teacher).to(accelerator.device)
-    student = build_student(model, config, convert_fn).to(accelerator.device)
+    # sharded: both stay on the CPU until fully_shard moves each unit's shard to the device
+    device = "cpu" if sharded else accelerator.device
+    teacher = freeze(teacher).to(device)
+    student = build_student(model, config, convert_fn).to(device)
     student.train()
 
     packed, eval_sets = prepare_data(config, teacher, tokenizer, accelerator, out)
@@ -598,19 +638,26 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     last_step = min(total_steps, config.max_steps) if config.max_steps is not None else total_steps
 
     new_ids = new_parameter_ids(student)
+    new_names = {name for name, p in student.named_parameters() if id(p) in new_ids}  # sharding replaces the ids
     saved_names = [name for name, p in student.named_parameters() if p.requires_grad]
-    paths = [name for name, _ in dijiang_layers(student)]
+    paths = [name for name, _ in dijiang_layers(unwrapped_from_peft(student))]  # the teacher has the same paths
     progress = {"step": 0, "position": 0, "fingerprint": data_fingerprint(packed.train)}
     optimizer_state = None
     if config.resume and checkpoint_dirs(out):
         folder, progress, optimizer_state = load_newest_checkpoint(out, student, saved_names, accelerator)
         if progress["fingerprint"] != data_fingerprint(packed.train):
             raise ValueError(f"the training data differs from the data of checkpoint {folder}; resume needs the same sources and seed")
+        if progress.get("sharded", False) != sharded:
+            raise ValueError(f"checkpoint {folder} was written {'with' if progress.get('sharded') else 'without'} FSDP; "
+                             "resume it the same way (its optimizer state is laid out for that)")
         if accelerator.is_main_process:
             truncate_log(out / LOG_FILE, progress["step"])
             print(f"resuming from {folder} (step {progress['step']})", file=sys.stderr)
     elif accelerator.is_main_process and (out / LOG_FILE).exists():
         (out / LOG_FILE).unlink()
+    if sharded:  # after the resumed weights are in: sharding scatters them
+        attention_classes = {type(module) for _, module in dijiang_layers(student)}
+        student, teacher = distributed.shard(student, accelerator, attention_classes), distributed.shard(teacher, accelerator)
     accelerator.wait_for_everyone()
 
     batches = Batches(packed.train, config, accelerator.process_index, world, progress["position"])
@@ -622,9 +669,12 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
         stage_end = first + stage_steps[stage - 1]
         if step >= stage_end or step >= last_step:
             continue
-        model_for_stage, optimizer = _stage_setup(stage, student, new_ids, set(saved_names), config, accelerator)
+        model_for_stage, optimizer = _stage_setup(stage, student, new_names, set(saved_names), config, accelerator)
         if optimizer_state is not None and progress.get("stage", 1 if progress["step"] < stage_steps[0] else 2) == stage:
-            optimizer.load_state_dict(optimizer_state)
+            if sharded:
+                distributed.load_full_optimizer_state(model_for_stage, optimizer, optimizer_state)
+            else:
+                optimizer.load_state_dict(optimizer_state)
         optimizer_state = None
         warmup = warmup_steps_of(config.warmup, stage_steps[stage - 1])
         while step < min(stage_end, last_step):
@@ -643,7 +693,7 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
             _log(out, record, bar, accelerator)
             if (config.save_every and step % config.save_every == 0) or step == last_step:
                 progress = {"step": step, "stage": stage, "position": batches.stream.position,
-                            "fingerprint": data_fingerprint(packed.train)}
+                            "fingerprint": data_fingerprint(packed.train), "sharded": sharded}
                 save_checkpoint(out, step, accelerator.unwrap_model(model_for_stage), saved_names, optimizer,
                                 progress, accelerator, config.keep_checkpoints)
             if on_step is not None:
@@ -657,22 +707,28 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     if accelerator.is_main_process:
         _write_atomic(out / "summary.json", json.dumps(summary, indent=1))
         if step == total_steps:
-            summary["final"] = _save_final(student, tokenizer, out)
+            unsharded = _rebuilt_student(config, convert_fn, saved_names, checkpoint_dirs(out)[-1]) if sharded else student
+            summary["final"] = _save_final(unsharded, tokenizer, out)
     accelerator.wait_for_everyone()
     summary["model"] = student  # after summary.json: callers in the same process get the trained model
     return summary
 
 
-def _stage_setup(stage: int, student, new_ids: set[int], trained_names: set[str], config: TrainConfig, accelerator):
-    """Stage 1 trains the new parameters outside of any DDP wrapper (it calls attention modules directly,
-    so gradients are averaged by hand); stage 2 wraps the whole model."""
+def _stage_setup(stage: int, student, new_names: set[str], trained_names: set[str], config: TrainConfig, accelerator):
+    """Mark what trains and build the optimizer from the parameters as they are now (sharded ones under FSDP: the
+    DiJiang parameters are found by name). Stage 1 trains the new parameters outside of any DDP wrapper (it calls
+    attention modules directly, so gradients are averaged by hand); stage 2 wraps the whole model. Sharded, the
+    model is already wrapped, for both stages."""
+    trained = new_names if stage == 1 else trained_names
     for name, parameter in student.named_parameters():
-        parameter.requires_grad_(id(parameter) in new_ids if stage == 1 else name in trained_names)
+        parameter.requires_grad_(name in trained)
         parameter.grad = None
+    named = [(name, p) for name, p in student.named_parameters() if name in trained]
+    optimizer = build_optimizer(named, {id(p) for name, p in named if name in new_names}, config)
+    if distributed.is_sharded(accelerator):
+        return student, accelerator.prepare_optimizer(optimizer)
     if stage == 1:
-        new_only = [(n, p) for n, p in student.named_parameters() if id(p) in new_ids]
-        return student, build_optimizer(new_only, new_ids, config)
-    optimizer = build_optimizer(list(student.named_parameters()), new_ids, config)
+        return student, optimizer
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     return wrapped, optimizer
 
@@ -692,18 +748,15 @@ def _optimizer_step(stage, model, teacher, paths, optimizer, batches, config, ac
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float() / config.grad_accum
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    if stage == 1 and accelerator.num_processes > 1:
-        for parameter in trainable:
+    if stage == 1 and accelerator.num_processes > 1 and not distributed.is_sharded(accelerator):
+        for parameter in trainable:  # no DDP wrapper in stage 1; FSDP reduce-scatters by itself
             if parameter.grad is not None:
-                torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
-    norm = None
-    if config.grad_clip:
-        if stage == 2:
-            norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-    if norm is None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+    # accelerate's clip is DTensor-aware (sharded gradients) and the plain torch clip otherwise; with clipping
+    # off, an infinite bound still returns the total norm, which the non-finite check below needs
+    norm = accelerator.clip_grad_norm_(model.parameters() if stage == 2 else trainable, config.grad_clip or math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
     sums["grad_norm"] = norm.detach().float().to(accelerator.device)
     names = sorted(sums)
     # reduced before the update, so that every rank takes the same decision (a NaN anywhere is NaN everywhere)
@@ -733,13 +786,16 @@ def non_finite_message(step: int, parts: dict, out: Path) -> str:
 
 def _evaluate(student, eval_sets: dict, config: TrainConfig, accelerator) -> dict:
     results = {}
-    if accelerator.is_main_process:
+    # a sharded model's forward is collective: every rank evaluates the same blocks
+    if accelerator.is_main_process or distributed.is_sharded(accelerator):
         model = accelerator.unwrap_model(student)
         for name, blocks in eval_sets.items():
             loss = evaluate_loss(model, blocks, config.batch_size, accelerator)
             results[f"eval_{name}_loss"] = loss
             results[f"eval_{name}_ppl"] = math.exp(min(loss, 50))
-        results.update(gate_summary(layer for _, layer in dijiang_layers(model)))
+        layers = [layer for _, layer in dijiang_layers(model)]
+        with distributed.gathered(layers):  # sharded, each layer holds a slice of its gates
+            results.update(gate_summary(layers))
     accelerator.wait_for_everyone()
     return results
 
@@ -760,6 +816,15 @@ def _log(out: Path, record: dict, bar, accelerator) -> None:
     if bar is not None:
         bar.update(1)
         bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+
+def _rebuilt_student(config: TrainConfig, convert_fn, names: list[str], checkpoint: Path):
+    """The student unsharded, on the CPU: pretrained weights + the trained ones of `checkpoint` (the buffers
+    DiJiang adds are deterministic, and every parameter not trained is pretrained)."""
+    model, _ = load_model(config.model)
+    student = build_student(model, config, convert_fn)
+    load_trained_weights(checkpoint, student, names)
+    return student
 
 
 def _save_final(student, tokenizer, out: Path) -> str | None:
