@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Drives the quality run on the lent GPU machine (see docs/results.md for what it produced).
+# Drives the quality run on the lent GPU machine (see docs/results_512.md for what it produced).
 #   bash scripts/gpu_quality.sh start     # copy the tree, launch the job streams in the background (setsid)
 #   bash scripts/gpu_quality.sh status    # one line per job
 #   bash scripts/gpu_quality.sh collect   # report + results into $OUT
@@ -42,7 +42,7 @@ status)
 collect)
   cd $WORK
   python3 scripts/quality_run.py --report $RUNS
-  cp docs/results.md docs/results_curves.png "$OUT"/ 2>/dev/null
+  cp docs/results_512.md docs/results_curves.png "$OUT"/ 2>/dev/null
   tar czf "$OUT/quality_runs.tar.gz" -C $RUNS --exclude='final' --exclude='checkpoints' --exclude='*.pt' .
   ;;
 *) echo "usage: $0 start|status|collect" >&2; exit 2 ;;

@@ -3,7 +3,7 @@
 One job per invocation (so several can share one GPU as separate processes), then a report:
 
     python scripts/quality_run.py --job hybrid --model MODEL --corpus .corpus --runs runs/quality
-    python scripts/quality_run.py --report runs/quality          # -> docs/results.md, docs/results_*.png
+    python scripts/quality_run.py --report runs/quality          # -> docs/results_512.md, docs/results_*.png
     python scripts/quality_run.py --list
 
 MODEL is the embedded name (smollm2), a .gguf or a saved HF folder. Every job trains on the corpus built by
@@ -293,7 +293,10 @@ def write_report(runs: Path, out_md: Path) -> str:
     plot_curves(results, out_md.parent / "results_curves.png", teacher)
     devices = sorted({f"{r['device']}, torch {r['torch']}, {r['date']}" for r in results.values()})
     parts = [
-        "# Quality run: SmolLM2-135M-Instruct converted by DiJiang",
+        "# Quality at 512-token windows: SmolLM2-135M-Instruct converted by DiJiang",
+        "**512-token windows only.** Every figure on this page is a perplexity over windows of 512 tokens, where "
+        "a 128-token softmax window does most of the work: they say nothing about longer context. "
+        "docs/results.md has the long-context evaluation (512 / 2048 / 8192, the branch ablation, passkey).",
         f"Device: {'; '.join(devices)}. Final perplexities: {FINAL_WINDOWS} windows of {FINAL_WINDOW} tokens (the "
         "calibration protocol of ANCHORS.md), teacher and student on the same windows. Training corpus: "
         "docs/corpus.md (no Python documentation, no Austen).",
@@ -336,7 +339,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", default=None, help="override the job's token budget")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the pipeline on a CPU")
-    parser.add_argument("--report", type=Path, default=None, help="write docs/results.md from RUNS/*/result.json")
+    parser.add_argument("--report", type=Path, default=None, help="write docs/results_512.md from RUNS/*/result.json")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--teacher-blocks", action="store_true",
                         help="write RUNS/teacher_block_eval.json (the teacher under the curves' block eval)")
@@ -346,7 +349,7 @@ def main(argv=None) -> int:
             print(f"{name:18s} {budget:>4s}  {description}  {settings}")
         return 0
     if args.report:
-        print(write_report(args.report, ROOT / "docs" / "results.md"))
+        print(write_report(args.report, ROOT / "docs" / "results_512.md"))
         return 0
     if args.teacher_blocks:
         teacher_block_eval(args.model, args.runs)

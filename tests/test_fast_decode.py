@@ -8,7 +8,8 @@ from dijiang.fast_decode import FastDecoder, fast_generate, supports_fast_decode
 from test_conversion import VOCAB, tiny_model
 
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
-            "norm": dict(stabiliser="norm", normalize=False)}
+            "norm": dict(stabiliser="norm", normalize=False),
+            "transform": dict(window=4, radius="chi", feature_transform=True)}  # recipes/smollm2-135m.yaml's kind
 
 
 def left_padded(lengths=(7, 4), seed=0):
@@ -43,6 +44,17 @@ def test_greedy_other_families_and_layer_options(family, kind):
     model = dijiang.convert(tiny_model(family, seed=2), SETTINGS[kind])
     ids, mask = left_padded(seed=3)
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=10), reference(model, ids, mask, 10))
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_feature_transform_folded_into_the_projection(window):
+    model = dijiang.convert(tiny_model("llama", seed=1), dict(window=window, feature_transform=True))
+    with torch.no_grad():
+        for _, layer in dijiang.conversion.iter_dijiang_layers(model):
+            layer.feature_transform.add_(0.3 * torch.randn_like(layer.feature_transform))
+    assert supports_fast_decode(model)[0]
+    ids, mask = left_padded()
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12), reference(model, ids, mask, 12))
 
 
 @pytest.mark.parametrize("kind", ["pure", "window"])
@@ -130,9 +142,13 @@ def test_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["pure", "window"])
+@pytest.mark.parametrize("kind", ["pure", "window", "transform"])
 def test_cuda_graph_greedy_equals_generate(kind):
     model = dijiang.convert(tiny_model("llama", seed=1), SETTINGS[kind]).cuda()
+    with torch.no_grad():
+        for _, layer in dijiang.conversion.iter_dijiang_layers(model):
+            if layer.feature_transform is not None:
+                layer.feature_transform.add_(0.3 * torch.randn_like(layer.feature_transform))
     ids, mask = (t.cuda() for t in left_padded())
     expected = reference(model, ids, mask, 12)
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12, compile=False), expected)

@@ -91,8 +91,6 @@ def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
         if isinstance(attn, DiJiangAttention):
             if not isinstance(attn.feature_map, (ProjectedFeatureMap, EluFeatureMap)):
                 return False, f"feature map {type(attn.feature_map).__name__} has no fast path"
-            if attn.feature_transform is not None:
-                return False, "feature_transform (a learned map in front of the feature map) has no fast path"
         else:
             window = getattr(attn, "sliding_window", None)
             if window and max_len is not None and max_len > window:
@@ -149,6 +147,8 @@ def _features(x: Tensor, w: dict, c: "_Consts", prefix: str) -> Tensor:
     xs = xf * c.fm_sqrt_scale
     if c.reduce_matmul:  # a pointwise+reduction that torch.compile fuses with its neighbours
         z = (xs.unsqueeze(-1) * w["projection"]).sum(-2)
+    elif w["projection"].dim() == 3:  # per head: the layer's feature_transform folded in
+        z = torch.einsum("bhd,hdm->bhm", xs, w["projection"])
     else:
         z = xs @ w["projection"]
     if "fm_log_weight" in w:
@@ -382,6 +382,8 @@ def _build_plan(layer, fused: bool, reduce_matmul: bool, kernel_window: bool = F
     else:
         extra["stabiliser"] = fm.stabiliser
         w["projection"] = fm.projection.detach()
+        if attn.feature_transform is not None:  # phi(x A_h) = softmax(x (A_h P)): one [H, d, m] projection
+            w["projection"] = torch.einsum("hde,em->hdm", attn.feature_transform.detach().float(), w["projection"])
         if fm.log_weight is not None:
             w["fm_log_weight"] = fm.log_weight.detach()
         out_dtype = layer.input_layernorm.weight.dtype

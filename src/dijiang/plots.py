@@ -141,8 +141,9 @@ def plot_context(rows: Sequence[dict], out_path: str | Path) -> Path:
             colours.setdefault(base, line.get_color())
         ax.axhline(1.0, color="k", lw=0.8, label="teacher")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # a pure model at 10x beside hybrids at 1.1x
         ax.set_xlabel("evaluation window (tokens)")
-        ax.set_ylabel("perplexity / teacher's")
+        ax.set_ylabel("perplexity / teacher's (log scale)")
         ax.set_title(text)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

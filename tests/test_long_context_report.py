@@ -1,0 +1,53 @@
+"""scripts/long_context_report.py: the tables and plots of docs/results.md from eval JSONs and training logs."""
+import json
+
+import pytest
+from script_loader import load_script
+
+report = load_script("scripts/long_context_report.py")
+
+
+def _eval(job: str, hybrid: bool) -> dict:
+    rows = []
+    for text in ("pydoc", "austen-pride-and-prejudice.txt", "python-stdlib.txt"):
+        for window, teacher in ((512, 10.0), (2048, 8.0), (8192, 7.0)):
+            rows.append({"text": text, "window": window, "model": "teacher", "perplexity": teacher, "ratio": 1.0})
+            rows.append({"text": text, "window": window, "model": job, "perplexity": teacher * 1.2, "ratio": 1.2})
+            if hybrid:
+                rows.append({"text": text, "window": window, "model": f"{job}, branch off", "ratio": 1.32,
+                             "perplexity": teacher * 1.32, "branch_worth": 0.1})
+    accuracy = [{"context": n, "trials": 10, "accuracy": a} for n, a in ((1024, 1.0), (2048, 0.5), (4096, 0.0), (8192, 0.0))]
+    return {"context": rows, "passkey": {"teacher": accuracy, job: accuracy}}
+
+
+def _run(root, job, hybrid, nested=False):
+    folder = root / job
+    (folder / "eval" if nested else folder).mkdir(parents=True)
+    (folder / ("eval/eval.json" if nested else "eval.json")).write_text(json.dumps(_eval(job, hybrid)))
+    gates = {"slowest_gamma_min": 0.999, "slowest_gamma_max": 0.9995, **({"mix_min": 0.1, "mix_mean": 0.2,
+                                                                           "mix_max": 0.3} if hybrid else {})}
+    log = [{"step": 1, "tokens": 16, "loss": 2.0}, {"step": 2, "tokens": 32, "loss": 1.0, "eval_pydoc_ppl": 12.0, **gates}]
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+
+
+def test_tables_and_plots(tmp_path, capsys):
+    _run(tmp_path, "pure", hybrid=False)
+    _run(tmp_path, "baseline", hybrid=True, nested=True)  # the GPU driver's layout
+    runs = report.load_runs(tmp_path)
+    assert list(runs) == ["baseline", "pure"]  # lever order, not alphabetical
+    rows = {r["run"]: r for r in report.quality_table(runs)}
+    assert rows["baseline"]["pydoc"] == "1.200 / 1.200 / 1.200"
+    assert rows["baseline"]["Austen off"] == "+10.0 %" and rows["pure"]["code off"] == "-"
+    assert rows["pure"]["passkey"] == "100 / 50 / 0 / 0"
+    assert report.teacher_table(runs)[0]["pydoc"] == "10.00 / 8.00 / 7.00"
+    gates = {r["run"]: r for r in report.gate_table(runs)}
+    assert gates["baseline"]["mix"] == "0.100 / 0.200 / 0.300" and gates["pure"]["mix"] == "-"
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
+    for name in ("long_context.png", "long_context_training.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| baseline |" in capsys.readouterr().out
+
+
+def test_no_runs_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no JOB/eval.json"):
+        report.load_runs(tmp_path)
