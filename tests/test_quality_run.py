@@ -28,7 +28,7 @@ def test_every_job_builds_a_valid_config(quality_run, corpus, tmp_path):
 def test_recipe_job_runs_the_recipe_file(quality_run, corpus, tmp_path):
     from dijiang.train import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
+    recipe = load_recipe(ROOT / "recipes" / "window128-1k-blocks.yaml")
     config = quality_run.job_config("hybrid-w128-20m", "/models/hf", corpus, tmp_path)
     for key in ("block_size", "batch_size", "grad_accum", "lr", "new_lr", "kd_weight", "lm_weight", "eval_every"):
         assert getattr(config, key) == recipe[key], key
@@ -87,3 +87,11 @@ def test_report_tables_curves_and_ablation(quality_run, tmp_path):
     assert "`python scripts/quality_run.py --job abl-elu --model smollm2" in ablation
     for png in ("results_curves.png", "results_ablation.png"):
         assert (out.parent / png).stat().st_size > 1000
+
+
+def test_the_shipped_recipe_is_the_measured_long_context_run():
+    from dijiang.train import load_recipe
+
+    shipped = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
+    measured = load_recipe(ROOT / "recipes" / "long-context" / "transform.yaml")
+    assert {k: v for k, v in shipped.items() if k != "out"} == {k: v for k, v in measured.items() if k != "out"}
