@@ -5,7 +5,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public names, imported lazily so that `import dijiang` stays cheap.
+# Public names, imported lazily so that `import dijiang` (and so `dijiang --help`) stays cheap. Using any of
+# them imports dijiang.conversion, which registers the model classes with transformers' Auto classes.
 _EXPORTS = {
     "build_feature_map": "dijiang.feature_maps",
     "FEATURE_MAPS": "dijiang.feature_maps",
@@ -26,9 +27,3 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'dijiang' has no attribute {name!r}")
 
-
-# Register the DiJiang model classes with transformers' Auto classes, so that
-# AutoModelForCausalLM.from_pretrained(dir) loads a saved converted model after `import dijiang`.
-from dijiang.conversion import register_all as _register_all  # noqa: E402
-
-_register_all()

