@@ -155,14 +155,14 @@ def test_embedded_cache_write_is_atomic_and_a_torn_cache_is_rebuilt(tmp_path, mo
     monkeypatch.setattr(conversion, "_load_gguf", lambda folder, gguf, kwargs: (tiny_llama(len(tokenizer)), tokenizer))
     (tmp_path / "smollm2").mkdir()
     (tmp_path / "smollm2" / "config.json").write_text("{}")  # what a kill during the old write left
-    cached = conversion._cached_embedded_model("smollm2", {})
+    cached = Path(conversion.model_folder("smollm2"))
     assert (cached / "model.safetensors").exists() and json.loads((cached / "config.json").read_text())
 
     monkeypatch.setattr(type(tokenizer), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     other = tmp_path / "other"
     monkeypatch.setattr(conversion, "CACHE_DIR", other)
     with pytest.raises(KeyboardInterrupt):
-        conversion._cached_embedded_model("smollm2", {})
+        conversion.model_folder("smollm2")
     assert not (other / "smollm2").exists()
 
 

@@ -1,4 +1,6 @@
 """A saved DiJiang folder is a Hugging Face model: it loads in a fresh process that has not imported dijiang.
+
+Also the dequantised-GGUF cache of `load_pretrained` (a stand-in loader: no real GGUF file needed).
 """
 import json
 import os
@@ -87,3 +89,26 @@ def test_classes_pickle_by_name(converted_dir):
     config = pickle.loads(pickle.dumps(model.config))
     assert type(config) is type(model.config) and config.dijiang_layers == [0, 1]
 
+
+def test_gguf_is_dequantised_once_per_file_version(tmp_path, monkeypatch):
+    tiny = save_tiny_model(tmp_path / "tiny")
+    calls = []
+
+    def dequantise(folder, gguf, kwargs):  # stands in for transformers' GGUF loader
+        calls.append(Path(folder) / gguf)
+        return dijiang.load_pretrained(str(tiny))
+
+    monkeypatch.setattr(conversion, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(conversion, "_load_gguf", dequantise)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"version 1")
+    first, _ = dijiang.load_pretrained(str(gguf))
+    again, _ = dijiang.load_pretrained(str(gguf))
+    assert len(calls) == 1
+    for a, b in zip(first.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    gguf.write_bytes(b"version 2, a different size")
+    dijiang.load_pretrained(str(gguf))
+    assert len(calls) == 2
+    copies = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir())
+    assert len(copies) == 2 and all(name.startswith("model-") for name in copies)

@@ -15,7 +15,6 @@ import importlib.util
 import inspect
 import numbers
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -242,38 +241,52 @@ def load_pretrained(name_or_path: str = "smollm2", *, dtype=torch.float32, devic
                     attn_implementation: str | None = None):
     """(model, tokenizer) from an embedded name ("smollm2"), a local directory, a .gguf file or a hub name.
 
-    The embedded GGUF is dequantised once and cached as safetensors under $DIJIANG_CACHE (~/.cache/dijiang).
-    Warns when a weight holds NaN or inf (every output of such a model is garbage).
+    GGUF models (the embedded one and .gguf paths) are dequantised once and cached as safetensors under
+    $DIJIANG_CACHE (~/.cache/dijiang): see `model_folder`. Warns when a weight holds NaN or inf (every output
+    of such a model is garbage).
     """
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    path = Path(str(name_or_path)).expanduser()
-    if name_or_path in EMBEDDED_MODELS:
-        path = _cached_embedded_model(name_or_path, kwargs)
-    elif path.suffix == ".gguf":
-        if not path.exists():
-            raise FileNotFoundError(f"no such GGUF file: {path}")
-        model, tokenizer = _load_gguf(path.parent, path.name, kwargs)
-        warn_if_non_finite(model, str(name_or_path))
-        return model.to(device), tokenizer
-    else:
-        check_local_path(str(name_or_path))
-    model = _causal_lm_from_pretrained(str(path), kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    folder = model_folder(name_or_path)
+    model = _causal_lm_from_pretrained(folder, kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     warn_if_non_finite(model, str(name_or_path))
     return model.to(device), tokenizer
 
 
-def _cached_embedded_model(name: str, kwargs: dict) -> Path:
-    """The embedded GGUF dequantised to safetensors once; written atomically, so that a kill mid-write leaves
-    no folder that looks complete (a config.json without weights broke every later run)."""
+def model_folder(name_or_path: str) -> str:
+    """What `from_pretrained` reads for `name_or_path`: a local folder or a hub name.
+
+    An embedded name or a .gguf file becomes its dequantised copy under $DIJIANG_CACHE, written on first use
+    (the embedded model's keyed by its name, a .gguf file's by its path, size and modification time).
+    """
+    path = Path(str(name_or_path)).expanduser()
+    if name_or_path in EMBEDDED_MODELS:
+        return str(_dequantised_copy(CACHE_DIR / name_or_path, lambda: Path(*embedded_gguf(name_or_path))))
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"no such GGUF file: {path}")
+        return str(_dequantised_copy(CACHE_DIR / "gguf" / _gguf_cache_name(path), lambda: path))
+    check_local_path(str(name_or_path))
+    return str(path)
+
+
+def _gguf_cache_name(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"  # a changed file gets a new copy
+    return f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _dequantised_copy(cached: Path, gguf_path) -> Path:
+    """`cached`: the GGUF file `gguf_path()` names, dequantised to float32 safetensors (any dtype loads from
+    it) on first use; written atomically, so that a kill mid-write leaves no folder that looks complete (a
+    config.json without weights broke every later run)."""
     from dijiang.files import atomic_dir
 
-    cached = CACHE_DIR / name
     if not ((cached / "config.json").exists() and any(cached.glob("*.safetensors"))):
-        folder, gguf = embedded_gguf(name)
-        model, tokenizer = _load_gguf(folder, gguf, kwargs)
+        source = gguf_path()
+        model, tokenizer = _load_gguf(source.parent, source.name, {"dtype": torch.float32})
         with atomic_dir(cached) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
