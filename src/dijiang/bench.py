@@ -460,20 +460,25 @@ def add_arguments(parser) -> None:
 
     contexts = int_list(positive_int)
     parser.add_argument("--model", default="smollm2", help="embedded name, dir or .gguf; 'tiny' = random tiny Llama")
-    parser.add_argument("--kinds", default="teacher,pure,window")
-    parser.add_argument("--contexts", type=contexts, default="1024,2048,4096,8192,16384,32768")
-    parser.add_argument("--batches", type=contexts, default="1,16")
+    parser.add_argument("--kinds", default="teacher,pure,window",
+                        help="comma-separated models to time: teacher (softmax), pure (DiJiang), window (hybrid)")
+    parser.add_argument("--contexts", type=contexts, default="1024,2048,4096,8192,16384,32768",
+                        help="comma-separated prompt lengths in tokens")
+    parser.add_argument("--batches", type=contexts, default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--batch-contexts", type=contexts, default="2048,8192,32768",
                         help="contexts for batches other than the smallest (default 2048,8192,32768)")
     parser.add_argument("--new-tokens", type=positive_int, default=128, help="new tokens on the fast path")
     parser.add_argument("--hf-new-tokens", type=non_negative_int, default=16,
                         help="new tokens through HF generate (0: skip)")
-    parser.add_argument("--train-contexts", type=contexts, default="2048,16384")
+    parser.add_argument("--train-contexts", type=contexts, default="2048,16384",
+                        help="comma-separated sequence lengths of the training-step timings")
     parser.add_argument("--train-tokens", type=positive_int, default=16384, help="tokens per training step")
-    parser.add_argument("--window", type=positive_int, default=64)
-    parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--window", type=positive_int, default=64, help="exact-softmax window of the 'window' hybrid")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed repeats per measurement (the median is kept)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="weights dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--out", default=DEFAULT_REPORT, help=f"markdown report (default {DEFAULT_REPORT})")
     parser.add_argument("--overwrite", action="store_true", help="replace the report, plot or JSON if they exist")
     parser.add_argument("--png", default=None, help="plot path (default: --out with .png)")
@@ -484,7 +489,7 @@ def add_arguments(parser) -> None:
 
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="model-level speed/memory: prefill, decode (HF and fast), training")
+    parser = subparsers.add_parser("bench")
     add_arguments(parser)
     parser.set_defaults(func=run)
 

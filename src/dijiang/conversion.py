@@ -356,7 +356,7 @@ def save_converted(model, tokenizer, out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------- CLI
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="convert a model to DiJiang attention and save it")
+    parser = subparsers.add_parser("convert")
     parser.add_argument("--model", default="smollm2", help="embedded name (smollm2), local dir, .gguf or hub name")
     parser.add_argument("--out", required=True, help="output directory (safetensors + config + tokenizer)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
@@ -366,10 +366,15 @@ def add_cli(subparsers) -> None:
 
 def add_settings_arguments(parser) -> None:
     from dijiang.arguments import non_empty_int_list, non_negative_int, positive_int
+    from dijiang.feature_maps import FEATURE_MAPS
 
-    parser.add_argument("--feature-map", default=None, help="feature map (default dijiang; official with --official)")
-    parser.add_argument("--num-features", type=positive_int, default=None)
-    parser.add_argument("--stabiliser", default="softmax", choices=["softmax", "norm"])
+    parser.add_argument("--feature-map", default=None,
+                        help=f"kernel feature map of the converted layers: {', '.join(sorted(FEATURE_MAPS))} "
+                             "(default dijiang; official with --official)")
+    parser.add_argument("--num-features", type=positive_int, default=None,
+                        help="features per head (default: head_dim; a multiple of head_dim for the DCT-based maps)")
+    parser.add_argument("--stabiliser", default="softmax", choices=["softmax", "norm"],
+                        help="softmax: divide by the feature sum (official); norm: ||x||^2/2 (unbiased)")
     parser.add_argument("--window", type=non_negative_int, default=0, help="exact-softmax window (0 = pure DiJiang)")
     parser.add_argument("--layers", type=non_empty_int_list(non_negative_int), default=None,
                         help="comma-separated layer indices to convert (default all)")

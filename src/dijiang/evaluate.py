@@ -127,6 +127,10 @@ class PerplexityResult:
     num_targets: int
     num_windows: int
     seconds: float
+    # with perplexity(split_at=S): targets predicted from fewer than S tokens of context, and from S or more
+    split_at: int | None = None
+    near_perplexity: float | None = None
+    far_perplexity: float | None = None
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -144,10 +148,10 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
-    """Summed NLL (float64) of each window's targets, windows of equal length batched together."""
+def target_nll(model, ids: torch.Tensor, windows: Sequence[Window]) -> list[torch.Tensor]:
+    """Per window, the NLL (float64) of each of its targets in order; windows of equal length batched together."""
     device = _model_device(model)
-    totals = torch.zeros(len(windows), dtype=torch.float64)
+    nll: list[torch.Tensor | None] = [None] * len(windows)
     by_length: dict[int, list[int]] = {}
     for index, win in enumerate(windows):
         by_length.setdefault(win.end - win.begin, []).append(index)
@@ -158,17 +162,22 @@ def window_nll(model, ids: torch.Tensor, windows: Sequence[Window]) -> torch.Ten
         token_nll = -log_probs.gather(-1, inputs[:, 1:, None]).squeeze(-1).double().cpu()
         for row, i in enumerate(indices):
             skip = windows[i].first_target - windows[i].begin - 1  # predictions of already-scored targets
-            totals[i] = token_nll[row, skip:].sum()
-    return totals
+            nll[i] = token_nll[row, skip:]
+    return nll  # type: ignore[return-value]
 
 
 def perplexity(model, tokenizer, text: str, *, window: int = 512, stride: int | None = None,
-               max_windows: int | None = None, max_tokens: int | None = None,
-               batch_size: int = 4) -> PerplexityResult:
+               max_windows: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
+               split_at: int | None = None, progress: bool = False, desc: str = "perplexity") -> PerplexityResult:
     """Sliding-window perplexity of `model` on `text` (exp of the mean NLL over every scored token).
 
-    `max_tokens` truncates the tokenized text; `max_windows` keeps the first windows only.
+    `max_tokens` truncates the tokenized text; `max_windows` keeps the first windows only. `split_at`: also the
+    perplexity of the targets with fewer than `split_at` tokens of context in their window and of the rest (for
+    a hybrid with a `split_at`-token softmax window: where it is exact softmax, and where linear attention
+    adds to it). `progress` shows a tqdm bar (labelled `desc`) over the windows.
     """
+    from tqdm.auto import tqdm
+
     ids = tokenize(tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -180,20 +189,34 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, stride: int | 
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    total = 0.0
-    for first in range(0, len(windows), batch_size):
-        total += float(window_nll(model, ids, windows[first:first + batch_size]).sum())
+    split = window if split_at is None else split_at  # every target sees < window tokens: all "near"
+    near, far = [], []  # NLL of targets with context < split, >= split
+    with tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, dynamic_ncols=True) as bar:
+        for first in range(0, len(windows), batch_size):
+            batch = windows[first:first + batch_size]
+            for win, values in zip(batch, target_nll(model, ids, batch)):
+                context = torch.arange(win.first_target, win.end) - win.begin  # tokens each target sees
+                is_near = context < split
+                near.append(values[is_near])
+                far.append(values[~is_near])
+            bar.update(len(batch))
     model.train(was_training)
-    num_targets = sum(w.num_targets for w in windows)
-    mean_nll = total / num_targets
-    return PerplexityResult(math.exp(mean_nll), mean_nll, num_targets, len(windows), time.perf_counter() - start)
+    near_nll, far_nll = torch.cat(near), torch.cat(far)
+    num_targets = near_nll.numel() + far_nll.numel()
+    mean_nll = float(near_nll.sum() + far_nll.sum()) / num_targets
+    result = PerplexityResult(math.exp(mean_nll), mean_nll, num_targets, len(windows), time.perf_counter() - start)
+    if split_at is not None:
+        result.split_at = split_at
+        result.near_perplexity = math.exp(float(near_nll.mean())) if near_nll.numel() else None
+        result.far_perplexity = math.exp(float(far_nll.mean())) if far_nll.numel() else None
+    return result
 
 
 def compare_perplexity(models: dict, tokenizer, text: str, **kwargs) -> list[dict]:
     """Perplexity of each named model on the same windows; the first model is the reference (teacher)."""
     rows = []
     for name, model in models.items():
-        result = perplexity(model, tokenizer, text, **kwargs)
+        result = perplexity(model, tokenizer, text, desc=f"perplexity, {name}", **kwargs)
         rows.append({"model": name, **asdict(result)})
     reference = rows[0]["perplexity"]
     for row in rows:
@@ -371,8 +394,11 @@ def passkey_correct(generated: str, key: str) -> bool:
 
 @torch.no_grad()
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int], trials: int = 5, seed: int = 0,
-                     max_new_tokens: int = 8) -> list[dict]:
+                     max_new_tokens: int = 8, progress: bool = False, desc: str = "passkey") -> list[dict]:
     """Greedy passkey retrieval at each context length: random 5-digit keys at random depths (seeded)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(lengths) * trials, desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
     rng = random.Random(seed)
     device = _model_device(model)
     model.eval()
@@ -386,7 +412,9 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], trials: int = 5, 
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             correct += passkey_correct(answer, prompt.key)
+            bar.update(1)
         rows.append({"context": length, "trials": trials, "accuracy": correct / trials})
+    bar.close()
     return rows
 
 
@@ -485,7 +513,7 @@ def run_eval(args) -> int:
         text = next(iter(texts.values()))
         rows = compare_perplexity(models, tokenizer, text, window=args.window, stride=args.stride,
                                   max_windows=args.max_windows or 40, max_tokens=args.max_tokens,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, progress=True)
         results["perplexity"] = rows
         print(markdown_table(rows, [("model", "model"), ("perplexity", "perplexity"),
                                     ("ratio", "ratio to teacher"), ("num_targets", "tokens"),
@@ -511,7 +539,8 @@ def run_eval(args) -> int:
                 variants.append((f"{name}, branch off", linear_branch_off(model)))
             for label, switch in variants:
                 with switch:
-                    rows = passkey_accuracy(model, tokenizer, lengths, trials=args.passkey_trials, seed=args.seed)
+                    rows = passkey_accuracy(model, tokenizer, lengths, trials=args.passkey_trials, seed=args.seed,
+                                            progress=True, desc=f"passkey, {label}")
                 results.setdefault("passkey", {})[label] = rows
         table = [{"model": label, **{str(r["context"]): r["accuracy"] for r in rows}}
                  for label, rows in results["passkey"].items()]
@@ -528,9 +557,7 @@ def add_cli(subparsers) -> None:
     from dijiang.arguments import Number, int_list, non_empty_int_list, non_negative_int, positive_int
 
     parser = subparsers.add_parser(
-        "eval", help="perplexity (teacher vs student), per-layer attention fidelity, passkey retrieval",
-        description="Evaluate a teacher and (optionally) a DiJiang student on the same text.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "eval", description="Evaluate a teacher and (optionally) a DiJiang student on the same text.")
     parser.add_argument("--teacher", "--model", dest="teacher", default="smollm2",
                         help="teacher: 'smollm2', a hub name or a local folder")
     student = parser.add_mutually_exclusive_group()
@@ -544,9 +571,9 @@ def add_cli(subparsers) -> None:
     source.add_argument("--text", action="append",
                         help="'pydoc' (the default), a text file, a folder, or hf:DATASET; repeat for several")
     source.add_argument("--string", help="evaluate this literal text instead")
-    parser.add_argument("--hf-split", default="test")
-    parser.add_argument("--hf-config", default=None)
-    parser.add_argument("--hf-column", default="text")
+    parser.add_argument("--hf-split", default="test", help="with --text hf:DATASET: the split to read")
+    parser.add_argument("--hf-config", default=None, help="with --text hf:DATASET: the dataset config")
+    parser.add_argument("--hf-column", default="text", help="with --text hf:DATASET: the column holding the text")
     parser.add_argument("--window", type=Number(int, 2), default=512, help="tokens per window")
     parser.add_argument("--windows", type=non_empty_int_list(Number(int, 2)), default=None,
                         help="several window lengths, e.g. 512,2048,8192: one table, JSON and plot (context.png) "
@@ -558,15 +585,17 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--stride", type=positive_int, default=None, help="new tokens per window (default window-1)")
     parser.add_argument("--max-windows", type=positive_int, default=None,
                         help="windows per length (default 40 for --window; see --windows)")
-    parser.add_argument("--max-tokens", type=Number(int, 2), default=None)
-    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--max-tokens", type=Number(int, 2), default=None, help="truncate the tokenized text to N tokens")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     parser.add_argument("--fidelity", action="store_true", help="per-layer attention fidelity (needs a student)")
-    parser.add_argument("--fidelity-tokens", type=positive_int, default=512)
+    parser.add_argument("--fidelity-tokens", type=positive_int, default=512, help="tokens of text the fidelity pass feeds")
     parser.add_argument("--passkey", type=int_list(Number(int, 16)), default=[],
                         help="comma-separated context lengths, e.g. 256,512,1024")
-    parser.add_argument("--passkey-trials", type=positive_int, default=5)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--passkey-trials", type=positive_int, default=5, help="prompts per passkey context length")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the passkey keys and depths")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (cuda when available)")
     parser.add_argument("--out", default=None, help="folder for eval.json and fidelity.png")
     parser.set_defaults(func=run_eval)

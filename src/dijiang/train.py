@@ -80,7 +80,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)", check=non_negative_int))
     held_out: float = field(default=0.0, metadata=_help("held-out part of the training text: fraction (<1) or blocks",
                                                         check=non_negative_float))
-    tokens: str = field(default="20M", metadata=_help("stage-2 token budget (K/M/G suffixes)"))
+    tokens: str = field(default="20M", metadata=_help(
+        "stage-2 token budget (K/M/G suffixes); SmolLM2 with its teacher trains at ~20K tokens/s on an H100 "
+        "(20M: 17 minutes), ~20-150 tokens/s on a CPU"))
     attention_transfer_tokens: str = field(default="0", metadata=_help("stage-1 (attention transfer) token budget"))
     block_size: int = field(default=512, metadata=_help("tokens per training sequence", check=positive_int))
     batch_size: int = field(default=8, metadata=_help("sequences per micro-batch per process", check=positive_int))
@@ -99,19 +101,22 @@ class TrainConfig:
     lm_weight: float = field(default=0.2, metadata=_help("weight of the next-token cross-entropy", check=non_negative_float))
     temperature: float = field(default=1.0, metadata=_help("distillation temperature", check=positive_float))
     lora_rank: int = field(default=0, metadata=_help("LoRA rank (0: full fine-tuning)", check=non_negative_int))
-    lora_alpha: float = field(default=32.0, metadata=_help("LoRA alpha", check=positive_float))
+    lora_alpha: float = field(default=32.0, metadata=_help("LoRA scale numerator (the update is scaled by alpha/rank)",
+                                                          check=positive_float))
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                metadata=_help("module names LoRA adapts"))
     attention: dict = field(default_factory=dict, metadata=_help("DiJiang settings, KEY=VALUE (window=64 ...)"))
     layers: list | None = field(default=None, metadata=_help("layer indices to convert (default all)",
                                                              type=non_negative_int))
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False,
+                                         metadata=_help("recompute activations in the backward pass (less memory)"))
     mixed_precision: str = field(default="auto", metadata=_help("auto (bf16 on CUDA), bf16, fp16 or no"))
     save_every: int = field(default=500, metadata=_help("checkpoint every N steps (0: never)", check=non_negative_int))
     keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept (0: all)", check=non_negative_int))
     max_steps: int | None = field(default=None, metadata=_help("stop after N steps (the schedule keeps its length)",
                                                                check=positive_int))
-    seed: int = field(default=0, metadata=_help("random seed", check=non_negative_int))
+    seed: int = field(default=0, metadata=_help("seed of the initialisation, the data order and the teacher sample",
+                                                   check=non_negative_int))
     data_cache: bool = field(default=True, metadata=_help("cache the packed training blocks under $DIJIANG_CACHE/blocks"))
     resume: bool = field(default=False, metadata=_help("continue from the last checkpoint in --out"))
     overwrite: bool = field(default=False, metadata=_help("replace an earlier run's files in --out (else an error)"))
@@ -263,7 +268,8 @@ def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path
     else:
         documents = data_lib.read_documents(config.data, config.text_field) if config.data else []
         if teacher_tokens:
-            documents += _teacher_text(teacher, tokenizer, teacher_tokens, config.seed, accelerator, out)
+            documents += _teacher_text(teacher, tokenizer, teacher_tokens, config.seed, accelerator, out,
+                                       config.progress)
         packed = data_lib.build_blocks(documents, tokenizer, config.block_size, config.held_out, config.seed)
         if cache is not None and accelerator.is_main_process:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -304,14 +310,15 @@ def blocks_cache_file(config: TrainConfig, tokenizer) -> Path:
     return CACHE_DIR / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
 
-def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out: Path) -> list[str]:
+def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out: Path, progress: bool) -> list[str]:
     """Sampled once by the main process and cached in `out`, so that every rank and every resume see the same text."""
     cache = out / TEACHER_TEXT_FILE
     key = {"tokens": n_tokens, "seed": seed}
     with accelerator.main_process_first():
         if accelerator.is_main_process and _cached_key(cache) != key:
-            print(f"sampling {n_tokens} tokens of training text from the teacher ...", file=sys.stderr)
-            documents = data_lib.sample_teacher_text(teacher, tokenizer, n_tokens, seed=seed)
+            print(f"sampling {n_tokens} tokens of training text from the teacher (no --data given) ...",
+                  file=sys.stderr)
+            documents = data_lib.sample_teacher_text(teacher, tokenizer, n_tokens, seed=seed, progress=progress)
             lines = [json.dumps(key)] + [json.dumps({"text": doc}) for doc in documents]
             _write_atomic(cache, "\n".join(lines) + "\n")
     from dijiang.plots import read_jsonl
@@ -879,15 +886,15 @@ def add_cli(subparsers) -> None:
     import argparse
 
     parser = subparsers.add_parser(
-        "train", help="fine-tune a converted model against its softmax teacher",
-        description="Fine-tune a DiJiang model: optional attention transfer, then KD + LM. "
+        "train", description="Fine-tune a DiJiang model: optional attention transfer, then KD + LM. "
                     "--recipe FILE.yaml sets defaults; explicit flags override it.",
     )
     parser.add_argument("--recipe", help="YAML file of options (keys as below, with - or _)")
     for spec in dataclasses.fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
-        kwargs = {"dest": spec.name, "default": argparse.SUPPRESS, "help": spec.metadata.get("help")}
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        # default=SUPPRESS tells recipe values from explicit flags, so the help text states the default itself
+        kwargs = {"dest": spec.name, "default": argparse.SUPPRESS, "help": _help_with_default(spec, default)}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, dict):
@@ -898,6 +905,21 @@ def add_cli(subparsers) -> None:
             kwargs["type"] = spec.metadata.get("check") or spec.metadata.get("type", type(default))
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(func=run_cli)
+
+
+def _help_with_default(spec, default) -> str:
+    text = spec.metadata["help"]
+    if "default" in text:
+        return text
+    if isinstance(default, bool):
+        shown = f"--{'' if default else 'no-'}{spec.name.replace('_', '-')}"
+    elif isinstance(default, (list, tuple)):
+        shown = " ".join(map(str, default)) or "none"
+    elif isinstance(default, dict):
+        shown = " ".join(f"{k}={v}" for k, v in default.items()) or "none"
+    else:
+        shown = "none" if default is None else default
+    return f"{text} (default: {shown})"
 
 
 def config_from_args(args) -> TrainConfig:
