@@ -1,8 +1,13 @@
-"""`dijiang demo`: the whole pipeline on a CPU in minutes.
+"""`dijiang demo`: the whole pipeline on a CPU (most of its time is the fine-tune; see README.md for timings).
 
 teacher -> convert (pure DiJiang, and DiJiang + an exact in-layer softmax window) -> short fine-tune
-of the hybrid -> perplexity on the default text and a greedy sample from each -> one markdown table,
+of the hybrid -> for each: perplexity on the default text and a greedy sample -> one markdown table,
 a plot (perplexity bars + fine-tune loss) and the table in the output folder.
+
+Both go beyond the softmax window, where linear attention does the work: the perplexity windows are
+several times the hybrid's window and the table splits each perplexity into the targets that see fewer
+tokens of context than the window (the hybrid is exact softmax there) and the rest; the samples run past
+the window, and the point where they do is marked.
 
 Every piece is injectable (`model`/`tokenizer`, `convert_fn`, `train_fn`) so tests run it on a tiny model.
 """
@@ -21,9 +26,10 @@ from typing import Callable
 
 import torch
 
-from dijiang.evaluate import load_text, markdown_table, perplexity
+from dijiang.evaluate import format_cell, load_text, markdown_table, perplexity
 
 DEFAULT_PROMPT = "In Python, a list comprehension"
+WINDOW_MARK = " [window ends] "  # where prompt + sample pass the hybrid's softmax window
 SCALE_NOTE = ("Note: this CPU run shows the mechanics at toy scale ({tokens} fine-tuning tokens; the paper "
               "uses billions). The recovery figures come from the GPU quality run: see docs/results.md.")
 
@@ -40,15 +46,24 @@ class DemoResult:
 # ----------------------------------------------------------------------------- pieces
 
 
-def greedy_sample(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 30) -> str:
-    """The model's greedy continuation of `prompt` (continuation text only)."""
+def greedy_sample(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 30,
+                  mark_at: int | None = None) -> str:
+    """The model's greedy continuation of `prompt` (continuation text only).
+
+    mark_at: put WINDOW_MARK where prompt + continuation reach that many tokens.
+    """
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = output[0, inputs["input_ids"].shape[1]:]
+    cut = len(new) if mark_at is None else max(0, mark_at - inputs["input_ids"].shape[1])
+    if cut >= len(new):
+        return tokenizer.decode(new, skip_special_tokens=True)
+    return (tokenizer.decode(new[:cut], skip_special_tokens=True) + WINDOW_MARK
+            + tokenizer.decode(new[cut:], skip_special_tokens=True))
 
 
 def stdlib_training_text(num_chars: int, seed: int = 0) -> str:
@@ -109,10 +124,10 @@ def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed:
 
 def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens: int = 16_000,
              out: str | Path = "runs/demo", window: int = 64, seed: int = 0, block_size: int = 256,
-             eval_window: int = 512, eval_windows: int = 8, sample_tokens: int = 30,
+             eval_window: int = 512, eval_windows: int = 8, sample_tokens: int = 100,
              prompt: str = DEFAULT_PROMPT, eval_text: str | None = None, train_text: str | None = None,
              convert_fn: Callable | None = None, train_fn: Callable | None = None, overwrite: bool = False,
-             log: Callable[[str], None] = print) -> DemoResult:
+             log: Callable[[str], None] = print, progress: bool = True) -> DemoResult:
     """Run the demo; returns the rows, the table and where the files went. See the module docstring.
 
     `out` must be new or empty unless `overwrite` (then its `train` folder, an earlier demo's, is replaced).
@@ -150,10 +165,13 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
     rows: list[dict] = []
 
     def measure(name: str, candidate) -> None:
-        result = perplexity(candidate, tokenizer, eval_text, window=eval_window, max_windows=eval_windows)
-        sample = greedy_sample(candidate, tokenizer, prompt, sample_tokens)
-        rows.append({"model": name, "perplexity": result.perplexity, "sample": sample})
-        log(f"{elapsed()} {name}: perplexity {result.perplexity:.4g} over {result.num_targets} tokens")
+        result = perplexity(candidate, tokenizer, eval_text, window=eval_window, max_windows=eval_windows,
+                            split_at=window, progress=progress, desc=name)
+        sample = greedy_sample(candidate, tokenizer, prompt, sample_tokens, mark_at=window)
+        rows.append({"model": name, "perplexity": result.perplexity, "near": result.near_perplexity,
+                     "far": result.far_perplexity, "sample": sample})
+        log(f"{elapsed()} {name}: perplexity {result.perplexity:.4g} over {result.num_targets} tokens "
+            f"({result.near_perplexity:.4g} with < {window} tokens of context, {result.far_perplexity:.4g} beyond)")
 
     measure("teacher (softmax)", model)
     for name, model_window in (("DiJiang, converted", 0), (f"DiJiang + {window}-token window, converted", window)):
@@ -173,13 +191,19 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
     for row in rows:
         row["ratio"] = row["perplexity"] / teacher_ppl
     table = markdown_table(rows, [("model", "model"), ("perplexity", "perplexity"), ("ratio", "ratio to teacher"),
-                                  ("sample", f"greedy sample of {prompt!r}")])
-    _write_outputs(out_dir, rows, table, train_log, settings={
+                                  ("near", f"context < {window}"), ("far", f"context >= {window}")])
+    samples = sample_list(rows, prompt, sample_tokens)
+    _write_outputs(out_dir, rows, table, samples, train_log, settings={
         "model": str(source), "tokens": tokens, "window": window, "seed": seed, "block_size": block_size,
-        "eval_window": eval_window, "eval_windows": eval_windows, "prompt": prompt})
+        "eval_window": eval_window, "eval_windows": eval_windows, "prompt": prompt, "sample_tokens": sample_tokens})
     seconds = time.perf_counter() - start
     log("")
+    log(f"Perplexity over {eval_windows} windows of {eval_window} tokens, split by how many tokens of context each "
+        f"target sees (the hybrid is exact softmax below {window}; beyond, DiJiang's linear attention adds the rest):")
+    log("")
     log(table)
+    log("")
+    log(samples)
     log("")
     log(SCALE_NOTE.format(tokens=f"{tokens:,}"))
     log(f"wrote {out_dir / 'table.md'}, {out_dir / 'demo.png'}, {out_dir / 'results.json'} in {seconds:.0f} s")
@@ -190,11 +214,19 @@ def _short_count(tokens: int) -> str:
     return f"{tokens / 1e6:g}M" if tokens >= 1_000_000 else f"{tokens / 1e3:g}K" if tokens >= 1000 else str(tokens)
 
 
-def _write_outputs(out_dir: Path, rows: list[dict], table: str, train_log: list[dict], settings: dict) -> None:
+def sample_list(rows: list[dict], prompt: str, sample_tokens: int) -> str:
+    """The greedy samples as a markdown list (newlines shown as \\n), WINDOW_MARK where they pass the window."""
+    lines = [f"Greedy samples of {sample_tokens} tokens after {prompt!r}:"]
+    lines += [f"- {row['model']}: {format_cell(row['sample'])}" for row in rows]
+    return "\n".join(lines)
+
+
+def _write_outputs(out_dir: Path, rows: list[dict], table: str, samples: str, train_log: list[dict],
+                   settings: dict) -> None:
     from dijiang.plots import plot_demo
 
     note = SCALE_NOTE.format(tokens=f"{settings['tokens']:,}")
-    (out_dir / "table.md").write_text(table + "\n\n" + note + "\n")
+    (out_dir / "table.md").write_text(table + "\n\n" + samples + "\n\n" + note + "\n")
     (out_dir / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     plot_demo(rows, train_log, out_dir / "demo.png")
 
@@ -205,7 +237,7 @@ def _write_outputs(out_dir: Path, rows: list[dict], table: str, train_log: list[
 def _run_demo_cli(args) -> int:
     run_demo(model_name=args.model, tokens=args.tokens, out=args.out, window=args.window, seed=args.seed,
              block_size=args.block_size, eval_window=args.eval_window, eval_windows=args.eval_windows,
-             prompt=args.prompt, overwrite=args.overwrite)
+             prompt=args.prompt, sample_tokens=args.sample_tokens, overwrite=args.overwrite)
     return 0
 
 
@@ -226,16 +258,19 @@ def add_cli(subparsers) -> None:
     from dijiang.arguments import Number, non_negative_int, positive_int
 
     parser = subparsers.add_parser(
-        "demo", help="teacher -> DiJiang -> short fine-tune -> perplexity table, on a CPU in minutes",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "demo", description=__doc__)
     parser.add_argument("--model", default="smollm2", help="teacher: 'smollm2', a hub name or a local folder")
     parser.add_argument("--tokens", type=parse_count, default=16_000, help="fine-tuning tokens (e.g. 16K; CPU training runs at ~20-150 tokens/s)")
     parser.add_argument("--out", default="runs/demo", help="output folder (new or empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
     parser.add_argument("--window", type=positive_int, default=64, help="exact-softmax window of the hybrid, in tokens")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the training-text selection and the fine-tune")
     parser.add_argument("--block-size", type=positive_int, default=256, help="fine-tuning sequence length")
-    parser.add_argument("--eval-window", type=Number(int, 2), default=512, help="perplexity window length")
+    parser.add_argument("--eval-window", type=Number(int, 2), default=512,
+                        help="perplexity window length (several times --window)")
     parser.add_argument("--eval-windows", type=positive_int, default=8, help="perplexity windows per model")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the greedy samples")
+    parser.add_argument("--sample-tokens", type=positive_int, default=100,
+                        help="length of the greedy samples (past --window)")
     parser.set_defaults(func=_run_demo_cli)
