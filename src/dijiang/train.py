@@ -571,11 +571,15 @@ def distillation_step(student, teacher, input_ids: torch.Tensor, config: TrainCo
 
 
 @torch.no_grad()
-def evaluate_loss(model, blocks: torch.Tensor, batch_size: int, accelerator) -> float:
+def evaluate_loss(model, blocks: torch.Tensor, batch_size: int, accelerator, progress: bool = False,
+                  desc: str = "eval") -> float:
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
+    for start in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", disable=not progress, leave=False,
+                      dynamic_ncols=True):
         batch = blocks[start : start + batch_size].to(accelerator.device)
         with accelerator.autocast():
             logits = model(input_ids=batch, use_cache=False).logits
@@ -797,7 +801,7 @@ def _evaluate(student, eval_sets: dict, config: TrainConfig, accelerator) -> dic
     if accelerator.is_main_process or distributed.is_sharded(accelerator):
         model = accelerator.unwrap_model(student)
         for name, blocks in eval_sets.items():
-            loss = evaluate_loss(model, blocks, config.batch_size, accelerator)
+            loss = evaluate_loss(model, blocks, config.batch_size, accelerator, config.progress, f"eval {name}")
             results[f"eval_{name}_loss"] = loss
             results[f"eval_{name}_ppl"] = math.exp(min(loss, 50))
         layers = [layer for _, layer in dijiang_layers(model)]
