@@ -99,7 +99,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
 def test_bench_report_defaults_outside_docs():
     from dijiang.cli import build_parser
 
-    assert build_parser().parse_args(["bench"]).out == "runs/bench/bench_model.md"
+    assert build_parser("bench").parse_args(["bench"]).out == "runs/bench/bench_model.md"
 
 
 def test_convert_never_replaces_its_source_or_an_existing_folder(tmp_path, capsys):
@@ -339,8 +339,10 @@ def test_generate_chat_fast_uses_the_chat_template(tmp_path, capsys):
     plain = capsys.readouterr().out
     assert main(args + ["--fast"]) == 0
     assert capsys.readouterr().out.strip() == plain.strip()
-    assert main(args[:-1] + ["--fast"]) == 0
-    assert capsys.readouterr().out.strip() != plain.strip()  # without --chat: another prompt, other tokens
+    assert main(args[:-1] + ["--fast"]) == 0  # a tokenizer with a template: chat by default
+    assert capsys.readouterr().out.strip() == plain.strip()
+    assert main(args[:-1] + ["--no-chat", "--fast"]) == 0
+    assert capsys.readouterr().out.strip() != plain.strip()  # --no-chat: another prompt, other tokens
 
 
 def test_unsupported_family_gets_a_short_error(tmp_path):
