@@ -10,8 +10,8 @@ first if the installed release passes the cache under a name this module does no
   whatever its name, and pass one in under the name the callee's signature declares.
 - The cache field of model outputs: ``.past_key_values`` up to 5.23, ``.cache`` from 5.24.
 - The cache classes ``dijiang.cache`` builds on: ``cache_utils.Cache``, ``CacheLayerMixin`` and ``DynamicLayer``
-  (the per-layer cache API; before 5.13 ``CacheLayerMixin`` also declared ``get_max_cache_shape`` abstract, and
-  before 5.x ``get_mask_sizes`` took ``cache_position`` instead of the query length).
+  (the per-layer cache API; 5.0-5.10 also declared ``get_max_cache_shape`` abstract, and 5.12 fails conversion:
+  hence the 5.13 floor. 5.13-5.24 pass ``get_mask_sizes`` the query length; older ones passed ``cache_position``).
 - RoPE: ``transformers.models.<module>.modeling_<module>.apply_rotary_pos_emb``; the module name is the
   model type except for Gemma 3 text (``gemma3``).
 - Class registration: ``CONFIG_MAPPING``, ``MODEL_FOR_CAUSAL_LM_MAPPING``, ``AutoConfig.register`` and
@@ -81,7 +81,7 @@ def without_cache(kwargs: dict) -> dict:
 
 
 def mask_query_length(query) -> int:
-    """Cache layers' get_mask_sizes get the query length; some releases pass cache_position (a tensor) instead."""
+    """Cache layers' get_mask_sizes get the query length (5.13-5.24); older releases passed cache_position."""
     return query.shape[0] if isinstance(query, torch.Tensor) else int(query)
 
 
