@@ -9,6 +9,7 @@ from dijiang.cache import DiJiangCache, DiJiangStateLayer
 from dijiang.conversion import iter_dijiang_layers
 from dijiang.fast_decode import supports_fast_decode
 from dijiang.feature_maps import HedgehogFeatureMap
+from dijiang.hf_compat import cache_keyword, output_cache
 from dijiang.train import TrainConfig, build_optimizer, new_parameter_ids
 
 VOCAB = 97
@@ -56,12 +57,13 @@ def rel_err(a, b):
 
 def incremental_logits(model, ids, prefill: int, mask=None):
     """Prefill `prefill` tokens, then feed the rest one at a time through the cache."""
+    keyword = cache_keyword(model.forward)  # past_key_values up to transformers 5.23, cache from 5.24
     out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = output_cache(out), [out.logits]
     for t in range(prefill, ids.shape[1]):
         step_mask = None if mask is None else mask[:, : t + 1]
-        out = model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], attention_mask=step_mask, use_cache=True, **{keyword: cache})
+        cache = output_cache(out)
         logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
@@ -77,6 +79,35 @@ def test_decode_equals_prefill(family, kind):
     assert full.shape == (2, 13, VOCAB) and torch.isfinite(full).all()
     assert isinstance(cache, DiJiangCache)
     assert rel_err(stepped, full) < 1e-5
+
+
+def greedy_recompute(model, ids, new_tokens: int):
+    """Greedy decoding the slow way: the whole sequence through the model, no cache, for every new token."""
+    for _ in range(new_tokens):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def greedy_generate(model, ids, new_tokens: int):
+    """HF generate with its cache (ours after conversion); eos off, so that every new token is compared."""
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                           eos_token_id=None, pad_token_id=0)
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_equals_greedy_recompute_and_survives_reload(tmp_path, family):
+    """transformers 5.24 renamed the cache argument and generate() silently decoded without the state."""
+    model = dijiang.convert(tiny_model(family, seed=2))
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        expected = greedy_recompute(model, ids, 12)
+        assert torch.equal(greedy_generate(model, ids, 12), expected)
+        model.save_pretrained(tmp_path)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert type(loaded) is type(model)
+        assert torch.equal(greedy_generate(loaded, ids, 12), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -112,7 +143,7 @@ def test_converted_state_does_not_grow_with_context(kind):
     sizes = []
     for length in (8, 40, 120):
         with torch.no_grad():
-            cache = model(torch.randint(3, VOCAB, (1, length)), use_cache=True).past_key_values
+            cache = output_cache(model(torch.randint(3, VOCAB, (1, length)), use_cache=True))
         sizes.append(cache.state_bytes())
     assert sizes[0] > 0 and sizes[0] == sizes[1] == sizes[2]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dijiang
+from dijiang.hf_compat import cache_keyword, output_cache
 from dijiang.ops import chunk_linear_attention, window_attention
 
 pytestmark = pytest.mark.slow
@@ -62,10 +63,10 @@ def test_real_smollm2_decode_equals_prefill_at_length(smollm2, settings):
     with torch.no_grad():
         full = student(ids, use_cache=False).logits[:, 600:]
         out = student(ids[:, :600], use_cache=True)
-        cache, steps = out.past_key_values, []
+        cache, steps, keyword = output_cache(out), [], cache_keyword(student.forward)
         for t in range(600, 700):
-            out = student(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = student(ids[:, t:t + 1], use_cache=True, **{keyword: cache})
+            cache = output_cache(out)
             steps.append(out.logits)
     stepped = torch.cat(steps, 1)
     assert ((stepped - full).norm() / full.norm()).item() < 1e-4

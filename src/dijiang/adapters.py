@@ -7,11 +7,12 @@ and how the attention output goes back through the output projection.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dijiang.hf_compat import rotary_function
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,6 @@ class Geometry:
     head_dim: int
     hidden_size: int
     scale: float
-
-
-def _rope_function(model_type: str):
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    return module.apply_rotary_pos_emb
 
 
 def _seq_first(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +40,7 @@ class SeparateProjections:
 
     def __init__(self, model_type: str):
         self.model_type = model_type
-        self.rope = _rope_function(model_type) if self.uses_rope else None
+        self.rope = rotary_function(model_type) if self.uses_rope else None
 
     def is_attention(self, module: nn.Module) -> bool:
         return type(module).__name__.endswith(self.attention_class_suffix) and hasattr(module, self.qkv_names[0])
@@ -147,13 +143,10 @@ ADAPTERS = {
     "gpt2": FusedGPT2,
     "opt": OPTProjections,
 }
-# families whose modeling module name differs from their model_type
-_MODELING_NAME = {"gemma3_text": "gemma3"}
-
 
 def adapter_for(model_type: str):
     if model_type not in ADAPTERS:
         raise ValueError(
             f"model type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
         )
-    return ADAPTERS[model_type](_MODELING_NAME.get(model_type, model_type))
+    return ADAPTERS[model_type](model_type)

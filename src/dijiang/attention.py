@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from dijiang.feature_maps import FEATURE_MAPS, QMC_KINDS, RADII, STABILISERS, ProjectedFeatureMap, build_feature_map
+from dijiang.hf_compat import DecodeWithoutStateError, find_cache
 from dijiang.ops import linear_attention, window_attention
 from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
 from dijiang.ops.triton_window import fused_window_attention
@@ -153,12 +154,12 @@ def initial_decay_logits(num_heads: int, decay_range: tuple[float, float]) -> to
 class DiJiangAttention(nn.Module):
     """Replaces one softmax attention module. Keeps the original projection modules as children."""
 
-    def __init__(self, original: nn.Module, adapter, settings: DiJiangSettings, layer_idx: int, padding):
+    def __init__(self, original: nn.Module, adapter, settings: DiJiangSettings, layer_idx: int, context):
         super().__init__()
         self.adapter = adapter
         self.settings = settings
         self.layer_idx = layer_idx
-        self.padding = padding  # shared PaddingContext (not a module): the 2-D attention mask of this forward
+        self.context = context  # shared DecoderContext (not a module): the 2-D mask and cache of this forward
         geometry = adapter.geometry(original)
         self.num_heads, self.num_kv_heads, self.head_dim = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
         self.scale = geometry.scale
@@ -221,10 +222,11 @@ class DiJiangAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-        cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        cache = find_cache(args, kwargs)  # past_key_values, cache or layer_past, depending on family and release
+        self._refuse_decode_without_state(cache, T, kwargs.get("position_ids"))
         layer_cache = _layer_cache(cache, self.layer_idx)
         initial_state = layer_cache.state if layer_cache is not None else None
-        mask = self.padding.current(T)
+        mask = self.context.current(T)
         mode = "recurrent" if T == 1 else self.settings.mode
         # under autocast RoPE hands back float32 q, k next to a bf16 v: the kernels take one dtype, v's
         q_fused, k_fused = (q, k) if q.dtype == v.dtype or not q.is_cuda else (q.to(v.dtype), k.to(v.dtype))
@@ -253,6 +255,22 @@ class DiJiangAttention(nn.Module):
         else:
             o, state = attend(q, k, v)
         return self._finish(o, state, layer_cache, hidden_states)
+
+    def _refuse_decode_without_state(self, cache, num_tokens: int, position_ids) -> None:
+        """Without its state a converted layer would attend to the new tokens alone: a wrong answer, no error."""
+        if cache is not None:
+            return
+        if self.context.cache is not None:
+            raise DecodeWithoutStateError(
+                f"layer {self.layer_idx}: the decoder runs with a {type(self.context.cache).__name__} but called "
+                "this layer without it (has transformers renamed the cache argument? see dijiang.hf_compat)"
+            )
+        if num_tokens == 1 and position_ids is not None and bool((position_ids > 0).any()):
+            raise DecodeWithoutStateError(
+                f"layer {self.layer_idx}: one token at position {int(position_ids.max())} and no cache: a converted "
+                "layer continues a sequence only from its recurrent state (pass the DiJiangCache the previous "
+                "call returned, or run the whole sequence)"
+            )
 
     def _attend(self, q, k, v, *, mode, mask, initial_state, output_final_state):
         q_lin, k_lin = self.linear_inputs(q, k)
@@ -320,16 +338,18 @@ def _layer_cache(cache, layer_idx: int):
     if not isinstance(cache, DiJiangCache):
         raise ValueError(
             f"converted layers need a dijiang.DiJiangCache, got {type(cache).__name__}; let the model create it "
-            "(pass no cache, or past_key_values=DiJiangCache.for_model(model))"
+            "(pass no cache, or DiJiangCache.for_model(model) as the model's cache argument)"
         )
     return cache.layers[layer_idx]
 
 
 @dataclass
-class PaddingContext:
-    """The 2-D attention mask of the current forward, shared by all converted layers of one model."""
+class DecoderContext:
+    """What the decoder stack's current forward got, shared by all converted layers of one model: the 2-D
+    padding mask (None without padding) and the cache (None when it runs without one)."""
 
     mask: torch.Tensor | None = field(default=None)
+    cache: object | None = field(default=None)
 
     def current(self, num_tokens: int) -> torch.Tensor | None:
         if self.mask is None:

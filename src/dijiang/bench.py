@@ -129,6 +129,7 @@ def _is_oom(error: Exception) -> bool:
 def measure_inference(model, kind, batch, context, *, new_tokens, hf_new_tokens, device, vocab, repeats,
                       check_tokens: bool) -> dict:
     from dijiang.fast_decode import get_decoder
+    from dijiang.hf_compat import output_cache
 
     gen = torch.Generator().manual_seed(1000 * batch + context)
     ids = torch.randint(3, vocab, (batch, context), generator=gen).to(device)
@@ -142,7 +143,7 @@ def measure_inference(model, kind, batch, context, *, new_tokens, hf_new_tokens,
     t_prefill = median_time(prefill, device, repeats=repeats)
     row["prefill_tok_s"] = batch * context / t_prefill
     row["prefill_peak_gib"] = _peak(device)
-    row["cache_mib"] = cache_bytes(prefill().past_key_values) / 2**20
+    row["cache_mib"] = cache_bytes(output_cache(prefill())) / 2**20
 
     hf_tokens = None
     if hf_new_tokens > 1:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from dijiang.hf_compat import Cache, CacheLayerMixin, DynamicLayer, mask_query_length
 
 
 class DiJiangStateLayer(CacheLayerMixin):
@@ -33,9 +33,7 @@ class DiJiangStateLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
-            query_length = query_length.shape[0]
-        return self.seen_tokens + query_length, 0
+        return self.seen_tokens + mask_query_length(query_length), 0
 
     def get_seq_length(self) -> int:
         return self.seen_tokens

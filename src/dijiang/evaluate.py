@@ -5,7 +5,6 @@ subcommand. lm-eval-harness lives in `dijiang.lm_eval_adapter`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -313,6 +312,8 @@ def attention_fidelity(teacher, student, input_ids: torch.Tensor, layer_names: I
     inputs, so errors do not compound across layers. Returns rows with `cosine` (mean over tokens of
     the cosine similarity of output vectors) and `relative_mse` (||s - t||^2 / ||t||^2).
     """
+    from dijiang.hf_compat import without_cache
+
     names = list(converted_layer_names(student) if layer_names is None else layer_names)
     if not names:
         raise ValueError("no attention layers to compare: the student has no converted layers")
@@ -339,7 +340,7 @@ def attention_fidelity(teacher, student, input_ids: torch.Tensor, layer_names: I
     rows = []
     for name in names:
         record = captured.pop(name)
-        kwargs = {k: v for k, v in record["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
+        kwargs = without_cache(record["kwargs"])
         student_out = _first_tensor(student.get_submodule(name)(*record["args"], **kwargs)).float()
         teacher_out = record["output"].float()
         cosine = F.cosine_similarity(student_out.flatten(0, -2), teacher_out.flatten(0, -2), dim=-1).mean()

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from dijiang.attention import DiJiangAttention
 from dijiang.feature_maps import EluFeatureMap, ProjectedFeatureMap
+from dijiang.hf_compat import family_of, output_cache
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _DEFAULT = object()
@@ -59,17 +60,12 @@ if COMPILE_SCOPE not in ("layer", "step"):
     raise ValueError(f"DIJIANG_COMPILE_SCOPE must be 'layer' or 'step', got {COMPILE_SCOPE!r}")
 
 
-def _family(model) -> str:
-    model_type = model.config.model_type
-    return model_type[len("dijiang_"):] if model_type.startswith("dijiang_") else model_type
-
-
 def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
     """(True, "") when the fast path can run this model, else (False, why)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         return False, "not a Hugging Face model"
-    family = _family(model)
+    family = family_of(model.config)
     if family not in SUPPORTED_FAMILIES:
         return False, f"family {family!r} has no fast path (supported: {', '.join(SUPPORTED_FAMILIES)})"
     base = getattr(model, "model", None)
@@ -599,7 +595,7 @@ class FastDecoder:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1)
-        self._load_cache(out.past_key_values, attention_mask, width)
+        self._load_cache(output_cache(out), attention_mask, width)
         self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
         self.pad.fill_(pad)
         self.unfinished.fill_(True)
@@ -613,7 +609,7 @@ class FastDecoder:
             self.noise.exponential_(generator=self.generator)
         self._emit(self._select(out.logits[:, -1].float()))
         # kept only until the graph is captured (the warm-up steps are undone from it)
-        self._prefill_state = (out.past_key_values, attention_mask, width) if self.use_graph and self.graph is None \
+        self._prefill_state = (output_cache(out), attention_mask, width) if self.use_graph and self.graph is None \
             else None
 
     @torch.no_grad()

@@ -236,8 +236,10 @@ if HAS_TRITON:
             else:
                 si = i
                 nxt = si + 1
-            has_next = (i + 1) < NSEG
-            u_next = tl.load(seg_ptr + (bh.to(tl.int64) * NSEG + nxt) * E + offs, mask=msk & has_next, other=0.0)
+            # all E entries while a next segment exists, none after the last. One block comparison, not
+            # msk & (a scalar predicate): Triton's interpreter holds that and as int32, which 3.9 refuses as a mask
+            next_limit = tl.where((i + 1) < NSEG, E, 0)
+            u_next = tl.load(seg_ptr + (bh.to(tl.int64) * NSEG + nxt) * E + offs, mask=offs < next_limit, other=0.0)
             tl.store(seg_ptr + (bh.to(tl.int64) * NSEG + si) * E + offs, S, mask=msk)
             n = tl.minimum(SEGLEN, T - si * SEGLEN)
             S = S * tl.exp((n * 1.0) * lam) + u
