@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import save_tiny_model
+from helpers import save_tiny_model
 
 import dijiang
 from dijiang import cli as dijiang_cli
