@@ -245,7 +245,7 @@ KERNEL = ("all", {"tf32:F1_Kw": 1})  # session 6: F1's state update in tf32
 def draw(seed: int, normalize: bool, T: int = 333, H: int = 2, d: int = 64):
     """tests/test_triton_ops.py's state-in/out case (bf16 q, k, v; initial state; loss on o and the final state),
     with (do, dS) from a seeded generator."""
-    from test_triton_ops import make_inputs
+    from dijiang.ops.testing import make_inputs
 
     q, k, v, proj, lw, ld, st = make_inputs(1, T, H, d, d, d, torch.bfloat16, "cpu", normalize=normalize, init=True,
                                             seed=seed)
@@ -256,7 +256,7 @@ def draw(seed: int, normalize: bool, T: int = 333, H: int = 2, d: int = 64):
 
 
 def reference_grads(q, k, v, proj, lw, ld, st, do, dS, normalize) -> dict:
-    from test_triton_ops import reference_attention
+    from dijiang.ops.testing import reference_attention
 
     leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, lw, ld, st)]
     ro, rfs = reference_attention(*leaves[:3], proj.double(), leaves[3], leaves[4], leaves[5], normalize=normalize)
@@ -327,8 +327,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     raise SystemExit(main())
