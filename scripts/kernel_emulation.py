@@ -1,18 +1,18 @@
 """A float32 (or float64) torch emulation of the fused Triton DiJiang kernels (src/dijiang/ops/triton_dijiang.py),
 with a switch for every point where the kernels round an operand to bf16 (or tf32). It is the evidence behind
-session 6's change to F1 (docs/kernel_notes.md): which rounding drives the d log_decay error.
+F1's tf32 state update (docs/kernel_notes.md): which rounding drives the d log_decay error.
 
 F1/scan/F3 forward and B1/scan/B3 backward, the same chunking and the same per-chunk decomposition of the decay
 gradient as B3; segments collapse to a plain sequential chunk scan (the same math; only fp32 summation order
 differs). With every switch off it matches the float64 reference to ~1e-7 (float32) or ~1e-15 (float64);
-`KERNEL` (the kernels' rounding as of session 6) reproduces the kernels' GPU error sizes.
+`KERNEL` (the kernels' current rounding) reproduces the kernels' GPU error sizes.
 
-    python scripts/kernel_emulation.py --draws 40     # kernel (session 5 / 6) and torch path vs the float64 reference
+    python scripts/kernel_emulation.py --draws 40     # kernel (bf16 / tf32 Kw in F1) and torch path vs the float64 reference
 
 Rounding switches (on = round like the kernel; "tf32:<point>" in opts rounds that point to tf32 instead):
   P_tf32   P rounded to tf32 in phi's x @ P dot (all features)
   do_bf16  dL/do rounded to bf16 (autograd hands the bf16 o its gradient in bf16; the torch path sees it too)
-  F1_Kw    the weighted key features in F1's state update (bf16 until session 5, tf32 since session 6)
+  F1_Kw    the weighted key features in F1's state update (tf32 in the kernel; ALL_BF16 rounds it to bf16)
   F3_QK    Q, K for A in F3          F3_A   A in o = A v        F3_Qg, F3_hs   the operands of o += Qg hs
   o_bf16   o stored in bf16 (read back by B1 when normalising)
   B1_Qg    Qg in B1's state update   B1_dn  dn there (normalising only; else dn = do)
@@ -238,8 +238,8 @@ def emulate(q, k, v, proj, lw, ld, init, do, dS, *, normalize, rnd=(), dt=torch.
 
 # ------------------------------------------------------------------------------------------- draws and statistics
 
-SESSION5 = ("all", None)  # every operand rounded to bf16, F1's weighted features included
-KERNEL = ("all", {"tf32:F1_Kw": 1})  # session 6: F1's state update in tf32
+ALL_BF16 = ("all", None)  # every operand rounded to bf16, F1's weighted features included (the earlier kernel)
+KERNEL = ("all", {"tf32:F1_Kw": 1})  # the kernel: F1's state update in tf32
 
 
 def draw(seed: int, normalize: bool, T: int = 333, H: int = 2, d: int = 64):
@@ -321,8 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=40, help="seeds (each with normalize off and on)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(decay_statistics(args.draws, {"kernel, session 5 (bf16 Kw in F1)": SESSION5,
-                                        "kernel, session 6 (tf32 Kw in F1)": KERNEL}))
+    print(decay_statistics(args.draws, {"kernel, bf16 Kw in F1": ALL_BF16,
+                                        "kernel, tf32 Kw in F1": KERNEL}))
     return 0
 
 
