@@ -198,7 +198,7 @@ if HAS_TRITON:
                 Kw = K * wk[:, None]
                 dec = tl.exp((n * 1.0) * lam)
                 # tf32 with the weighted features unrounded: their bf16 rounding was the largest single source of
-                # the d log_decay error (a float32 emulation of the kernels, docs/kernel_notes.md session 6)
+                # the d log_decay error (scripts/kernel_emulation.py; docs/kernel_notes.md, accuracy of d log_decay)
                 S = S * dec + tl.dot(tl.trans(Kw), vx.to(tl.float32), input_precision="tf32")
                 if NORM:
                     z = z * dec + tl.sum(Kw, axis=0)
