@@ -1,7 +1,7 @@
 """Evaluation: sliding-window perplexity, per-layer attention fidelity, passkey retrieval.
 
-Also `markdown_table` (every result in this project is printed with it) and the `dijiang eval`
-subcommand. lm-eval-harness lives in `dijiang.lm_eval_adapter`.
+Also the `dijiang eval` subcommand; `markdown_table` lives in `dijiang.tables` (re-exported here).
+lm-eval-harness lives in `dijiang.lm_eval_adapter`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from dijiang.capture import first_tensor, module_io
 from dijiang.conversion import iter_dijiang_layers
 from dijiang.data import pydoc_topics_text  # the default evaluation text
+from dijiang.tables import format_cell, markdown_table  # noqa: F401  (re-exported: evaluate.markdown_table)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 
@@ -379,35 +380,6 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], trials: int = 5, 
         rows.append({"context": length, "trials": trials, "accuracy": correct / trials})
     bar.close()
     return rows
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def format_cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return f"{value:.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\r", "").replace("\n", "\\n").strip()
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str | tuple[str, str]]) -> str:
-    """A GitHub markdown table; `columns` are row keys or (key, header) pairs. Numbers right-aligned."""
-    if not columns:
-        raise ValueError("markdown_table needs at least one column")
-    pairs = [(c, c) if isinstance(c, str) else tuple(c) for c in columns]
-    cells = [[format_cell(row.get(key)) for key, _ in pairs] for row in rows]
-    numeric = [bool(rows) and all(isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
-                                  for row in rows) for key, _ in pairs]
-    header = "| " + " | ".join(h for _, h in pairs) + " |"
-    rule = "|" + "|".join("---:" if is_num else "---" for is_num in numeric) + "|"
-    body = ["| " + " | ".join(line) + " |" for line in cells]
-    return "\n".join([header, rule, *body])
 
 
 # ----------------------------------------------------------------------------- CLI
