@@ -23,6 +23,7 @@ TESTS = Path(__file__).parent
 REPO = TESTS.parent
 EOS = "<eos>"
 VOCAB = 97  # tiny_model's vocabulary
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_neox", "gpt2", "opt"]  # tiny_model's
 
 
 def corpus_text(start: int = 0, length: int = 20_000) -> str:

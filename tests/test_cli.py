@@ -62,7 +62,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
 @pytest.fixture(scope="module")
 def instruct_dir(tmp_path_factory):
     """The tiny model with a chat template, as instruct models ship."""
-    from train_fixtures import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     tokenizer = copy.deepcopy(tiny_tokenizer())
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -11,9 +11,8 @@ from dijiang.fast_decode import supports_fast_decode
 from dijiang.feature_maps import HedgehogFeatureMap
 from dijiang.hf_compat import cache_keyword, output_cache
 from dijiang.train import TrainConfig, build_optimizer, new_parameter_ids
-from helpers import VOCAB, tiny_model
+from helpers import FAMILIES, VOCAB, tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_neox", "gpt2", "opt"]
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
             "hedgehog": dict(feature_map="hedgehog", window=4)}
 
