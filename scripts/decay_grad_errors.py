@@ -1,18 +1,19 @@
 """How far the fused kernel's d log_decay error runs over the plain torch path's (same bf16 inputs), over 40 random
-draws of tests/test_triton_ops.py's state-in/out case: the evidence behind that test's decay_ratio. CUDA only.
+draws of tests/test_triton_ops.py's state-in/out case (dijiang.ops.testing.check_fused): the evidence behind that test's decay_ratio. CUDA only.
 "decay" is the error on one (do, dS) draw; where it is over 2%, _check also gives the RMS errors of the kernel and
 of the torch path over 8 more draws ("decay_rms", "torch_rms"), which the test compares.
 
     python scripts/decay_grad_errors.py
 """
-import sys, json
-sys.path.insert(0, "tests")
-import test_triton_ops as t
+import json
+
+from dijiang.ops.testing import check_fused
+
 rows = []
 for seed in range(40):
     for normalize in (False, True):
         try:
-            e = t._check(1, 333, 2, 64, 64, 64, normalize=normalize, init=True, final=True, seed=seed, decay_ratio=1e9)
+            e = check_fused(1, 333, 2, 64, 64, 64, normalize=normalize, init=True, final=True, seed=seed, decay_ratio=1e9)
         except AssertionError as exc:
             rows.append({"seed": seed, "normalize": normalize, "error": str(exc)[:200]}); continue
         rows.append({"seed": seed, "normalize": normalize, "decay": e["dlog_decay"], "decay_rms": e.get("dlog_decay_rms"),

@@ -1,32 +1,34 @@
 #!/usr/bin/env bash
-# Device driver for the kernel/benchmark work of issue 5 (run by the device tool in the repo root; results in $OUT).
-#   bash scripts/gpu_kernels.sh ops     GPU kernel tests, op benchmark with the window hybrid, fused-op profile
-#   bash scripts/gpu_kernels.sh launch  (session 5) GPU tests of the kernels after the launch-overhead work, host/GPU
-#                                       profile (benchmarks/profile_host.py), fused and window ops against SDPA 1k-64k,
-#                                       eager and replayed from CUDA graphs; d log_decay errors over 40 draws
-#   bash scripts/gpu_kernels.sh graphs  GPU tests again and the CUDA-graph op bench (after reverting a tf32 B3 try)
-#   bash scripts/gpu_kernels.sh sweep   the default op sweep (docs/bench_ops.md: both shapes, every method)
-#   bash scripts/gpu_kernels.sh model   model bench on ~/model/hf (SmolLM2 converted): training tok/s with the fused
-#                                       window path, pure decode at 128 and 256 new tokens, the step compile scope,
-#                                       window-128 decode after the fused prefill. Session 4 ran these commands one
-#                                       device call at a time (a call is limited to 10 minutes).
-#   bash scripts/gpu_kernels.sh host6   (session 6) GPU kernel tests, the per-piece host breakdown of one fused call,
-#                                       fused vs SDPA at 2k-8k for both shapes
-#   bash scripts/gpu_kernels.sh model6  (session 6) on ~/model/hf: per-step decode timings, pure decode at 128 and 256
-#                                       new tokens, the default compile mode, the full decode table, training
-#                                       tok/s of teacher and pure (session 6 ran these over several device calls)
-#   bash scripts/gpu_kernels.sh host7   (session 7) GPU kernel tests, host breakdown, fused vs SDPA at 1k-8k eager and
-#                                       from CUDA graphs with the in-kernel carry on and off (DIJIANG_INLINE_CARRY=0);
-#                                       its 70 s limit per sweep cut two eager sweeps short of the 32 x 128 rows
-#   bash scripts/gpu_kernels.sh host7b  (session 7, after the host trims) GPU kernel tests, timestamps of one
-#                                       forward+backward, host breakdown, fused vs SDPA 1k-8k eager three times
-#                                       (16 x 64) and once (32 x 128), from CUDA graphs once, fused at 64k
-# Results are copied into docs/ by hand (docs/bench_ops_window.md, docs/bench_data/*.json).
+# GPU driver for the kernel and model benchmarks (run by the device tool in the repo root; results in $OUT).
+# Stages are named by what they measure; each runs the GPU kernel tests first where it says so.
+#   bash scripts/gpu_kernels.sh ops            GPU kernel tests, op benchmark with the window hybrid (window 128 and 64),
+#                                              block-size tuning of the fused op
+#   bash scripts/gpu_kernels.sh ops-profile    GPU tests, host/GPU profile (benchmarks/profile_host.py), fused and window
+#                                              ops against SDPA 1k-64k eager and from CUDA graphs; d log_decay errors
+#                                              over 40 draws (scripts/decay_grad_errors.py)
+#   bash scripts/gpu_kernels.sh ops-graphs     GPU tests and the CUDA-graph op bench
+#   bash scripts/gpu_kernels.sh sweep          the default op sweep (docs/bench_ops.md: both shapes, every method)
+#   bash scripts/gpu_kernels.sh model          model bench on ~/model/hf (SmolLM2 converted): training tok/s with the
+#                                              fused window path, pure decode at 128 and 256 new tokens, the step compile
+#                                              scope, window-128 decode after the fused prefill
+#   bash scripts/gpu_kernels.sh host-breakdown GPU tests, the per-piece host breakdown of one fused call, fused vs SDPA
+#                                              at 2k-8k for both shapes
+#   bash scripts/gpu_kernels.sh carry-ab       GPU tests, host breakdown, fused vs SDPA at 1k-8k eager and from CUDA
+#                                              graphs with the in-kernel carry on and off (DIJIANG_INLINE_CARRY=0);
+#                                              a 70 s limit per sweep
+#   bash scripts/gpu_kernels.sh host-repeat    GPU tests, timestamps of one forward+backward, host breakdown, fused vs
+#                                              SDPA 1k-8k eager three times (16 x 64) and once (32 x 128), from CUDA
+#                                              graphs once, fused at 64k
+#   bash scripts/gpu_kernels.sh model-decode   on ~/model/hf: per-step decode timings, pure decode at 128 and 256 new
+#                                              tokens, the default compile mode, the full decode table, training tok/s
+#                                              of teacher and pure
+# A device call is limited to 10 minutes, so the model stages may need running one command at a time.
+# Results are copied into docs/ by hand (docs/bench_*.md, docs/bench_data/).
 set -uo pipefail
 export PYTHONPATH=~/site:$PWD/src
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-stage=${1:?ops or model}
+stage=${1:?a stage: see the list above}
 if [ "$stage" = ops ]; then
   nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
   timeout 240 python -m pytest -q -m gpu tests/test_triton_window.py tests/test_attention_gpu.py tests/test_triton_ops.py -k "window or converted or matches_reference or torch_path" 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
@@ -39,7 +41,7 @@ if [ "$stage" = ops ]; then
   timeout 150 python benchmarks/bench_ops.py --tune > "$OUT/tune.txt" 2>&1
   tail -n 5 "$OUT"/*.log
   cat "$OUT/gpu_tests.txt"
-elif [ "$stage" = launch ]; then
+elif [ "$stage" = ops-profile ]; then
   nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
   timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
     2>&1 | tail -30 > "$OUT/gpu_tests.txt"
@@ -52,7 +54,7 @@ elif [ "$stage" = launch ]; then
     --md "$OUT/bench_ops_graphs.md" --png "$OUT/bench_ops_graphs.png" --json "$OUT/bench_ops_graphs.json" \
     > "$OUT/bench_ops_graphs.log" 2>&1
   tail -n 3 "$OUT"/*.log; cat "$OUT/gpu_tests.txt"; head -12 "$OUT/profile_host.txt"; tail -2 "$OUT/decay_grad_errors.txt"
-elif [ "$stage" = graphs ]; then
+elif [ "$stage" = ops-graphs ]; then
   timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
     2>&1 | tail -30 > "$OUT/gpu_tests.txt"
   timeout 150 python benchmarks/bench_ops.py --cuda-graphs --methods sdpa,fused,window-fused --window 128 --shapes 16x64 \
@@ -63,14 +65,14 @@ elif [ "$stage" = sweep ]; then
   timeout 560 python benchmarks/bench_ops.py --md "$OUT/bench_ops.md" --png "$OUT/bench_ops.png" \
     --json "$OUT/bench_ops.json" > "$OUT/bench_ops.log" 2>&1
   tail -n 20 "$OUT/bench_ops.log"
-elif [ "$stage" = host6 ]; then
+elif [ "$stage" = host-breakdown ]; then
   timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
     2>&1 | tail -4
   python benchmarks/profile_host.py --breakdown-only --out "$OUT/host_breakdown.txt" > /dev/null 2>&1
   timeout 150 python benchmarks/bench_ops.py --methods sdpa,fused --shapes 16x64,32x128 --lengths 2048,4096,8192 \
     --md "$OUT/ops_short.md" --png "$OUT/ops_short.png" --json "$OUT/ops_short.json" > "$OUT/ops_short.log" 2>&1
   cat "$OUT/host_breakdown.txt"; tail -n 8 "$OUT/ops_short.log"
-elif [ "$stage" = host7 ]; then
+elif [ "$stage" = carry-ab ]; then
   nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
   timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
     2>&1 | tail -30 > "$OUT/gpu_tests.txt"
@@ -88,7 +90,7 @@ elif [ "$stage" = host7 ]; then
   timeout 60 python benchmarks/bench_ops.py --shapes 16x64,32x128 --lengths 65536 --methods fused --no-write \
     --json "$OUT/ops_64k.json" > "$OUT/ops_64k.log" 2>&1
   cat "$OUT/host_breakdown.txt"; for f in "$OUT"/ops_*.log; do echo "== $f"; tail -n 12 "$f"; done
-elif [ "$stage" = host7b ]; then
+elif [ "$stage" = host-repeat ]; then
   nvidia-smi -L > "$OUT/device.txt"; python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/device.txt"
   timeout 300 python -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py \
     2>&1 | tail -30 > "$OUT/gpu_tests.txt"
@@ -101,7 +103,7 @@ elif [ "$stage" = host7b ]; then
     ops --shapes 16x64,32x128 --lengths 1024,2048,4096,8192 --methods sdpa,fused --cuda-graphs
     ops --shapes 16x64,32x128 --lengths 65536 --methods fused; } > "$OUT/ops.txt"
   cat "$OUT/host.txt" "$OUT/ops.txt"
-elif [ "$stage" = model6 ]; then
+elif [ "$stage" = model-decode ]; then
   bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }
   python benchmarks/decode_steps.py --model ~/model/hf --kind pure --context 2048 --steps 256 \
     --json "$OUT/decode_steps_pure.json" > "$OUT/decode_steps.log" 2>&1

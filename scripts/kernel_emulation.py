@@ -1,18 +1,18 @@
 """A float32 (or float64) torch emulation of the fused Triton DiJiang kernels (src/dijiang/ops/triton_dijiang.py),
 with a switch for every point where the kernels round an operand to bf16 (or tf32). It is the evidence behind
-session 6's change to F1 (docs/kernel_notes.md): which rounding drives the d log_decay error.
+F1's tf32 state update (docs/kernel_notes.md): which rounding drives the d log_decay error.
 
 F1/scan/F3 forward and B1/scan/B3 backward, the same chunking and the same per-chunk decomposition of the decay
 gradient as B3; segments collapse to a plain sequential chunk scan (the same math; only fp32 summation order
 differs). With every switch off it matches the float64 reference to ~1e-7 (float32) or ~1e-15 (float64);
-`KERNEL` (the kernels' rounding as of session 6) reproduces the kernels' GPU error sizes.
+`KERNEL` (the kernels' current rounding) reproduces the kernels' GPU error sizes.
 
-    python scripts/kernel_emulation.py --draws 40     # kernel (session 5 / 6) and torch path vs the float64 reference
+    python scripts/kernel_emulation.py --draws 40     # kernel (bf16 / tf32 Kw in F1) and torch path vs the float64 reference
 
 Rounding switches (on = round like the kernel; "tf32:<point>" in opts rounds that point to tf32 instead):
   P_tf32   P rounded to tf32 in phi's x @ P dot (all features)
   do_bf16  dL/do rounded to bf16 (autograd hands the bf16 o its gradient in bf16; the torch path sees it too)
-  F1_Kw    the weighted key features in F1's state update (bf16 until session 5, tf32 since session 6)
+  F1_Kw    the weighted key features in F1's state update (tf32 in the kernel; ALL_BF16 rounds it to bf16)
   F3_QK    Q, K for A in F3          F3_A   A in o = A v        F3_Qg, F3_hs   the operands of o += Qg hs
   o_bf16   o stored in bf16 (read back by B1 when normalising)
   B1_Qg    Qg in B1's state update   B1_dn  dn there (normalising only; else dn = do)
@@ -238,14 +238,14 @@ def emulate(q, k, v, proj, lw, ld, init, do, dS, *, normalize, rnd=(), dt=torch.
 
 # ------------------------------------------------------------------------------------------- draws and statistics
 
-SESSION5 = ("all", None)  # every operand rounded to bf16, F1's weighted features included
-KERNEL = ("all", {"tf32:F1_Kw": 1})  # session 6: F1's state update in tf32
+ALL_BF16 = ("all", None)  # every operand rounded to bf16, F1's weighted features included (the earlier kernel)
+KERNEL = ("all", {"tf32:F1_Kw": 1})  # the kernel: F1's state update in tf32
 
 
 def draw(seed: int, normalize: bool, T: int = 333, H: int = 2, d: int = 64):
     """tests/test_triton_ops.py's state-in/out case (bf16 q, k, v; initial state; loss on o and the final state),
     with (do, dS) from a seeded generator."""
-    from test_triton_ops import make_inputs
+    from dijiang.ops.testing import make_inputs
 
     q, k, v, proj, lw, ld, st = make_inputs(1, T, H, d, d, d, torch.bfloat16, "cpu", normalize=normalize, init=True,
                                             seed=seed)
@@ -256,7 +256,7 @@ def draw(seed: int, normalize: bool, T: int = 333, H: int = 2, d: int = 64):
 
 
 def reference_grads(q, k, v, proj, lw, ld, st, do, dS, normalize) -> dict:
-    from test_triton_ops import reference_attention
+    from dijiang.ops.testing import reference_attention
 
     leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, lw, ld, st)]
     ro, rfs = reference_attention(*leaves[:3], proj.double(), leaves[3], leaves[4], leaves[5], normalize=normalize)
@@ -321,14 +321,10 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=40, help="seeds (each with normalize off and on)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(decay_statistics(args.draws, {"kernel, session 5 (bf16 Kw in F1)": SESSION5,
-                                        "kernel, session 6 (tf32 Kw in F1)": KERNEL}))
+    print(decay_statistics(args.draws, {"kernel, bf16 Kw in F1": ALL_BF16,
+                                        "kernel, tf32 Kw in F1": KERNEL}))
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     raise SystemExit(main())

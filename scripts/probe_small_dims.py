@@ -1,6 +1,6 @@
 """Probe the fused DiJiang kernel on CUDA at head sizes the dispatcher refuses there (d, m, dv in 16 / 32): one
-subprocess per case (an illegal memory access ends its CUDA context), each checked like tests/test_triton_ops.py's
-_check against the float64 reference. Prints one line per case. CUDA only.
+subprocess per case (an illegal memory access ends its CUDA context), each checked by dijiang.ops.testing.check_fused
+(as tests/test_triton_ops.py does) against the float64 reference. Prints one line per case. CUDA only.
 
     python scripts/probe_small_dims.py
 """
@@ -14,15 +14,14 @@ CASES = [(16, 16, 16, 333), (16, 16, 16, 4096), (32, 32, 32, 333), (32, 32, 32, 
 
 CHILD = """
 import sys, json
-sys.path.insert(0, "tests")
-import torch, test_triton_ops as t
+from dijiang.ops.testing import check_fused
 from dijiang.ops import triton_dijiang as tdj
 tdj.GPU_DIMS = (16, 32, 64, 128)
 d, m, dv, T = (int(x) for x in sys.argv[1:5])
 out = {}
 for normalize in (False, True):
     try:
-        e = t._check(1, T, 2, d, m, dv, normalize=normalize, init=True, final=True, seed=7)
+        e = check_fused(1, T, 2, d, m, dv, normalize=normalize, init=True, final=True, seed=7)
         out[str(normalize)] = {k: round(v, 5) for k, v in e.items()}
     except AssertionError as exc:
         out[str(normalize)] = "FAIL " + str(exc)[:300]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import save_tiny_model
+from helpers import save_tiny_model
 
 import dijiang
 from dijiang import cli as dijiang_cli
@@ -62,7 +62,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
 @pytest.fixture(scope="module")
 def instruct_dir(tmp_path_factory):
     """The tiny model with a chat template, as instruct models ship."""
-    from train_fixtures import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     tokenizer = copy.deepcopy(tiny_tokenizer())
     tokenizer.chat_template = CHAT_TEMPLATE

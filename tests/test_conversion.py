@@ -11,42 +11,8 @@ from dijiang.fast_decode import supports_fast_decode
 from dijiang.feature_maps import HedgehogFeatureMap
 from dijiang.hf_compat import cache_keyword, output_cache
 from dijiang.train import TrainConfig, build_optimizer, new_parameter_ids
+from helpers import FAMILIES, VOCAB, tiny_model
 
-VOCAB = 97
-
-
-def tiny_model(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    if family in ("llama", "mistral", "qwen2", "qwen3"):
-        config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
-        config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                              tie_word_embeddings=False, **common)
-        if family == "qwen2":
-            config.attention_bias = True
-    elif family == "gemma3_text":  # sliding-window and global layers, q/k norms, query_pre_attn_scalar
-        config = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                               max_position_embeddings=512, sliding_window=8, **common)
-    elif family == "gpt_neox":
-        config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                            num_attention_heads=4, max_position_embeddings=512,
-                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                             "partial_rotary_factor": 0.25}, **common)
-    elif family == "gpt2":
-        config = transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common)
-    elif family == "opt":
-        config = transformers.OPTConfig(hidden_size=64, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
-                                        word_embed_proj_dim=64, max_position_embeddings=512, **common)
-    else:
-        raise KeyError(family)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    return model
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_neox", "gpt2", "opt"]
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
             "hedgehog": dict(feature_map="hedgehog", window=4)}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dijiang import data
-from train_fixtures import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 
 
 class DigitTokenizer:

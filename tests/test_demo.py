@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from train_fixtures import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 
 import dijiang
 from dijiang import demo

@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 
 from dijiang.distributed import LLAMA_3_2_1B, ModelShape, fsdp_memory_per_gpu, memory_table
 from dijiang.train import TrainConfig, checkpoint_dirs, train
-from test_train import read_log, worker_env
-from train_fixtures import save_tiny_model, tiny_llama, write_text_corpus
+from helpers import read_log, save_tiny_model, tiny_llama, worker_env, write_text_corpus
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from train_fixtures import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 
 from dijiang import evaluate, plots
 from dijiang.evaluate import (Window, attention_fidelity, load_text, markdown_table, passkey_correct,

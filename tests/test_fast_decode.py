@@ -1,32 +1,14 @@
 """dijiang.fast_decode: the static decode loop gives model.generate's greedy tokens; sampling is seeded."""
 import pytest
 import torch
-import transformers
 
 import dijiang
 from dijiang.fast_decode import FastDecoder, fast_generate, supports_fast_decode
-from test_conversion import VOCAB, tiny_model
+from helpers import VOCAB, left_padded, reference, tiny_model
 
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
             "norm": dict(stabiliser="norm", normalize=False),
             "transform": dict(window=4, radius="chi", feature_transform=True)}  # recipes/smollm2-135m.yaml's kind
-
-
-def left_padded(lengths=(7, 4), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, VOCAB, (n,), generator=gen)
-        mask[row, width - n:] = 1
-    return ids, mask
-
-
-def reference(model, ids, mask, new, **kwargs):
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                              pad_token_id=0, **kwargs)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

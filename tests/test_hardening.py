@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from train_fixtures import save_tiny_model, tiny_llama, tiny_tokenizer, write_text_corpus
+from helpers import save_tiny_model, tiny_llama, tiny_tokenizer, write_text_corpus
 
 import dijiang
 from dijiang import conversion

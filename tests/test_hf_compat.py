@@ -10,7 +10,7 @@ from dijiang import hf_compat
 from dijiang.cache import DiJiangCache
 from dijiang.conversion import decoder_stack, iter_dijiang_layers
 from dijiang.hf_compat import DecodeWithoutStateError
-from test_conversion import FAMILIES, VOCAB, tiny_model
+from helpers import FAMILIES, VOCAB, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

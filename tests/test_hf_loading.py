@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import save_tiny_model
+from helpers import save_tiny_model
 
 import dijiang
 from dijiang import conversion

@@ -37,4 +37,4 @@ def test_tf32_rounding_keeps_ten_mantissa_bits(emulation):
 def test_statistics_table(emulation, capsys):
     assert emulation.main(["--draws", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| torch path |" in out and "| kernel, session 6 (tf32 Kw in F1) |" in out and "2 draws" in out
+    assert "| torch path |" in out and "| kernel, tf32 Kw in F1 |" in out and "2 draws" in out

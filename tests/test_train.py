@@ -15,7 +15,7 @@ from dijiang.train import (
     TrainConfig, add_cli, checkpoint_dirs, config_from_args, lr_multiplier, parse_token_count, train,
     warmup_steps_of,
 )
-from train_fixtures import save_tiny_model, tiny_tokenizer, write_text_corpus
+from helpers import read_log, save_tiny_model, tiny_tokenizer, worker_env, write_text_corpus
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -31,15 +31,6 @@ def small_config(assets, out, **overrides) -> TrainConfig:
     values = dict(model=str(assets["model"]), out=str(out), data=[str(assets["corpus"])], eval_data=[],
                   tokens="1536", block_size=32, batch_size=4, save_every=3, progress=False)
     return TrainConfig(**{**values, **overrides})
-
-
-def read_log(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-
-
-def worker_env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ---------------------------------------------------------------- pure functions

@@ -167,8 +167,7 @@ def fast_decode_window_kernel_case() -> dict:
     model.generate's greedy tokens: batch 2, left padding, many steps past a window of 4."""
     import dijiang
     from dijiang import fast_decode
-    from test_conversion import tiny_model
-    from test_fast_decode import left_padded, reference
+    from helpers import left_padded, reference, tiny_model
 
     fast_decode.WINDOW_KERNEL = "force"
     model = dijiang.convert(tiny_model("llama", seed=1), dict(window=4))

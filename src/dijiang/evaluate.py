@@ -1,7 +1,7 @@
 """Evaluation: sliding-window perplexity, per-layer attention fidelity, passkey retrieval.
 
-Also `markdown_table` (every result in this project is printed with it) and the `dijiang eval`
-subcommand. lm-eval-harness lives in `dijiang.lm_eval_adapter`.
+Also the `dijiang eval` subcommand; `markdown_table` lives in `dijiang.tables` (re-exported here).
+lm-eval-harness lives in `dijiang.lm_eval_adapter`.
 """
 from __future__ import annotations
 
@@ -19,21 +19,15 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dijiang.capture import first_tensor, module_io
+from dijiang.conversion import iter_dijiang_layers
+from dijiang.data import pydoc_topics_text  # the default evaluation text
+from dijiang.tables import format_cell, markdown_table  # noqa: F401  (re-exported: evaluate.markdown_table)
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 
 
 # ----------------------------------------------------------------------------- text sources
-
-
-def pydoc_topics_text() -> str:
-    """The default evaluation text: CPython's pydoc topics (ships with every Python)."""
-    try:
-        from dijiang.data import pydoc_topics_text as data_pydoc_topics_text
-    except ImportError:
-        from pydoc_data.topics import topics
-
-        return "\n\n".join(topics[name] for name in sorted(topics))
-    return data_pydoc_topics_text()
 
 
 def load_text(source: str | Path | None = "pydoc", *, split: str = "test", config: str | None = None,
@@ -235,8 +229,6 @@ def default_max_windows(window: int) -> int:
 def linear_branch_off(model):
     """Switch the DiJiang branch of every window-hybrid layer off (its weight softplus(-30) ~ 1e-13): the
     model becomes a plain sliding-window softmax model. The ablation that tells what the branch is worth."""
-    from dijiang.conversion import iter_dijiang_layers
-
     saved = []
     for _, layer in iter_dijiang_layers(model):
         if layer.window_mix is not None:
@@ -253,8 +245,6 @@ def linear_branch_off(model):
 
 
 def has_linear_branch(model) -> bool:
-    from dijiang.conversion import iter_dijiang_layers
-
     return any(layer.window_mix is not None for _, layer in iter_dijiang_layers(model))
 
 
@@ -291,17 +281,6 @@ def context_perplexity(models: dict, tokenizer, texts: dict[str, str], windows: 
 # ----------------------------------------------------------------------------- attention fidelity
 
 
-def converted_layer_names(student) -> list[str]:
-    """Module paths of the student's DiJiang attention layers."""
-    from dijiang.conversion import iter_dijiang_layers
-
-    return [name for name, _ in iter_dijiang_layers(student)]
-
-
-def _first_tensor(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @torch.no_grad()
 def attention_fidelity(teacher, student, input_ids: torch.Tensor, layer_names: Iterable[str] | None = None
                        ) -> list[dict]:
@@ -314,34 +293,18 @@ def attention_fidelity(teacher, student, input_ids: torch.Tensor, layer_names: I
     """
     from dijiang.hf_compat import without_cache
 
-    names = list(converted_layer_names(student) if layer_names is None else layer_names)
+    names = [name for name, _ in iter_dijiang_layers(student)] if layer_names is None else list(layer_names)
     if not names:
         raise ValueError("no attention layers to compare: the student has no converted layers")
-    captured: dict[str, dict] = {}
-    handles = []
-    for name in names:
-        module = teacher.get_submodule(name)
-
-        def save_inputs(_module, args, kwargs, name=name):
-            captured[name] = {"args": args, "kwargs": dict(kwargs)}
-
-        def save_output(_module, _args, _kwargs, output, name=name):
-            captured[name]["output"] = _first_tensor(output)
-
-        handles.append(module.register_forward_pre_hook(save_inputs, with_kwargs=True))
-        handles.append(module.register_forward_hook(save_output, with_kwargs=True))
     teacher_mode, student_mode = teacher.training, student.training
     teacher.eval(), student.eval()
-    try:
+    with module_io(teacher, names) as captured:
         teacher(input_ids=input_ids.to(_model_device(teacher)), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     rows = []
     for name in names:
         record = captured.pop(name)
         kwargs = without_cache(record["kwargs"])
-        student_out = _first_tensor(student.get_submodule(name)(*record["args"], **kwargs)).float()
+        student_out = first_tensor(student.get_submodule(name)(*record["args"], **kwargs)).float()
         teacher_out = record["output"].float()
         cosine = F.cosine_similarity(student_out.flatten(0, -2), teacher_out.flatten(0, -2), dim=-1).mean()
         relative_mse = (student_out - teacher_out).pow(2).sum() / teacher_out.pow(2).sum().clamp_min(1e-30)
@@ -417,35 +380,6 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], trials: int = 5, 
         rows.append({"context": length, "trials": trials, "accuracy": correct / trials})
     bar.close()
     return rows
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def format_cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return f"{value:.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\r", "").replace("\n", "\\n").strip()
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str | tuple[str, str]]) -> str:
-    """A GitHub markdown table; `columns` are row keys or (key, header) pairs. Numbers right-aligned."""
-    if not columns:
-        raise ValueError("markdown_table needs at least one column")
-    pairs = [(c, c) if isinstance(c, str) else tuple(c) for c in columns]
-    cells = [[format_cell(row.get(key)) for key, _ in pairs] for row in rows]
-    numeric = [bool(rows) and all(isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
-                                  for row in rows) for key, _ in pairs]
-    header = "| " + " | ".join(h for _, h in pairs) + " |"
-    rule = "|" + "|".join("---:" if is_num else "---" for is_num in numeric) + "|"
-    body = ["| " + " | ".join(line) + " |" for line in cells]
-    return "\n".join([header, rule, *body])
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -33,6 +33,8 @@ from dijiang import data as data_lib
 from dijiang import distributed
 from dijiang.arguments import fraction, non_negative_float, non_negative_int, parse_bool, positive_float, positive_int
 from dijiang.attention import DiJiangSettings, gate_summary
+from dijiang.capture import first_tensor, module_io
+from dijiang.conversion import iter_dijiang_layers
 from dijiang.files import write_text_atomic as _write_atomic
 from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
 
@@ -179,17 +181,8 @@ def warmup_steps_of(warmup: float, total_steps: int) -> int:
 # ---------------------------------------------------------------- model preparation
 
 
-def dijiang_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    """(path, module) of every converted attention module (outermost modules with `new_parameters()`)."""
-    found: list[tuple[str, torch.nn.Module]] = []
-    for name, module in model.named_modules():
-        if callable(getattr(module, "new_parameters", None)) and not any(name.startswith(p + ".") for p, _ in found):
-            found.append((name, module))
-    return found
-
-
 def new_parameter_ids(model) -> set[int]:
-    return {id(p) for _, module in dijiang_layers(model) for p in module.new_parameters()}
+    return {id(p) for _, module in iter_dijiang_layers(model) for p in module.new_parameters()}
 
 
 def unwrapped_from_peft(model):
@@ -208,7 +201,7 @@ def build_student(model, config: TrainConfig, convert_fn: Callable | None):
     if convert_fn is None:
         from dijiang.conversion import convert as convert_fn
     student = convert_fn(model, config.attention or None, config.layers)
-    if not dijiang_layers(student):
+    if next(iter_dijiang_layers(student), None) is None:
         raise ValueError("the conversion produced no DiJiang layers (no module with new_parameters())")
     student.config.use_cache = False
     if config.lora_rank:
@@ -219,7 +212,7 @@ def build_student(model, config: TrainConfig, convert_fn: Callable | None):
         student = get_peft_model(student, lora)
     else:
         student.requires_grad_(True)
-    for _, module in dijiang_layers(student):
+    for _, module in iter_dijiang_layers(student):
         for parameter in module.new_parameters():
             parameter.requires_grad_(True)
     if config.gradient_checkpointing:
@@ -528,24 +521,9 @@ def remove_run_files(out: Path, names: list[str]) -> None:
 def attention_transfer_step(student, teacher, paths: list[str], input_ids: torch.Tensor, accelerator) -> torch.Tensor:
     """Run the teacher, capture each attention module's inputs and output, run the student module on the same inputs
     (directly, or inside the student's forward when it is sharded)."""
-    captured_inputs, teacher_outputs, handles = {}, {}, []
-    for path in paths:
-        module = teacher.get_submodule(path)
-
-        def keep_inputs(_module, args, kwargs, path=path):
-            captured_inputs[path] = (args, kwargs)
-
-        def keep_output(_module, _args, output, path=path):
-            teacher_outputs[path] = output[0] if isinstance(output, tuple) else output
-
-        handles += [module.register_forward_pre_hook(keep_inputs, with_kwargs=True),
-                    module.register_forward_hook(keep_output)]
-    try:
-        with torch.no_grad(), accelerator.autocast():
-            teacher(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with module_io(teacher, paths) as records, torch.no_grad(), accelerator.autocast():
+        teacher(input_ids=input_ids, use_cache=False)
+    captured_inputs = {path: (records[path]["args"], records[path]["kwargs"]) for path in paths}
     student_outputs = []
     with accelerator.autocast():
         if distributed.is_sharded(accelerator):
@@ -556,8 +534,8 @@ def attention_transfer_step(student, teacher, paths: list[str], input_ids: torch
             for path in paths:
                 args, kwargs = captured_inputs[path]
                 output = unwrapped_from_peft(student).get_submodule(path)(*args, **kwargs)
-                student_outputs.append(output[0] if isinstance(output, tuple) else output)
-    return attention_transfer_loss(student_outputs, [teacher_outputs[p] for p in paths])
+                student_outputs.append(first_tensor(output))
+    return attention_transfer_loss(student_outputs, [records[p]["output"] for p in paths])
 
 
 def distillation_step(student, teacher, input_ids: torch.Tensor, config: TrainConfig, accelerator) -> dict:
@@ -651,7 +629,7 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     new_ids = new_parameter_ids(student)
     new_names = {name for name, p in student.named_parameters() if id(p) in new_ids}  # sharding replaces the ids
     saved_names = [name for name, p in student.named_parameters() if p.requires_grad]
-    paths = [name for name, _ in dijiang_layers(unwrapped_from_peft(student))]  # the teacher has the same paths
+    paths = [name for name, _ in iter_dijiang_layers(unwrapped_from_peft(student))]  # the teacher has the same paths
     progress = {"step": 0, "position": 0, "fingerprint": data_fingerprint(packed.train)}
     optimizer_state = None
     if config.resume and checkpoint_dirs(out):
@@ -667,7 +645,7 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     elif accelerator.is_main_process and (out / LOG_FILE).exists():
         (out / LOG_FILE).unlink()
     if sharded:  # after the resumed weights are in: sharding scatters them
-        attention_classes = {type(module) for _, module in dijiang_layers(student)}
+        attention_classes = {type(module) for _, module in iter_dijiang_layers(student)}
         student, teacher = distributed.shard(student, accelerator, attention_classes), distributed.shard(teacher, accelerator)
     accelerator.wait_for_everyone()
 
@@ -804,7 +782,7 @@ def _evaluate(student, eval_sets: dict, config: TrainConfig, accelerator) -> dic
             loss = evaluate_loss(model, blocks, config.batch_size, accelerator, config.progress, f"eval {name}")
             results[f"eval_{name}_loss"] = loss
             results[f"eval_{name}_ppl"] = math.exp(min(loss, 50))
-        layers = [layer for _, layer in dijiang_layers(model)]
+        layers = [layer for _, layer in iter_dijiang_layers(model)]
         with distributed.gathered(layers):  # sharded, each layer holds a slice of its gates
             results.update(gate_summary(layers))
     accelerator.wait_for_everyone()

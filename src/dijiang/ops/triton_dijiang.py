@@ -198,7 +198,7 @@ if HAS_TRITON:
                 Kw = K * wk[:, None]
                 dec = tl.exp((n * 1.0) * lam)
                 # tf32 with the weighted features unrounded: their bf16 rounding was the largest single source of
-                # the d log_decay error (a float32 emulation of the kernels, docs/kernel_notes.md session 6)
+                # the d log_decay error (scripts/kernel_emulation.py; docs/kernel_notes.md, accuracy of d log_decay)
                 S = S * dec + tl.dot(tl.trans(Kw), vx.to(tl.float32), input_precision="tf32")
                 if NORM:
                     z = z * dec + tl.sum(Kw, axis=0)
@@ -497,9 +497,9 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------
 
 
-# Triton's dispatch (argument binding and specialisation) cost ~30 us per launch on the H100 host we measured,
-# which at T <= 8k is more than the kernels' GPU time. After the first launch of a specialisation we call the
-# compiled kernel directly. DIJIANG_TRITON_DIRECT_LAUNCH=0 turns this off.
+# Triton's dispatch (argument binding and specialisation) is Python work on every launch, and at short lengths
+# the kernels' GPU time is smaller than that host time (docs/kernel_notes.md). After the first launch of a
+# specialisation we call the compiled kernel directly. DIJIANG_TRITON_DIRECT_LAUNCH=0 turns this off.
 DIRECT_LAUNCH = os.environ.get("DIJIANG_TRITON_DIRECT_LAUNCH", "1") != "0"
 _COMPILED: dict = {}
 _RUNTIME_KNOBS = triton.knobs.runtime if HAS_TRITON else None
@@ -636,7 +636,8 @@ _CFGS: dict = {}
 
 
 def _cfg_for(q, v, proj, scale, eps, normalize, chunk_size, plain) -> _Cfg:
-    """The call's _Cfg, built once per shape and option set (it was ~5% of a short call's host time)."""
+    """The call's _Cfg, built once per shape and option set: building it is pure host work that a short,
+    launch-bound call would otherwise repeat on every step."""
     key = (q.shape, v.shape[-1], proj.shape[1], scale, eps, normalize, chunk_size, plain, SEGMENT_CHUNKS_OVERRIDE,
            INLINE_OVERRIDE, TUNE.get("warps"))
     cfg = _CFGS.get(key)
@@ -863,8 +864,8 @@ def fused_dijiang_attention(
     Returns:
         ``(o [B, T, H, dv] in out_dtype, final_state [B, H, m, dv(+1)] float32 or None)``.
     """
-    # a call like an earlier one that took the fused path skips the checks below: they were ~10% of a short
-    # call's host time
+    # a call like an earlier one that took the fused path skips the checks below: they are host work done again on
+    # every call, and at short lengths host time, not GPU time, is what a call costs
     key = None
     if attention_mask is None:
         key = (q.shape, k.shape, v.shape, proj.shape, None if log_weight is None else log_weight.shape,
@@ -927,9 +928,8 @@ def _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, cfg, want_
     """The autograd call shared by the public entry points: (o, final state or None, den or None)."""
     if log_weight is None:
         log_weight = q.new_zeros(cfg.H, cfg.M, dtype=torch.float32)
-    # Function.apply's Python layer (default-argument binding, unwrapping dead functorch wrappers) cost ~15 us of
-    # host time per call on the H100 host; it matters only under functorch transforms and for torch.compile's
-    # tracing, which then get it
+    # Function.apply's Python layer (default-argument binding, unwrapping functorch wrappers) is host time on
+    # every call; it is needed only under functorch transforms and for torch.compile's tracing, which then get it
     plain = not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
     apply = _RAW_APPLY if plain else _FusedDiJiang.apply
     o, final, den = apply(q.contiguous(), k.contiguous(), v.contiguous(), proj, log_weight, log_decay, initial_state,
