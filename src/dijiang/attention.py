@@ -237,9 +237,7 @@ class DiJiangAttention(nn.Module):
                 o, state = fused_window_attention(
                     q_fused, k_fused, v, fm.projection, fm.log_weight, self.log_decay,
                     F.softplus(self.window_mix.float()), window=self.settings.window, scale=self.scale,
-                    feature_scale=fm.scale, output_final_state=layer_cache is not None,
-                    q_lin=None if self.feature_transform is None else q_lin,
-                    k_lin=None if self.feature_transform is None else k_lin,
+                    feature_scale=fm.scale, output_final_state=layer_cache is not None, q_lin=q_lin, k_lin=k_lin,
                 )
             else:
                 o, state = fused_dijiang_attention(
