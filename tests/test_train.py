@@ -171,6 +171,22 @@ def test_attention_transfer_trains_only_the_new_parameters(assets, tmp_path):
     assert log[-1]["at"] < log[0]["at"]
 
 
+def test_attention_transfer_has_its_own_learning_rate(assets, tmp_path):
+    from dijiang.train import lr_multiplier, warmup_steps_of
+
+    config = small_config(assets, tmp_path / "out", attention_transfer_tokens="512", attention_transfer_lr=0.05,
+                          new_lr=1e-3, lr=1e-4, tokens="512")
+    train(config)
+    log = read_log(tmp_path / "out")
+    stages = {1: [r for r in log if r["stage"] == 1], 2: [r for r in log if r["stage"] == 2]}
+    assert len(stages[1]) == len(stages[2]) == 4
+    for stage, peak in ((1, 0.05), (2, 1e-4)):  # stage 2's first group holds the pretrained weights
+        rows = stages[stage]
+        for index, record in enumerate(rows):
+            multiplier = lr_multiplier(index, len(rows), warmup_steps_of(config.warmup, len(rows)), config.min_lr_ratio)
+            assert record["lr"] == pytest.approx(peak * multiplier)
+
+
 def test_lora_trains_adapters_and_new_parameters_only(assets, tmp_path):
     out = tmp_path / "out"
     train(small_config(assets, out, lora_rank=4, tokens="512"))

@@ -86,6 +86,9 @@ class TrainConfig:
         "stage-2 token budget (K/M/G suffixes); SmolLM2 with its teacher trains at ~20K tokens/s on an H100 "
         "(20M: 17 minutes), ~20-150 tokens/s on a CPU"))
     attention_transfer_tokens: str = field(default="0", metadata=_help("stage-1 (attention transfer) token budget"))
+    attention_transfer_lr: float | None = field(default=None, metadata=_help(
+        "peak learning rate of stage 1, which trains only the new parameters (default: --new-lr)",
+        type=float, check=positive_float))
     block_size: int = field(default=512, metadata=_help("tokens per training sequence", check=positive_int))
     batch_size: int = field(default=8, metadata=_help("sequences per micro-batch per process", check=positive_int))
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step", check=positive_int))
@@ -226,8 +229,11 @@ def freeze(model):
     return model
 
 
-def build_optimizer(named_parameters, new_ids: set[int], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with four groups: {pretrained, new} x {matrices (decayed), vectors (not)}; each keeps its peak lr."""
+def build_optimizer(named_parameters, new_ids: set[int], config: TrainConfig,
+                    new_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with four groups: {pretrained, new} x {matrices (decayed), vectors (not)}; each keeps its peak lr
+    (new_lr, when given, replaces config.new_lr)."""
+    new_lr = config.new_lr if new_lr is None else new_lr
     groups = {}
     for _, parameter in named_parameters:
         if not parameter.requires_grad:
@@ -235,7 +241,7 @@ def build_optimizer(named_parameters, new_ids: set[int], config: TrainConfig) ->
         is_new = id(parameter) in new_ids
         key = ("new" if is_new else "pretrained", parameter.ndim >= 2)
         if key not in groups:
-            peak = config.new_lr if is_new else config.lr
+            peak = new_lr if is_new else config.lr
             groups[key] = {"params": [], "weight_decay": config.weight_decay if key[1] else 0.0,
                            "peak_lr": peak, "lr": peak, "name": f"{key[0]}_{'matrix' if key[1] else 'vector'}"}
         groups[key]["params"].append(parameter)
@@ -713,7 +719,8 @@ def _stage_setup(stage: int, student, new_names: set[str], trained_names: set[st
         parameter.requires_grad_(name in trained)
         parameter.grad = None
     named = [(name, p) for name, p in student.named_parameters() if name in trained]
-    optimizer = build_optimizer(named, {id(p) for name, p in named if name in new_names}, config)
+    stage_new_lr = config.attention_transfer_lr if stage == 1 else None
+    optimizer = build_optimizer(named, {id(p) for name, p in named if name in new_names}, config, stage_new_lr)
     if distributed.is_sharded(accelerator):
         return student, accelerator.prepare_optimizer(optimizer)
     if stage == 1:

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Which layers does retrieval need as softmax? Greedy forward selection on a converted, untrained model.
+
+Every layer but the kept ones is converted to DiJiang (the --settings, untrained: feature transform at
+identity, linear weight at its initial value); the kept layers stay the teacher's softmax attention.
+Score of a kept set: over --prompts needle prompts (filler from --text, a sentence holding a 5-digit
+serial number at a random depth, a question at the end, the answer teacher-forced), the mean log-probability
+of the answer's tokens and the share of prompts whose every answer token is the argmax. Starting from no
+kept layer, each round adds the layer that raises the mean log-probability most.
+
+The needle and question wording is probe_far_attention.py's (unlike the passkey evaluation's, on purpose:
+this picks the layers to keep, so it must not be tuned on the test).
+
+    python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dijiang  # noqa: E402
+from probe_far_attention import NEEDLE, QUESTION, THINGS  # noqa: E402
+
+DEFAULT_SETTINGS = {"window": 128, "radius": "chi", "decay_range": [0.0625, 6.103515625e-05],
+                    "feature_transform": True}
+
+
+def needle_prompts(tokenizer, filler_ids: list[int], count: int, tokens: int, seed: int = 0):
+    """[(ids, answer_start)]: filler with a needle at a random depth, question, answer (teacher-forced)."""
+    rng = random.Random(seed)
+    prompts = []
+    for trial in range(count):
+        thing, key = THINGS[trial % len(THINGS)], str(rng.randint(10000, 99999))
+        needle = tokenizer(NEEDLE.format(thing=thing, key=key), add_special_tokens=False)["input_ids"]
+        tail = tokenizer(QUESTION.format(thing=thing), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+        room = tokens - len(needle) - len(tail) - len(answer)
+        start = rng.randint(0, len(filler_ids) - room)
+        filler = filler_ids[start:start + room]
+        depth = rng.randint(room // 10, room * 9 // 10)
+        ids = filler[:depth] + needle + filler[depth:] + tail + answer
+        prompts.append((torch.tensor([ids]), len(ids) - len(answer)))
+    return prompts
+
+
+@torch.no_grad()
+def retrieval_score(model, prompts) -> tuple[float, float]:
+    """(mean log-probability of the answer tokens, share of prompts answered exactly by argmax)."""
+    logprobs, exact = [], 0
+    for ids, answer_start in prompts:
+        logits = model(input_ids=ids, use_cache=False).logits[0, answer_start - 1:-1].float()
+        targets = ids[0, answer_start:]
+        logprobs.append(torch.log_softmax(logits, -1).gather(-1, targets[:, None]).mean().item())
+        exact += bool((logits.argmax(-1) == targets).all())
+    return sum(logprobs) / len(logprobs), exact / len(prompts)
+
+
+def converted_except(teacher, settings: dict, kept: list[int]):
+    layers = [i for i in range(teacher.config.num_hidden_layers) if i not in kept]
+    return dijiang.convert(copy.deepcopy(teacher), settings, layers=layers)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--text", required=True, help="a long plain-text file (not an evaluation text)")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--keep", type=int, default=4, help="rounds of the greedy selection")
+    parser.add_argument("--settings", type=json.loads, default=DEFAULT_SETTINGS, help="DiJiang settings, JSON")
+    parser.add_argument("--json", help="write every round's scores here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    teacher, tokenizer = dijiang.load_pretrained(args.model)
+    teacher.eval()
+    filler = tokenizer(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    prompts = needle_prompts(tokenizer, filler, args.prompts, args.tokens)
+    result = {"args": vars(args), "teacher": retrieval_score(teacher, prompts)}
+    print(f"teacher: log p {result['teacher'][0]:.3f}  exact {result['teacher'][1]:.2f}", flush=True)
+    kept: list[int] = []
+    result["none kept"] = retrieval_score(converted_except(teacher, args.settings, kept), prompts)
+    print(f"no layer kept: log p {result['none kept'][0]:.3f}  exact {result['none kept'][1]:.2f}", flush=True)
+    result["rounds"] = []
+    for round_index in range(args.keep):
+        started = time.time()
+        scores = {}
+        for layer in range(teacher.config.num_hidden_layers):
+            if layer not in kept:
+                scores[layer] = retrieval_score(converted_except(teacher, args.settings, kept + [layer]), prompts)
+        best = max(scores, key=lambda layer: scores[layer][0])
+        kept.append(best)
+        ranking = sorted(scores, key=lambda layer: -scores[layer][0])
+        result["rounds"].append({"kept": list(kept), "score": scores[best],
+                                 "candidates": {str(k): v for k, v in scores.items()}})
+        print(f"round {round_index + 1}: keep {kept}  log p {scores[best][0]:.3f}  exact {scores[best][1]:.2f}  "
+              f"next best {ranking[1:4]}  ({time.time() - started:.0f} s)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
