@@ -8,7 +8,9 @@
 #   bash scripts/gpu_long_context.sh status    # later calls: one line per job
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
 # .gpu_corpus/part-000.jsonl.xz: a slice of the training corpus (scripts/build_corpus.py) that fits a call.
-# JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget.
+# JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget. A recipe named layer-choice*
+# trains with the softmax layers that scripts/probe_layer_choice.py picks on the GPU first (the 4 best for
+# needle retrieval, greedily), not with its own `layers`.
 set -uo pipefail
 WORK=~/long_context
 RUNS=$WORK/runs
@@ -32,11 +34,23 @@ start)
     > $WORK/python-stdlib.txt
   python3 -c "import dijiang; m, t = dijiang.load_pretrained('$HOME/model/smollm2.gguf'); \
 dijiang.conversion.save_converted(m, t, '$HOME/model/hf')" > $RUNS/prepare.log 2>&1 || { tail $RUNS/prepare.log; exit 1; }
+  layers=""
+  if [[ " $JOBS " == *" layer-choice"* ]]; then
+    # filler for the needle prompts: one long corpus document (training text, not an evaluation text)
+    python3 -c "import json, lzma; d = next(json.loads(l) for l in lzma.open('corpus/part-000.jsonl.xz', 'rt') \
+if json.loads(l)['source'] == 'gnu-info'); open('$WORK/filler.txt', 'w').write(d['text'])"
+    python3 scripts/probe_layer_choice.py --model $HOME/model/hf --text $WORK/filler.txt --tokens 2048 \
+      --prompts 8 --keep 6 --json $RUNS/layer_choice.json > $RUNS/layer_choice.log 2>&1 || { tail $RUNS/layer_choice.log; exit 1; }
+    grep -v Warn $RUNS/layer_choice.log | tail -n 8
+    layers=$(python3 -c "import json; kept = json.load(open('$RUNS/layer_choice.json'))['rounds'][3]['kept']; \
+print(' '.join(str(i) for i in range(30) if i not in kept))")
+  fi
   for job in $JOBS; do
     train="python3 -m dijiang train --recipe recipes/long-context/$job.yaml --model $HOME/model/hf \
 --data $WORK/corpus/part-000.jsonl.xz --out $RUNS/$job --no-progress ${TOKENS:+--tokens $TOKENS}"
+    [[ $job == layer-choice* ]] && train="$train --layers $layers"  # the probe's pick, not the recipe's
     evaluate="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
---windows 512,2048,8192 --branch-off --passkey 1024,2048,4096,8192 --passkey-trials 10 --dtype bfloat16 \
+--windows 512,2048,8192 --branch-off --passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials 10 --dtype bfloat16 \
 --out $RUNS/$job/eval"
     setsid nohup bash -c "$train > $RUNS/$job.train.log 2>&1 && $evaluate > $RUNS/$job.eval.log 2>&1; \
 echo \$? > $RUNS/$job.done" > /dev/null 2>&1 < /dev/null &

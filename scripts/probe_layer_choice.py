@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Which layers does retrieval need as softmax? Greedy forward selection on a converted, untrained model.
 
-Every layer but the kept ones is converted to DiJiang (the --settings, untrained: feature transform at
-identity, linear weight at its initial value); the kept layers stay the teacher's softmax attention.
+Every layer but the kept ones loses the context beyond its --window: with --proxy window (the default, fast)
+it becomes a plain sliding-window softmax layer (the teacher's own attention, banded), with --proxy dijiang
+it is converted to DiJiang by --settings, untrained (feature transform at identity, linear weight at its
+initial value; slow on a CPU: ~15 s a 1024-token forward). The kept layers stay the teacher's full softmax.
 Score of a kept set: over --prompts needle prompts (filler from --text, a sentence holding a 5-digit
 serial number at a random depth, a question at the end, the answer teacher-forced), the mean log-probability
 of the answer's tokens and the share of prompts whose every answer token is the argmax. Starting from no
@@ -11,7 +13,8 @@ kept layer, each round adds the layer that raises the mean log-probability most.
 The needle and question wording is probe_far_attention.py's (unlike the passkey evaluation's, on purpose:
 this picks the layers to keep, so it must not be tuned on the test).
 
-    python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--json out.json]
+    python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--shortlist 10]
+        [--proxy window|dijiang] [--json out.json]
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dijiang  # noqa: E402
@@ -68,6 +73,34 @@ def converted_except(teacher, settings: dict, kept: list[int]):
     return dijiang.convert(copy.deepcopy(teacher), settings, layers=layers)
 
 
+class BandedAttention:
+    """An attention implementation for transformers' AttentionInterface: full causal softmax in the kept layers,
+    a causal band of `window` keys in the others (no padding, no cache: the probe's forwards only)."""
+
+    def __init__(self, window: int):
+        self.window, self.kept = window, set()
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        repeat = query.shape[1] // key.shape[1]  # grouped-query attention: one key head serves `repeat` queries
+        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+        if module.layer_idx in self.kept:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        else:
+            t = torch.arange(query.shape[2], device=query.device)[:, None]
+            j = torch.arange(key.shape[2], device=query.device)[None, :]
+            band = (j <= t) & (j > t - self.window)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def model_keeping(teacher, proxy, settings: dict, kept: list[int]):
+    """The model whose kept layers see everything and whose other layers see their window only."""
+    if proxy is None:
+        return converted_except(teacher, settings, kept)
+    proxy.kept = set(kept)
+    return teacher
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -75,26 +108,42 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--keep", type=int, default=4, help="rounds of the greedy selection")
+    parser.add_argument("--shortlist", type=int, default=0,
+                        help="after round 1, try only its N best layers (0: every layer, every round)")
+    parser.add_argument("--proxy", choices=("window", "dijiang"), default="window")
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--settings", type=json.loads, default=DEFAULT_SETTINGS, help="DiJiang settings, JSON")
     parser.add_argument("--json", help="write every round's scores here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    teacher, tokenizer = dijiang.load_pretrained(args.model)
+    teacher, tokenizer = dijiang.load_pretrained(args.model, device=args.device)
     teacher.eval()
+    proxy = None
+    if args.proxy == "window":
+        proxy = BandedAttention(args.window)
+        AttentionInterface.register("probe_banded", proxy)
+        teacher.set_attn_implementation("probe_banded")
     filler = tokenizer(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    prompts = needle_prompts(tokenizer, filler, args.prompts, args.tokens)
-    result = {"args": vars(args), "teacher": retrieval_score(teacher, prompts)}
+    prompts = [(ids.to(args.device), start) for ids, start in needle_prompts(tokenizer, filler, args.prompts, args.tokens)]
+    every_layer = list(range(teacher.config.num_hidden_layers))
+    full = teacher if proxy is None else model_keeping(teacher, proxy, args.settings, every_layer)
+    result = {"args": vars(args), "teacher": retrieval_score(full, prompts)}
     print(f"teacher: log p {result['teacher'][0]:.3f}  exact {result['teacher'][1]:.2f}", flush=True)
     kept: list[int] = []
-    result["none kept"] = retrieval_score(converted_except(teacher, args.settings, kept), prompts)
+    result["none kept"] = retrieval_score(model_keeping(teacher, proxy, args.settings, kept), prompts)
     print(f"no layer kept: log p {result['none kept'][0]:.3f}  exact {result['none kept'][1]:.2f}", flush=True)
     result["rounds"] = []
     for round_index in range(args.keep):
         started = time.time()
         scores = {}
-        for layer in range(teacher.config.num_hidden_layers):
+        candidates = range(teacher.config.num_hidden_layers)
+        if round_index and args.shortlist:
+            first = result["rounds"][0]["candidates"]
+            candidates = sorted(map(int, first), key=lambda layer: -first[str(layer)][0])[:args.shortlist]
+        for layer in candidates:
             if layer not in kept:
-                scores[layer] = retrieval_score(converted_except(teacher, args.settings, kept + [layer]), prompts)
+                scores[layer] = retrieval_score(model_keeping(teacher, proxy, args.settings, kept + [layer]), prompts)
         best = max(scores, key=lambda layer: scores[layer][0])
         kept.append(best)
         ranking = sorted(scores, key=lambda layer: -scores[layer][0])
