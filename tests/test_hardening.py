@@ -150,7 +150,7 @@ def test_train_refuses_a_finished_run_and_resume_refuses_a_missing_folder(assets
 
 def test_embedded_cache_write_is_atomic_and_a_torn_cache_is_rebuilt(tmp_path, monkeypatch):
     tokenizer = tiny_tokenizer()
-    monkeypatch.setattr(conversion, "CACHE_DIR", tmp_path)
+    monkeypatch.setenv("DIJIANG_CACHE", str(tmp_path))
     monkeypatch.setattr(conversion, "embedded_gguf", lambda name: (tmp_path, "x.gguf"))
     monkeypatch.setattr(conversion, "_load_gguf", lambda folder, gguf, kwargs: (tiny_llama(len(tokenizer)), tokenizer))
     (tmp_path / "smollm2").mkdir()
@@ -160,7 +160,7 @@ def test_embedded_cache_write_is_atomic_and_a_torn_cache_is_rebuilt(tmp_path, mo
 
     monkeypatch.setattr(type(tokenizer), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     other = tmp_path / "other"
-    monkeypatch.setattr(conversion, "CACHE_DIR", other)
+    monkeypatch.setenv("DIJIANG_CACHE", str(other))
     with pytest.raises(KeyboardInterrupt):
         conversion.model_folder("smollm2")
     assert not (other / "smollm2").exists()

@@ -98,7 +98,7 @@ def test_gguf_is_dequantised_once_per_file_version(tmp_path, monkeypatch):
         calls.append(Path(folder) / gguf)
         return dijiang.load_pretrained(str(tiny))
 
-    monkeypatch.setattr(conversion, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("DIJIANG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(conversion, "_load_gguf", dequantise)
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"version 1")

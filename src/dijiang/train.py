@@ -296,7 +296,7 @@ def load_eval_blocks(source: str, tokenizer, block_size: int, count: int, text_f
 def blocks_cache_file(config: TrainConfig, tokenizer) -> Path:
     """Where the packed blocks of these sources, tokenizer and packing options are cached (tokenising a large
     corpus takes longer than a short fine-tune). Files are identified by path, size and modification time."""
-    from dijiang.conversion import CACHE_DIR
+    from dijiang.settings import cache_dir
 
     sources = []
     for source in config.data:
@@ -306,7 +306,7 @@ def blocks_cache_file(config: TrainConfig, tokenizer) -> Path:
     key = json.dumps([sources, config.text_field, type(tokenizer).__name__, len(tokenizer),
                       tokenizer(data_lib.PROBE_TEXT)["input_ids"],
                       config.block_size, config.held_out, config.seed])
-    return CACHE_DIR / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    return cache_dir() / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
 
 def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out: Path, progress: bool) -> list[str]:
