@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import tiny_llama, tiny_tokenizer
 
-from dijiang import conversion, settings
+from dijiang import loading, settings
 from dijiang.fast_decode import FastDecoder
 
 
@@ -27,12 +27,12 @@ def test_defaults(monkeypatch):
 
 def test_gguf_cache_follows_dijiang_cache_set_after_import(tmp_path, monkeypatch):
     tokenizer = tiny_tokenizer()
-    monkeypatch.setattr(conversion, "_load_gguf", lambda folder, gguf, kwargs: (tiny_llama(len(tokenizer)), tokenizer))
+    monkeypatch.setattr(loading, "_load_gguf", lambda folder, gguf, kwargs: (tiny_llama(len(tokenizer)), tokenizer))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"weights")
     for cache in ("first", "second"):
         monkeypatch.setenv("DIJIANG_CACHE", str(tmp_path / cache))
-        folder = Path(conversion.model_folder(str(gguf)))
+        folder = Path(loading.model_folder(str(gguf)))
         assert folder.parent == tmp_path / cache / "gguf" and (folder / "config.json").exists()
 
 

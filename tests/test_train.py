@@ -152,7 +152,7 @@ def test_two_stage_run_logs_checkpoints_evaluates_and_saves(assets, tmp_path):
 
 
 def test_attention_transfer_trains_only_the_new_parameters(assets, tmp_path):
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
     from dijiang.train import new_parameter_ids
 
     summary = train(small_config(assets, tmp_path / "out", attention_transfer_tokens="512", max_steps=4))

@@ -194,7 +194,7 @@ def unwrapped_from_peft(model):
 
 
 def load_model(name: str, dtype=torch.float32):
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
 
     return load_pretrained(name, dtype=dtype)
 
@@ -824,7 +824,7 @@ def _rebuilt_student(config: TrainConfig, convert_fn, names: list[str], checkpoi
 
 
 def _save_final(student, tokenizer, out: Path) -> str | None:
-    from dijiang.conversion import non_finite_tensors
+    from dijiang.loading import non_finite_tensors
 
     final = out / "final"
     model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
