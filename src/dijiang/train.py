@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -31,7 +30,8 @@ import torch
 
 from dijiang import data as data_lib
 from dijiang import distributed
-from dijiang.arguments import fraction, non_negative_float, non_negative_int, parse_bool, positive_float, positive_int
+from dijiang.arguments import (fraction, non_negative_float, non_negative_int, parse_bool, parse_token_count,  # noqa: F401
+                               positive_float, positive_int)  # parse_token_count: also dijiang.train.parse_token_count
 from dijiang.attention import DiJiangSettings, gate_summary
 from dijiang.capture import first_tensor, module_io
 from dijiang.conversion import iter_dijiang_layers
@@ -45,22 +45,6 @@ TEACHER_TEXT_FILE = "teacher_text.jsonl"
 
 
 # ---------------------------------------------------------------- configuration
-
-
-def parse_token_count(value: int | float | str) -> int:
-    """'20M' -> 20_000_000; K, M, G are decimal (1e3, 1e6, 1e9); '1.5M', '2e6' and 300 work too."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a token count like 20M, got {value!r}")
-    if isinstance(value, (int, float)):
-        count = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgG]?)\s*", str(value))
-        if not match:
-            raise ValueError(f"expected a token count like 500K, 20M or 1G, got {value!r}")
-        count = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2).lower()]
-    if count < 0 or count != count:
-        raise ValueError(f"token count must be >= 0, got {value!r}")
-    return int(round(count))
 
 
 def _help(text: str, **extra) -> dict:
