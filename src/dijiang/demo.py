@@ -102,7 +102,7 @@ def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed:
     Distillation from the unconverted model plus 0.2 LM loss, the trainer's defaults. Returns the
     fine-tuned model (loaded back from `out_dir/final`) and the training log records.
     """
-    from dijiang.plots import read_jsonl
+    from dijiang.files import read_jsonl
     from dijiang.train import TrainConfig, train
 
     config = TrainConfig(model=str(source), out=str(out_dir), data=[str(train_file)], eval_data=[],

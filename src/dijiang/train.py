@@ -304,7 +304,7 @@ def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out
             documents = data_lib.sample_teacher_text(teacher, tokenizer, n_tokens, seed=seed, progress=progress)
             lines = [json.dumps(key)] + [json.dumps({"text": doc}) for doc in documents]
             _write_atomic(cache, "\n".join(lines) + "\n")
-    from dijiang.plots import read_jsonl
+    from dijiang.files import read_jsonl
 
     return [record["text"] for record in read_jsonl(cache)[1:]]
 
@@ -466,7 +466,7 @@ def load_newest_checkpoint(out: Path, model, names: list[str], accelerator) -> t
 
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines of steps after the checkpoint: they are run again (and a line torn by a kill)."""
-    from dijiang.plots import read_jsonl
+    from dijiang.files import read_jsonl
 
     if not path.exists():
         return
