@@ -28,4 +28,4 @@ demo: setup
 	$(PY) -m dijiang demo --overwrite  # runs/demo: the demo's own folder
 
 bench: setup
-	$(PY) -m dijiang bench --overwrite  # runs/bench (docs/ only with an explicit --out)
+	$(PY) benchmarks/bench_model.py --overwrite  # runs/bench (docs/ only with an explicit --out)

@@ -1,7 +1,7 @@
 """How well does each feature map approximate softmax attention? (2-core CPU: ~100 s idle)
 
-    python benchmarks/approx_error.py            # writes docs/approximation.md and docs/approximation*.png
-    python benchmarks/approx_error.py --quick    # 2 seeds, no files written
+    python benchmarks/approx_error.py --out docs   # rewrites docs/approximation.md's block, docs/approximation*.png
+    python benchmarks/approx_error.py --quick      # 2 seeds, tables printed only
 
 d = 64, m in {d, 2d, 4d}, H = 4 heads (each head an independent draw), 128 queries x 128 keys,
 full (non-causal) attention with temperature d^-0.5. Weighted DiJiang: log_weight fitted with Adam
@@ -27,7 +27,6 @@ from dijiang.feature_maps import approximation_error, build_feature_map
 D, H, T = 64, 4, 128
 SCALE = D**-0.5
 M_VALUES = (D, 2 * D, 4 * D)
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +230,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--fit-steps", type=int, default=150)
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 100 fit steps, print only")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 100 fit steps")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder to write approximation.md (its generated block) and the plots into (docs)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.fit_steps = 2, 100
@@ -241,19 +242,19 @@ def main() -> None:
     for stab in results:
         print(f"\n## stabiliser={stab}: attention TV\n" + table(results[stab], "attn_tv"))
     print(f"\nelapsed {elapsed:.0f} s")
-    if args.quick:
+    if args.out is None:
         return
-    DOCS.mkdir(exist_ok=True)
-    plot(results["softmax"], DOCS / "approximation.png", "softmax stabiliser (model default): attention TV vs m")
-    plot(results["norm"], DOCS / "approximation_norm.png", "norm stabiliser (estimator form): attention TV vs m")
-    command = "python benchmarks/approx_error.py"
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(results["softmax"], args.out / "approximation.png", "softmax stabiliser (model default): attention TV vs m")
+    plot(results["norm"], args.out / "approximation_norm.png", "norm stabiliser (estimator form): attention TV vs m")
+    command = f"python benchmarks/approx_error.py --out {args.out}"
     if (args.seeds, args.fit_steps) != (4, 150):
         command += f" --seeds {args.seeds} --fit-steps {args.fit_steps}"
-    write_doc(results, command, elapsed, args)
+    write_doc(args.out / "approximation.md", results, command, elapsed, args)
 
 
-def write_doc(results: dict, command: str, elapsed: float, args) -> None:
-    template = (DOCS / "approximation.md").read_text() if (DOCS / "approximation.md").exists() else ""
+def write_doc(path: Path, results: dict, command: str, elapsed: float, args) -> None:
+    template = path.read_text() if path.exists() else ""
     generated = [
         "<!-- BEGIN GENERATED (benchmarks/approx_error.py) -->",
         f"Command: `{command}` ({elapsed:.0f} s). Machine: {machine()}. "
@@ -279,8 +280,8 @@ def write_doc(results: dict, command: str, elapsed: float, args) -> None:
         text = head + block + rest.split(end, 1)[1]
     else:
         text = template + ("\n\n" if template else "# Feature-map approximation error\n\n") + block + "\n"
-    (DOCS / "approximation.md").write_text(text)
-    print(f"wrote {DOCS / 'approximation.md'}")
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ Methods (each is the whole op, feature map included where it has one):
              Triton kernel + the fused DiJiang kernel for the part beyond the window); CPU: the torch op
 
 Times: median ms (CUDA: triton.testing.do_bench with return_mode="median"; CPU: perf_counter median),
-forward and forward+backward (backward of sum(o * do)). Prints a markdown table, writes a markdown
-report and a log-log plot.
+forward and forward+backward (backward of sum(o * do)). Prints a markdown table; with --md also writes a
+markdown report and a log-log plot.
 
-    python benchmarks/bench_ops.py                      # CUDA: full sweep, writes docs/bench_ops.{md,png}
-    python benchmarks/bench_ops.py --device cpu         # small sizes, runnable anywhere
+    python benchmarks/bench_ops.py --md docs/bench_ops.md   # CUDA: full sweep, report and plot (bench_ops.png)
+    python benchmarks/bench_ops.py --device cpu             # small sizes, runnable anywhere, prints only
 """
 
 from __future__ import annotations
@@ -272,10 +272,10 @@ def main(argv=None):
     ap.add_argument("--quadratic-max", type=int, default=8192)
     ap.add_argument("--torch-max", type=int, default=65536)
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="softmax window of the window method")
-    ap.add_argument("--md", default=str(ROOT / "docs" / "bench_ops.md"))
-    ap.add_argument("--png", default=str(ROOT / "docs" / "bench_ops.png"))
+    ap.add_argument("--md", default=None, help="write the markdown report here (default: print only)")
+    ap.add_argument("--png", default=None, help="plot path (default: --md with .png)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print only, even with --md")
     ap.add_argument("--tune", action="store_true", help="time fused-kernel launch variants and a kernel breakdown")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="CUDA only: replay each op from CUDA graphs (forward; forward+backward through "
@@ -345,8 +345,9 @@ def main(argv=None):
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    if args.no_write:
+    if args.no_write or args.md is None:
         return rows
+    png = args.png or str(Path(args.md).with_suffix(".png"))
     dev_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     extra = ""
     if cuda:
@@ -371,12 +372,12 @@ DiJiang kernel for the keys beyond the window.
 {extra}
 {table}
 
-Plot: `{Path(args.png).name}` (time vs T, log-log; left forward, right forward+backward).
+Plot: `{Path(png).name}` (time vs T, log-log; left forward, right forward+backward).
 """
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text(md)
     try:
-        plot(rows, methods, labels, args.png, dev_name)
+        plot(rows, methods, labels, png, dev_name)
     except Exception as exc:  # pragma: no cover - matplotlib missing
         print(f"plot skipped: {exc}")
     return rows

@@ -1,7 +1,9 @@
 """Window hybrid before any training: how the initial linear-part mix affects SmolLM2's perplexity.
 
-python benchmarks/window_mix_init.py   (CPU, ~2 minutes) -> docs/window_mix_init.md
+python benchmarks/window_mix_init.py                                (CPU, ~2 minutes): prints the table
+python benchmarks/window_mix_init.py --out docs/window_mix_init.md   the same, written as the doc
 """
+import argparse
 import copy
 import datetime
 import math
@@ -14,7 +16,7 @@ import dijiang
 from dijiang.conversion import iter_dijiang_layers
 
 
-def main(tokens: int = 512, mixes=(1.0, 0.1, 0.01, 0.0)) -> str:
+def main(tokens: int = 512, mixes=(1.0, 0.1, 0.01, 0.0), out: str | None = None) -> str:
     from pydoc_data.topics import topics
 
     teacher, tokenizer = dijiang.load_pretrained("smollm2")
@@ -43,10 +45,13 @@ def main(tokens: int = 512, mixes=(1.0, 0.1, 0.01, 0.0)) -> str:
     doc = (f"# Window hybrid: initial mix, before training\n\nSmolLM2-135M-Instruct, {tokens} tokens of CPython's "
            f"pydoc topics, no fine-tuning.\n\n{table}\n\nCommand: `python benchmarks/window_mix_init.py`; "
            f"machine: {platform.machine()} CPU, torch {torch.__version__}; {datetime.date.today()}.\n")
-    Path("docs/window_mix_init.md").write_text(doc)
+    if out:
+        Path(out).write_text(doc)
     print(doc)
     return doc
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="also write the doc here (docs/window_mix_init.md)")
+    main(out=parser.parse_args().out)

@@ -104,7 +104,7 @@ elif [ "$stage" = host-repeat ]; then
     ops --shapes 16x64,32x128 --lengths 65536 --methods fused; } > "$OUT/ops.txt"
   cat "$OUT/host.txt" "$OUT/ops.txt"
 elif [ "$stage" = model-decode ]; then
-  bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }
+  bench() { timeout "$1" python benchmarks/bench_model.py --model ~/model/hf --keep-going "${@:2}"; }
   python benchmarks/decode_steps.py --model ~/model/hf --kind pure --context 2048 --steps 256 \
     --json "$OUT/decode_steps_pure.json" > "$OUT/decode_steps.log" 2>&1
   for n in 128 256; do
@@ -122,8 +122,7 @@ elif [ "$stage" = model-decode ]; then
   rm -f "$OUT"/*.png
   tail -n 3 "$OUT"/*.log
 elif [ "$stage" = model ]; then
-  # `python -m dijiang`: PYTHONPATH puts the source tree first; the device image has no `dijiang` console script
-  bench() { timeout "$1" python -m dijiang bench --model ~/model/hf --keep-going "${@:2}"; }
+  bench() { timeout "$1" python benchmarks/bench_model.py --model ~/model/hf --keep-going "${@:2}"; }
   bench 420 --kinds teacher,pure,window --window 128 --contexts '' --batches 1 --train-contexts 2048,16384 \
     --repeats 3 --json "$OUT/train.json" --out "$OUT/train.md" > "$OUT/train.log" 2>&1
   bench 100 --kinds pure --contexts '' --batches 1 --train-contexts 2048,16384 --repeats 5 \

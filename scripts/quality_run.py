@@ -40,7 +40,7 @@ def num_layers(model: str) -> int:
     """num_hidden_layers of a model name as `dijiang.load_pretrained` takes it (embedded, .gguf, directory, hub)."""
     from transformers import AutoConfig
 
-    from dijiang.conversion import EMBEDDED_MODELS, embedded_gguf
+    from dijiang.loading import EMBEDDED_MODELS, embedded_gguf
 
     path = Path(model).expanduser()
     if model in EMBEDDED_MODELS:
@@ -118,7 +118,7 @@ def job_config(name: str, model: str, corpus: Path, runs: Path, tokens: str | No
 
 
 def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None = None, resume: bool = False) -> dict:
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
     from dijiang.evaluate import load_text, perplexity
     from dijiang.train import train
 
@@ -153,7 +153,7 @@ def run_job(name: str, model: str, corpus: Path, runs: Path, tokens: str | None 
 def teacher_block_eval(model: str, runs: Path) -> dict:
     """The teacher's perplexity under the training loop's block eval, so the curves have a reference line."""
     from accelerate import Accelerator
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
     from dijiang.train import evaluate_loss, load_eval_blocks
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

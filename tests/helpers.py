@@ -132,3 +132,16 @@ def worker_env():
     """Environment for subprocess workers (torchrun, kill tests): src/ and tests/ importable, one thread."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def assert_refused_in_every_mode(op, base: dict, overrides: dict, message: str, modes) -> None:
+    """op(**base, **overrides) raises a ValueError matching `message` in each of `modes` (in the one mode the
+    overrides name, when they name one)."""
+    import pytest
+
+    kwargs = {**base, **overrides}
+    for mode in modes:
+        if "mode" not in overrides:
+            kwargs["mode"] = mode
+        with pytest.raises(ValueError, match=message):
+            op(**kwargs)

@@ -1,10 +1,13 @@
-"""`dijiang bench` on a tiny random model, CPU, seconds: the table, the report and the plot are written."""
+"""`dijiang bench` and benchmarks/bench_model.py on a tiny random model, CPU, seconds: the tables are printed, the
+JSON, the report and the plot are written."""
 import json
 
 import pytest
+from script_loader import load_script
 
 from dijiang import cli
-from dijiang.bench import main
+
+main = load_script("benchmarks/bench_model.py").main
 
 ARGS = ["--model", "tiny", "--contexts", "16,32", "--batches", "1,2", "--batch-contexts", "16", "--new-tokens", "4",
         "--hf-new-tokens", "3", "--train-contexts", "16", "--train-tokens", "32", "--repeats", "1"]
@@ -35,6 +38,23 @@ def test_bench_writes_table_report_and_plot(tmp_path, capsys):
     text = merged.read_text()  # runs with different windows: each window row names its own
     assert f"| window{rows['meta']['window']} | 1 | 32 |" in text and "| window128 | 1 | 32 |" in text
     assert "dijiang bench --window 128" in text
+
+
+def test_bench_subcommand_prints_the_tables_and_writes_only_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "bench.json"
+    argv = ["bench", "--model", "tiny", "--kinds", "teacher,pure", "--contexts", "16", "--batches", "1",
+            "--new-tokens", "3", "--hf-new-tokens", "2", "--train-contexts", "16", "--train-tokens", "32",
+            "--repeats", "1", "--json", str(data)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "## Inference" in printed and "| pure | 1 | 16 |" in printed and "## Training throughput" in printed
+    rows = json.loads(data.read_text())
+    assert [r["kind"] for r in rows["inference"]] == ["teacher", "pure"] and len(rows["training"]) == 2
+    assert rows["meta"]["command"].startswith("dijiang bench ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no report, no plot
+    assert cli.main(argv) == 2  # an earlier JSON is never replaced silently
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_recorded_command_names_the_subcommand_once(monkeypatch):

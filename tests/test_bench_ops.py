@@ -25,6 +25,15 @@ def test_all_methods_on_cpu_write_table_and_plot(bench_ops, tmp_path):
     assert png.stat().st_size > 1000 and len(json.loads(data.read_text())) == 2
 
 
+def test_without_md_only_the_table_is_printed(bench_ops, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    docs = sorted(bench_ops.ROOT.joinpath("docs").glob("bench_ops*"))
+    before = [p.stat().st_mtime_ns for p in docs]
+    bench_ops.main(["--device", "cpu", "--shapes", "2x16", "--lengths", "64", "--methods", "sdpa,torch"])
+    assert "| 2 x 16 | 64 |" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in docs] == before and not any(tmp_path.iterdir())
+
+
 def test_window_method_computes_the_window_hybrid(bench_ops):
     from dijiang.ops.window import window_attention
 

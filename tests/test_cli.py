@@ -70,7 +70,7 @@ def instruct_dir(tmp_path_factory):
 
 
 def test_generate_applies_the_chat_template_of_instruct_models(instruct_dir, capsys):
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
     from dijiang.generate import generate_text
 
     model, tokenizer = load_pretrained(str(instruct_dir))

@@ -79,9 +79,9 @@ def test_demo_cli_and_counts():
     demo.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo", "--tokens", "120K", "--window", "32", "--seed", "3", "--out", "x"])
     assert (args.tokens, args.window, args.seed, args.out) == (120_000, 32, 3, "x")
-    assert demo.parse_count("1.5M") == 1_500_000 and demo.parse_count("5000") == 5000
-    with pytest.raises(argparse.ArgumentTypeError):
-        demo.parse_count("lots")
+    for bad in ("lots", "0"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["demo", "--tokens", bad])
 
 
 def test_stdlib_training_text_is_offline_and_sized():

@@ -113,11 +113,39 @@ def test_load_text_sources(tmp_path):
     (tmp_path / "sub" / "b.md").write_text("beta")
     (tmp_path / "skip.bin").write_bytes(b"\x00")
     assert load_text(tmp_path / "a.txt") == "alpha"
-    assert load_text(tmp_path) == "alpha\n\nbeta"
+    with pytest.warns(UserWarning, match="skipped 1 file"):  # skip.bin
+        assert load_text(tmp_path) == "alpha\n\nbeta"
+    (tmp_path / "sub" / "c.jsonl").write_text('{"body": "gamma"}\n{"body": "delta"}\n')
+    assert load_text(tmp_path / "sub" / "c.jsonl", column="body") == "gamma\n\ndelta"  # read as training reads it
+
+
+def test_load_text_hub_split_and_config(monkeypatch):
+    calls = []
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(name, config, split):
+            calls.append((name, config, split))
+            return _Rows({"text": ["one", "", "two"]})
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    assert load_text("hf:some/set", config="raw") == "one\n\ntwo"
+    assert load_text("hf:some/set:own@validation", split="test", config="raw") == "one\n\ntwo"
+    assert calls == [("some/set", "raw", "test"), ("some/set", "own", "validation")]
+
+
+class _Rows:
+    """What a datasets.Dataset offers the reader: column_names and a column by name."""
+
+    def __init__(self, columns: dict):
+        self.columns, self.column_names = columns, list(columns)
+
+    def __getitem__(self, name: str) -> list:
+        return self.columns[name]
 
 
 def test_load_text_errors(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_text(tmp_path / "missing.txt")
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="empty"):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from helpers import save_tiny_model, tiny_llama, tiny_tokenizer, write_text_corpus
 
 import dijiang
-from dijiang import conversion
+from dijiang import conversion, loading
 from dijiang.cli import main
 from dijiang.train import NonFiniteTraining, TrainConfig, checkpoint_dirs, train
 
@@ -97,9 +97,12 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
 
 
 def test_bench_report_defaults_outside_docs():
+    from script_loader import load_script
+
     from dijiang.cli import build_parser
 
-    assert build_parser("bench").parse_args(["bench"]).out == "runs/bench/bench_model.md"
+    assert load_script("benchmarks/bench_model.py").build_parser().parse_args([]).out == "runs/bench/bench_model.md"
+    assert not hasattr(build_parser("bench").parse_args(["bench"]), "out")  # `dijiang bench` writes no report
 
 
 def test_convert_never_replaces_its_source_or_an_existing_folder(tmp_path, capsys):
@@ -150,19 +153,19 @@ def test_train_refuses_a_finished_run_and_resume_refuses_a_missing_folder(assets
 
 def test_embedded_cache_write_is_atomic_and_a_torn_cache_is_rebuilt(tmp_path, monkeypatch):
     tokenizer = tiny_tokenizer()
-    monkeypatch.setattr(conversion, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(conversion, "embedded_gguf", lambda name: (tmp_path, "x.gguf"))
-    monkeypatch.setattr(conversion, "_load_gguf", lambda folder, gguf, kwargs: (tiny_llama(len(tokenizer)), tokenizer))
+    monkeypatch.setenv("DIJIANG_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "embedded_gguf", lambda name: (tmp_path, "x.gguf"))
+    monkeypatch.setattr(loading, "_load_gguf", lambda folder, gguf, kwargs: (tiny_llama(len(tokenizer)), tokenizer))
     (tmp_path / "smollm2").mkdir()
     (tmp_path / "smollm2" / "config.json").write_text("{}")  # what a kill during the old write left
-    cached = Path(conversion.model_folder("smollm2"))
+    cached = Path(loading.model_folder("smollm2"))
     assert (cached / "model.safetensors").exists() and json.loads((cached / "config.json").read_text())
 
     monkeypatch.setattr(type(tokenizer), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     other = tmp_path / "other"
-    monkeypatch.setattr(conversion, "CACHE_DIR", other)
+    monkeypatch.setenv("DIJIANG_CACHE", str(other))
     with pytest.raises(KeyboardInterrupt):
-        conversion.model_folder("smollm2")
+        loading.model_folder("smollm2")
     assert not (other / "smollm2").exists()
 
 
@@ -296,7 +299,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_older_one(assets, tmp_path,
 
 
 def test_json_errors_name_the_file(assets, tmp_path):
-    from dijiang.plots import read_jsonl
+    from dijiang.files import read_jsonl
 
     out = tmp_path / "out"
     train(small_config(assets, out, save_every=2, max_steps=2))
@@ -307,7 +310,9 @@ def test_json_errors_name_the_file(assets, tmp_path):
     log.write_text('{"step": 1}\n{oops\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"log.jsonl:2: not valid JSON"):
         read_jsonl(log)
-    from dijiang.bench import main as bench_main
+    from script_loader import load_script
+
+    bench_main = load_script("benchmarks/bench_model.py").main
 
     (tmp_path / "run.json").write_text("{truncated")
     with pytest.raises(ValueError, match=r"run.json: not valid JSON"):
@@ -323,9 +328,9 @@ def test_missing_local_paths_fail_at_once(name, tmp_path, monkeypatch):
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked")
 
-    monkeypatch.setattr(conversion.AutoModelForCausalLM, "from_pretrained", no_hub)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", no_hub)
     with pytest.raises(FileNotFoundError, match="no such model directory"):
-        conversion.load_pretrained(name)
+        loading.load_pretrained(name)
 
 
 def test_generate_chat_fast_uses_the_chat_template(tmp_path, capsys):
@@ -349,5 +354,5 @@ def test_unsupported_family_gets_a_short_error(tmp_path):
     config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
     transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
     with pytest.raises(ValueError, match="'t5' model.*supported families: .*llama") as raised:
-        conversion.load_pretrained(str(tmp_path / "t5"))
+        loading.load_pretrained(str(tmp_path / "t5"))
     assert len(str(raised.value)) < 400

@@ -13,7 +13,7 @@ import torch
 from helpers import save_tiny_model
 
 import dijiang
-from dijiang import conversion
+from dijiang import conversion, loading
 
 SRC = Path(dijiang.__file__).resolve().parent.parent
 
@@ -98,8 +98,8 @@ def test_gguf_is_dequantised_once_per_file_version(tmp_path, monkeypatch):
         calls.append(Path(folder) / gguf)
         return dijiang.load_pretrained(str(tiny))
 
-    monkeypatch.setattr(conversion, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(conversion, "_load_gguf", dequantise)
+    monkeypatch.setenv("DIJIANG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_load_gguf", dequantise)
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"version 1")
     first, _ = dijiang.load_pretrained(str(gguf))
@@ -112,3 +112,12 @@ def test_gguf_is_dequantised_once_per_file_version(tmp_path, monkeypatch):
     assert len(calls) == 2
     copies = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir())
     assert len(copies) == 2 and all(name.startswith("model-") for name in copies)
+
+
+def test_loading_names_stay_importable_from_conversion():
+    from dijiang.conversion import load_pretrained, model_folder
+
+    assert load_pretrained is loading.load_pretrained is dijiang.load_pretrained
+    assert model_folder is loading.model_folder
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        conversion.no_such_name

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_refused_in_every_mode
 
 from dijiang.ops import (
     chunk_linear_attention,
@@ -249,10 +250,6 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", range(len(_bad_calls()[0])))
 def test_bad_input_raises_value_error(case):
-    (message, overrides), base = _bad_calls()[0][case], _bad_calls()[1]
-    kwargs = {**base, **overrides}
-    for mode in ["parallel"] + FORMS:
-        if "mode" not in overrides:
-            kwargs["mode"] = mode
-        with pytest.raises(ValueError, match=message):
-            linear_attention(**kwargs)
+    cases, base = _bad_calls()
+    message, overrides = cases[case]
+    assert_refused_in_every_mode(linear_attention, base, overrides, message, ["parallel"] + FORMS)

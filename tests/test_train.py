@@ -38,7 +38,7 @@ def small_config(assets, out, **overrides) -> TrainConfig:
 
 @pytest.mark.parametrize("text, expected", [
     ("20M", 20_000_000), ("500k", 500_000), ("1.5M", 1_500_000), ("2G", 2_000_000_000), ("300", 300),
-    (4096, 4096), ("2e6", 2_000_000), (" 7 K ", 7000),
+    (4096, 4096), ("2e6", 2_000_000), (" 7 K ", 7000), ("1.5B", 1_500_000_000), ("40_000", 40_000),
 ])
 def test_parse_token_count(text, expected):
     assert parse_token_count(text) == expected
@@ -152,7 +152,7 @@ def test_two_stage_run_logs_checkpoints_evaluates_and_saves(assets, tmp_path):
 
 
 def test_attention_transfer_trains_only_the_new_parameters(assets, tmp_path):
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
     from dijiang.train import new_parameter_ids
 
     summary = train(small_config(assets, tmp_path / "out", attention_transfer_tokens="512", max_steps=4))

@@ -109,7 +109,7 @@ def _misaligned(x):
 
 @gpu
 @pytest.mark.gpu
-def test_direct_launch_equals_triton_dispatch():
+def test_direct_launch_equals_triton_dispatch(monkeypatch):
     """Repeat calls go straight to the compiled kernels (tdj.launch); the results must be bit-identical to
     Triton's own dispatch, also when a call changes what Triton specialises on (T % 16, pointer alignment)."""
 
@@ -120,25 +120,21 @@ def test_direct_launch_equals_triton_dispatch():
         grads = torch.autograd.grad((o.float() ** 2).sum() + fs.sum(), leaves)
         return [o, fs, *grads]
 
-    old = tdj.DIRECT_LAUNCH
-    try:
-        for T, misalign, normalize in [(4096, False, False), (4097, False, True), (4096, True, False), (1, False, True)]:
-            q, k, v, proj, lw, ld, _ = make_inputs(1, T, 2, 64, 64, 64, torch.bfloat16, "cuda", seed=T)
-            if misalign:
-                q, k, v = _misaligned(q), _misaligned(k), _misaligned(v)
-                assert q.data_ptr() % 16 != 0
-            tdj.DIRECT_LAUNCH = False
-            want = run(q, k, v, proj, lw, ld, normalize)
-            tdj.DIRECT_LAUNCH = True
-            before = len(tdj._COMPILED)
-            run(q, k, v, proj, lw, ld, normalize)  # compiles or finds the specialisation, records it
-            got = run(q, k, v, proj, lw, ld, normalize)  # direct launches
-            assert len(tdj._COMPILED) >= before
-            for name, a, b in zip(["o", "final", "dq", "dk", "dv", "dlw", "dld"], got, want):
-                assert torch.equal(a, b), (T, misalign, name, rel_err(a, b))
-        assert len(tdj._COMPILED) > 0
-    finally:
-        tdj.DIRECT_LAUNCH = old
+    for T, misalign, normalize in [(4096, False, False), (4097, False, True), (4096, True, False), (1, False, True)]:
+        q, k, v, proj, lw, ld, _ = make_inputs(1, T, 2, 64, 64, 64, torch.bfloat16, "cuda", seed=T)
+        if misalign:
+            q, k, v = _misaligned(q), _misaligned(k), _misaligned(v)
+            assert q.data_ptr() % 16 != 0
+        monkeypatch.setenv("DIJIANG_TRITON_DIRECT_LAUNCH", "0")
+        want = run(q, k, v, proj, lw, ld, normalize)
+        monkeypatch.setenv("DIJIANG_TRITON_DIRECT_LAUNCH", "1")
+        before = len(tdj._COMPILED)
+        run(q, k, v, proj, lw, ld, normalize)  # compiles or finds the specialisation, records it
+        got = run(q, k, v, proj, lw, ld, normalize)  # direct launches
+        assert len(tdj._COMPILED) >= before
+        for name, a, b in zip(["o", "final", "dq", "dk", "dv", "dlw", "dld"], got, want):
+            assert torch.equal(a, b), (T, misalign, name, rel_err(a, b))
+    assert len(tdj._COMPILED) > 0
 
 
 @gpu

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_refused_in_every_mode
 
 from dijiang.ops import (
     chunk_window_attention,
@@ -233,9 +234,4 @@ def _bad_calls():
 def test_bad_input_raises_value_error(case):
     cases, base = _bad_calls()
     message, overrides = cases[case]
-    kwargs = {**base, **overrides}
-    for mode in ["parallel"] + FORMS:
-        if "mode" not in overrides:
-            kwargs["mode"] = mode
-        with pytest.raises(ValueError, match=message):
-            window_attention(**kwargs)
+    assert_refused_in_every_mode(window_attention, base, overrides, message, ["parallel"] + FORMS)

@@ -169,7 +169,7 @@ def fast_decode_window_kernel_case() -> dict:
     from dijiang import fast_decode
     from helpers import left_padded, reference, tiny_model
 
-    fast_decode.WINDOW_KERNEL = "force"
+    os.environ["DIJIANG_WINDOW_DECODE_KERNEL"] = "force"
     model = dijiang.convert(tiny_model("llama", seed=1), dict(window=4))
     ids, mask = left_padded()
     expected = reference(model, ids, mask, 12)

@@ -15,7 +15,7 @@ _EXPORTS = {
     "DiJiangAttention": "dijiang.attention",
     "DiJiangSettings": "dijiang.attention",
     "convert": "dijiang.conversion",
-    "load_pretrained": "dijiang.conversion",
+    "load_pretrained": "dijiang.loading",
     "DiJiangCache": "dijiang.cache",
     "fast_generate": "dijiang.fast_decode",
     "TrainConfig": "dijiang.train",

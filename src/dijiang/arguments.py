@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 TRUE_WORDS = ("true", "yes", "on", "1")
@@ -92,6 +93,36 @@ def non_empty_int_list(item: Number):
 
     parse.__name__ = parse_list.__name__
     return parse
+
+
+TOKEN_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
+
+
+def parse_token_count(value: int | float | str) -> int:
+    """'20M' -> 20_000_000; K, M, G (or B) are decimal (1e3, 1e6, 1e9); '1.5M', '2e6', '40_000' and 300 work too."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a token count like 20M, got {value!r}")
+    if isinstance(value, (int, float)):
+        count = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGbB]?)\s*", str(value).replace("_", ""))
+        if not match:
+            raise ValueError(f"expected a token count like 500K, 20M or 1G, got {value!r}")
+        count = float(match.group(1)) * TOKEN_SUFFIXES[match.group(2).lower()]
+    if count < 0 or count != count:
+        raise ValueError(f"token count must be >= 0, got {value!r}")
+    return int(round(count))
+
+
+def token_count(text: str) -> int:
+    """argparse type: a token count (`parse_token_count`) of at least one token."""
+    try:
+        count = parse_token_count(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 token, got {text!r}")
+    return count
 
 
 def parse_bool(name: str, value) -> bool:

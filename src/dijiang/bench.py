@@ -4,8 +4,9 @@ Measures, per model kind x batch x context: prefill tokens/s (normal forward, ch
 through HF ``generate`` and through ``dijiang.fast_decode`` (static state, CUDA graph), peak memory
 (``torch.cuda.max_memory_allocated`` on GPU) and the decode cache size (state or KV bytes); then training
 throughput (forward + backward + AdamW step, bf16 autocast on GPU). Timings are medians after warm-up, with
-CUDA events on GPU. Writes a markdown report (table, device, torch version, date, command) and a plot.
-Tokens/s count every row of the batch.
+CUDA events on GPU. Prints each row as JSON and then the tables; ``--json`` keeps every number. Tokens/s count
+every row of the batch. ``benchmarks/bench_model.py`` runs the same measurement and writes a markdown report and
+a plot of it.
 """
 from __future__ import annotations
 
@@ -227,7 +228,7 @@ class _null:
         return False
 
 
-# ----------------------------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------------------------- tables
 
 def _fmt(value, digits=0):
     if value is None:
@@ -270,76 +271,22 @@ def training_table(rows) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
-    groups = sorted({(r["kind"], r["batch"]) for r in rows if "error" not in r})
-    for kind, batch in groups:
-        sel = sorted((r for r in rows if r["kind"] == kind and r["batch"] == batch and "error" not in r),
-                     key=lambda r: r["context"])
-        ctx = [r["context"] for r in sel]
-        ax_speed.plot(ctx, [r["fast_decode_tok_s"] for r in sel], "-o", label=f"{kind} B={batch} fast")
-        if any("hf_decode_tok_s" in r for r in sel):
-            ax_speed.plot(ctx, [r.get("hf_decode_tok_s", float("nan")) for r in sel], "--x",
-                          label=f"{kind} B={batch} HF generate")
-        mem_key = "fast_decode_peak_gib" if sel and sel[0].get("fast_decode_peak_gib") is not None else "cache_mib"
-        ax_mem.plot(ctx, [r.get(mem_key) for r in sel], "-o", label=f"{kind} B={batch}")
-        ax_mem.set_ylabel("peak GiB during fast decode" if mem_key.endswith("gib") else "cache MiB (state / KV)")
-    for ax in (ax_speed, ax_mem):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (prompt tokens)")
-        ax.grid(True, alpha=0.3)
-    ax_speed.set_yscale("log")
-    ax_speed.set_ylabel("decode tokens/s (all rows)")
-    ax_speed.legend(fontsize=7)
-    ax_mem.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(path: Path, inference_rows, training_rows, meta: dict) -> str:
-    teacher_hf = {(r["batch"], r["context"]): r.get("hf_decode_tok_s") for r in inference_rows
-                  if r["kind"] == "teacher" and "error" not in r}
-    text = "\n".join([
-        "# Model-level benchmark",
-        "",
-        f"- device: {meta['device']}",
-        f"- torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}",
-        f"- date: {meta['date']}",
-        f"- model: {meta['model']}, dtype {meta['dtype']}, window hybrid W={meta['window']}",
-        f"- command: `{meta['command']}`",
-        f"- decode: {meta['new_tokens']} new tokens on the fast path, {meta['hf_new_tokens']} with HF generate "
-        "(its decode rate = (new - 1) tokens / (generate time - prefill time)); tokens/s count all rows.",
-        "- fast path: `dijiang.fast_decode` (static state updated in place, torch.compile'd layer step, one CUDA "
-        "graph per step on GPU; eager on CPU). Teacher rows run the same fast path with a static KV buffer "
-        "(CUDA graph, not compiled).",
-        "- peak GiB: torch.cuda.max_memory_allocated over the prefill, over HF generate, and over the fast decode "
-        "loop alone (weights + static state); cache MiB: the decode cache after the prefill (DiJiang states or "
-        "KV). greedy match: leading tokens where the fast path equals HF generate (worst row).",
-        "",
-        "## Inference",
-        "",
-        inference_table(inference_rows, teacher_hf),
-        "",
-        "## Training throughput",
-        "",
-        training_table(training_rows) if training_rows else "(not measured)",
-        "",
-        f"![tokens/s and memory vs context]({meta['png_name']})",
-        "",
-    ])
-    path.write_text(text)
-    return text
-
-
 # ----------------------------------------------------------------------------------------------- driver
 
-def run(args) -> int:
+def _row_or_error(measure, args, device, **where) -> dict:
+    """measure()'s row; on OOM (or any error with --keep-going) a row that names the error, for the table."""
+    try:
+        return measure()
+    except Exception as error:
+        if not _is_oom(error) and not args.keep_going:
+            raise
+        _reset_peak(device)
+        return dict(**where, error=("OOM" if _is_oom(error) else f"{type(error).__name__}: {error}"[:120]))
+
+
+def measure(args) -> tuple[list[dict], list[dict], dict]:
+    """(inference rows, training rows, meta) of the measurement `args` describe (see `add_arguments`); prints
+    each row as JSON as it comes."""
     import transformers
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -349,9 +296,6 @@ def run(args) -> int:
     contexts, batches, train_contexts = args.contexts, args.batches, args.train_contexts
     big_contexts = args.batch_contexts or contexts
     t_start = time.perf_counter()
-    report_paths(args)
-    if args.from_json:
-        return report_from_json(args)
     models = build_models(args.model, kinds, args.window, device, dtype)
     vocab = next(iter(models.values())).config.vocab_size
     print(f"models ready in {time.perf_counter() - t_start:.0f}s on {device}", flush=True)
@@ -361,49 +305,58 @@ def run(args) -> int:
         for batch in batches:
             ctx_list = contexts if batch == min(batches) else big_contexts
             for i, context in enumerate(ctx_list):
-                try:
-                    row = measure_inference(models[kind], kind, batch, context, new_tokens=args.new_tokens,
-                                            hf_new_tokens=args.hf_new_tokens, device=device, vocab=vocab,
-                                            repeats=args.repeats, check_tokens=(i == 0 or context == ctx_list[-1]))
-                except Exception as error:  # OOM or a failing path: report it in the table
-                    if not _is_oom(error) and not args.keep_going:
-                        raise
-                    row = dict(kind=kind, batch=batch, context=context,
-                               error=("OOM" if _is_oom(error) else f"{type(error).__name__}: {error}"[:120]))
-                    _reset_peak(device)
+                row = _row_or_error(
+                    lambda: measure_inference(models[kind], kind, batch, context, new_tokens=args.new_tokens,
+                                              hf_new_tokens=args.hf_new_tokens, device=device, vocab=vocab,
+                                              repeats=args.repeats,
+                                              check_tokens=(i == 0 or context == ctx_list[-1])),
+                    args, device, kind=kind, batch=batch, context=context)
                 inference_rows.append(row)
                 print(json.dumps(row), flush=True)
         models[kind].__dict__.pop("_dijiang_fast_decoders", None)
         _reset_peak(device)
     for kind in kinds:
         for context in train_contexts:
-            try:
-                row = measure_training(models[kind], kind, context, args.train_tokens, device=device, vocab=vocab,
-                                       repeats=args.repeats)
-            except Exception as error:
-                if not _is_oom(error) and not args.keep_going:
-                    raise
-                row = dict(kind=kind, context=context,
-                           error=("OOM" if _is_oom(error) else f"{type(error).__name__}: {error}"[:120]))
-                _reset_peak(device)
+            row = _row_or_error(
+                lambda: measure_training(models[kind], kind, context, args.train_tokens, device=device, vocab=vocab,
+                                         repeats=args.repeats),
+                args, device, kind=kind, context=context)
             training_rows.append(row)
             print(json.dumps(row), flush=True)
 
-    out, png = report_paths(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     meta = dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="minutes"),
                 model=args.model, dtype=str(dtype).replace("torch.", ""), window=args.window,
                 command=args.command or _command_line(),
-                new_tokens=args.new_tokens, hf_new_tokens=args.hf_new_tokens, png_name=png.name)
-    plot(inference_rows, png)
-    text = write_report(out, inference_rows, training_rows, meta)
+                new_tokens=args.new_tokens, hf_new_tokens=args.hf_new_tokens)
+    return inference_rows, training_rows, meta
+
+
+def tables(inference_rows, training_rows) -> str:
+    """The inference table (with each row's fast decode against the teacher's HF generate) and the training one."""
+    teacher_hf = {(r["batch"], r["context"]): r.get("hf_decode_tok_s") for r in inference_rows
+                  if r["kind"] == "teacher" and "error" not in r}
+    return "\n".join(["## Inference", "", inference_table(inference_rows, teacher_hf), "", "## Training throughput", "",
+                      training_table(training_rows) if training_rows else "(not measured)"])
+
+
+def write_json(path, inference_rows, training_rows, meta) -> None:
+    Path(path).write_text(json.dumps(dict(meta=meta, inference=inference_rows, training=training_rows), indent=1))
+
+
+def run(args) -> int:
+    """`dijiang bench`: measure, print the tables, keep every number in --json when given."""
+    from dijiang.files import refuse_to_replace
+
+    t_start = time.perf_counter()
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(meta=meta, inference=inference_rows, training=training_rows),
-                                              indent=1))
-    print(text)
-    print(f"total {time.perf_counter() - t_start:.0f}s; wrote {out} and {png}")
+        refuse_to_replace(Path(args.json), args.overwrite, "--json")
+    inference_rows, training_rows, meta = measure(args)
+    if args.json:
+        write_json(args.json, inference_rows, training_rows, meta)
+    print(tables(inference_rows, training_rows))
+    print(f"total {time.perf_counter() - t_start:.0f}s" + (f"; wrote {args.json}" if args.json else ""))
     return 0
 
 
@@ -412,48 +365,6 @@ def _command_line() -> str:
     if argv[:1] == ["bench"]:  # run as `dijiang bench ...` / `python -m dijiang bench ...`
         argv = argv[1:]
     return "dijiang bench " + " ".join(shlex.quote(a) for a in argv)
-
-
-def _label_window(row: dict, meta: dict) -> dict:
-    if row.get("kind") == "window" and meta.get("window") is not None:
-        return {**row, "kind": f"window{meta['window']}"}
-    return row
-
-
-def report_from_json(args) -> int:
-    """Merge the JSON of several runs (e.g. device calls split by batch size) into one report and plot."""
-    from dijiang.files import read_json
-
-    inference_rows, training_rows, metas = [], [], []
-    for name in args.from_json.split(","):
-        data = read_json(name)
-        metas.append(data["meta"])
-        inference_rows += [_label_window(row, data["meta"]) for row in data["inference"]]
-        training_rows += [_label_window(row, data["meta"]) for row in data["training"]]
-    meta = dict(metas[0])
-    if len({m.get("window") for m in metas}) > 1:  # runs with different windows: the rows name theirs
-        meta["window"] = "/".join(sorted({str(m.get("window")) for m in metas}))
-    meta["command"] = "; ".join(m["command"] for m in metas)
-    meta["date"] = ", ".join(sorted({m["date"] for m in metas}))
-    out, png = report_paths(args)
-    meta["png_name"] = png.name
-    plot(inference_rows, png)
-    print(write_report(out, inference_rows, training_rows, meta))
-    return 0
-
-
-DEFAULT_REPORT = "runs/bench/bench_model.md"  # not docs/: a casual run must not replace the measured report
-
-
-def report_paths(args) -> tuple[Path, Path]:
-    """(report, plot) paths; ValueError when one (or --json) exists and --overwrite was not given."""
-    from dijiang.files import refuse_to_replace
-
-    out = Path(args.out)
-    png = Path(args.png) if args.png else out.with_suffix(".png")
-    for path in (out, png, *([Path(args.json)] if args.json else [])):
-        refuse_to_replace(path, args.overwrite, "bench output")
-    return out, png
 
 
 def add_arguments(parser) -> None:
@@ -480,12 +391,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="weights dtype (default: bf16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--out", default=DEFAULT_REPORT, help=f"markdown report (default {DEFAULT_REPORT})")
-    parser.add_argument("--overwrite", action="store_true", help="replace the report, plot or JSON if they exist")
-    parser.add_argument("--png", default=None, help="plot path (default: --out with .png)")
-    parser.add_argument("--json", default=None, help="also write every number as JSON here")
-    parser.add_argument("--from-json", default=None, help="comma-separated JSON files of earlier runs: only report")
-    parser.add_argument("--command", default=None, help="command line to record in the report")
+    parser.add_argument("--json", default=None, help="write every number (and the run's device, versions, command) "
+                                                     "as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output files if they exist")
+    parser.add_argument("--command", default=None, help="command line to record in the JSON")
     parser.add_argument("--keep-going", action="store_true", help="record errors in the table instead of stopping")
 
 
@@ -493,11 +402,3 @@ def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("bench")
     add_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="bench_model", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

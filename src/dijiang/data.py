@@ -1,4 +1,5 @@
-"""Training text: read sources, tokenise, pack into fixed-length blocks, split off a held-out set.
+"""Text sources for training and evaluation: read sources, tokenise, pack into fixed-length blocks, split off a
+held-out set. `dijiang.evaluate.load_text` reads its sources here too.
 
 Sources (mixed freely):
   - a text file (any extension except .jsonl): one document;
@@ -72,17 +73,21 @@ def pydoc_topics_text() -> str:
 # ---------------------------------------------------------------- reading sources
 
 
-def read_documents(sources: list[str] | str, text_field: str = "text") -> list[str]:
-    """Documents (strings) from every source, in source order; empty documents dropped."""
+def read_documents(sources: list[str] | str, text_field: str = "text", *, hf_split: str | None = None,
+                   hf_config: str | None = None) -> list[str]:
+    """Documents (strings) from every source, in source order; empty documents dropped.
+
+    hf_split, hf_config: the split and config of an hf: source that names none itself (no split: the "train"
+    split of a dataset that has one, else every split)."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
     documents: list[str] = []
     for source in sources:
-        documents.extend(_read_source(str(source), text_field))
+        documents.extend(_read_source(str(source), text_field, (hf_split, hf_config)))
     return [doc for doc in documents if doc.strip()]
 
 
-def _read_source(source: str, text_field: str) -> list[str]:
+def _read_source(source: str, text_field: str, hub_defaults: tuple = (None, None)) -> list[str]:
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -102,7 +107,7 @@ def _read_source(source: str, text_field: str) -> list[str]:
             raise FileNotFoundError(f"data pattern {source!r} matches no file")
         return [doc for match in matches for doc in _read_source(str(match), text_field)]
     if source.startswith("hf:"):
-        return _read_hub_dataset(source[3:], text_field)
+        return _read_hub_dataset(source[3:], text_field, *hub_defaults)
     raise FileNotFoundError(
         f"data source {source!r} does not exist (expected a file, a folder, a glob pattern, 'pydoc', "
         "or hf:NAME for a Hugging Face dataset)"
@@ -195,12 +200,12 @@ def _read_dataset_folder(path: Path, text_field: str) -> list[str]:
     return _texts_of(datasets.load_from_disk(str(path)), text_field, str(path))
 
 
-def _read_hub_dataset(spec: str, text_field: str) -> list[str]:
+def _read_hub_dataset(spec: str, text_field: str, split: str | None = None, config: str | None = None) -> list[str]:
     datasets = _import_datasets()
-    name, _, split = spec.partition("@")
-    name, _, config = name.partition(":")
+    name, _, spec_split = spec.partition("@")
+    name, _, spec_config = name.partition(":")
     try:
-        dataset = datasets.load_dataset(name, config or None, split=split or None)
+        dataset = datasets.load_dataset(name, spec_config or config, split=spec_split or split)
     except Exception as error:  # offline, unknown name, missing config: say which source failed
         raise ValueError(f"could not load dataset hf:{spec} ({type(error).__name__}: {error})") from None
     return _texts_of(dataset, text_field, f"hf:{spec}")

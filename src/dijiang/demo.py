@@ -13,7 +13,6 @@ Every piece is injectable (`model`/`tokenizer`, `convert_fn`, `train_fn`) so tes
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
@@ -103,7 +102,7 @@ def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed:
     Distillation from the unconverted model plus 0.2 LM loss, the trainer's defaults. Returns the
     fine-tuned model (loaded back from `out_dir/final`) and the training log records.
     """
-    from dijiang.plots import read_jsonl
+    from dijiang.files import read_jsonl
     from dijiang.train import TrainConfig, train
 
     config = TrainConfig(model=str(source), out=str(out_dir), data=[str(train_file)], eval_data=[],
@@ -241,26 +240,13 @@ def _run_demo_cli(args) -> int:
     return 0
 
 
-def parse_count(text: str) -> int:
-    """'200K' -> 200000, '1.5M' -> 1500000, '5000' -> 5000."""
-    text = str(text).strip().upper().replace("_", "")
-    scale = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000}.get(text[-1:], 1)
-    try:
-        count = int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count like 40K or 2M, got {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 token, got {text!r}")
-    return count
-
-
 def add_cli(subparsers) -> None:
-    from dijiang.arguments import Number, non_negative_int, positive_int
+    from dijiang.arguments import Number, non_negative_int, positive_int, token_count
 
     parser = subparsers.add_parser(
         "demo", description=__doc__)
     parser.add_argument("--model", default="smollm2", help="teacher: 'smollm2', a hub name or a local folder")
-    parser.add_argument("--tokens", type=parse_count, default=16_000, help="fine-tuning tokens (e.g. 16K; CPU training runs at ~20-150 tokens/s)")
+    parser.add_argument("--tokens", type=token_count, default=16_000, help="fine-tuning tokens (e.g. 16K; CPU training runs at ~20-150 tokens/s)")
     parser.add_argument("--out", default="runs/demo", help="output folder (new or empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
     parser.add_argument("--window", type=positive_int, default=64, help="exact-softmax window of the hybrid, in tokens")

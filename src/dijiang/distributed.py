@@ -21,18 +21,17 @@ the same FSDP_* variables then drives the same sharding code as a GPU launch (th
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-FSDP_ENV = "ACCELERATE_USE_FSDP"
+from dijiang import settings
 
 
 def fsdp_requested() -> bool:
     """True under `accelerate launch` with an FSDP config (or with ACCELERATE_USE_FSDP=true set by hand)."""
-    return os.environ.get(FSDP_ENV, "false").lower() == "true"
+    return settings.accelerate_use_fsdp()
 
 
 def is_sharded(accelerator) -> bool:

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 
 from dijiang.capture import first_tensor, module_io
 from dijiang.conversion import iter_dijiang_layers
-from dijiang.data import pydoc_topics_text  # the default evaluation text
+from dijiang.data import read_documents
 from dijiang.tables import format_cell, markdown_table  # noqa: F401  (re-exported: evaluate.markdown_table)
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 
 
 # ----------------------------------------------------------------------------- text sources
@@ -32,45 +30,19 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 
 def load_text(source: str | Path | None = "pydoc", *, split: str = "test", config: str | None = None,
               column: str = "text") -> str:
-    """Evaluation text from `source`: "pydoc" (default), a file, a folder of text files, or "hf:NAME".
-
-    Folders are read recursively (files ending in .txt/.md/.rst/.py), sorted by path, joined by blank
-    lines. "hf:NAME" loads split `split` (and `config`) of a Hugging Face dataset and joins `column`.
-    To evaluate a string you already hold, pass it to `perplexity` directly.
+    """Evaluation text from `source`, read as `dijiang.data.read_documents` reads a training source: "pydoc"
+    (default), a file, a folder (every text file below it), a .jsonl file, a glob, or "hf:NAME[:CONFIG][@SPLIT]";
+    its documents joined by blank lines. `split` and `config`: of an hf: source that names none; `column`: the
+    field of .jsonl and dataset records holding the text. To evaluate a string you already hold, pass it to
+    `perplexity` directly.
     """
-    if source is None or str(source) == "pydoc":
-        text = pydoc_topics_text()
-    elif str(source).startswith("hf:"):
-        text = _hf_dataset_text(str(source)[3:], split=split, config=config, column=column)
-    else:
-        path = Path(source).expanduser()
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-            if not files:
-                raise ValueError(f"folder {path} holds no text files (expected {', '.join(TEXT_SUFFIXES)})")
-            text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
-        else:
-            raise FileNotFoundError(
-                f"no such file or folder: {source!s} (expected 'pydoc', a text file, a folder, or hf:DATASET)")
-    if not text.strip():
-        raise ValueError(f"evaluation text from {source!s} is empty")
-    return text
-
-
-def _hf_dataset_text(name: str, *, split: str, config: str | None, column: str) -> str:
-    try:
-        import datasets
-    except ImportError as error:
-        raise ValueError(f"hf:{name} needs the optional `datasets` package: pip install datasets") from error
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as error:  # datasets raises many kinds (offline, unknown name, bad split)
-        raise ValueError(f"could not load dataset {name!r} (config={config}, split={split}): {error}") from error
-    if column not in dataset.column_names:
-        raise ValueError(f"dataset {name!r} has no column {column!r}; columns: {dataset.column_names}")
-    return "\n\n".join(row for row in dataset[column] if row)
+    source = "pydoc" if source is None else str(source)
+    documents = read_documents([source], column, hf_split=split, hf_config=config)
+    if not documents:
+        if Path(source).expanduser().is_dir():
+            raise ValueError(f"folder {source} holds no text files")
+        raise ValueError(f"evaluation text from {source} is empty")
+    return "\n\n".join(documents)
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -504,7 +476,8 @@ def add_cli(subparsers) -> None:
                         help="with --convert: exact softmax over the last W tokens (hybrid); 0 = pure DiJiang")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", action="append",
-                        help="'pydoc' (the default), a text file, a folder, or hf:DATASET; repeat for several")
+                        help="'pydoc' (the default), a text file, a folder, a .jsonl, a glob, or hf:DATASET; repeat for "
+                             "several")
     source.add_argument("--string", help="evaluate this literal text instead")
     parser.add_argument("--hf-split", default="test", help="with --text hf:DATASET: the split to read")
     parser.add_argument("--hf-config", default=None, help="with --text hf:DATASET: the dataset config")

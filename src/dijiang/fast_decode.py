@@ -27,7 +27,6 @@ the size of the attention and up/gate projections once more; pass ``fuse_project
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dijiang import settings
 from dijiang.attention import DiJiangAttention
 from dijiang.feature_maps import EluFeatureMap, ProjectedFeatureMap
 from dijiang.hf_compat import family_of, output_cache
@@ -47,18 +47,16 @@ __all__ = ["fast_generate", "FastDecoder", "supports_fast_decode", "SUPPORTED_FA
 
 # ----------------------------------------------------------------------------------------------- support check
 
-# torch.compile mode of the per-layer step; the graph capture is ours, so no mode that adds cudagraphs.
-# max-autotune-no-cudagraphs: Inductor autotunes the step's matmuls, which a batch-1 decode step, launch- and
-# memory-bound, gains from; DIJIANG_COMPILE_MODE=default compiles faster.
-COMPILE_MODE = os.environ.get("DIJIANG_COMPILE_MODE", "max-autotune-no-cudagraphs") or None
-# "layer": compile one decode-layer step and reuse it for every layer of a kind (short compile);
-# "step": compile the whole step (all layers, final norm, head), so Inductor can fuse across layer boundaries.
-COMPILE_SCOPE = os.environ.get("DIJIANG_COMPILE_SCOPE", "layer")
-# window layers on CUDA: their attention in one Triton kernel over a ring buffer. "0": the compiled torch step;
-# "force": the kernel on any device (tests run it on the CPU under the Triton interpreter)
-WINDOW_KERNEL = os.environ.get("DIJIANG_WINDOW_DECODE_KERNEL", "1")
-if COMPILE_SCOPE not in ("layer", "step"):
-    raise ValueError(f"DIJIANG_COMPILE_SCOPE must be 'layer' or 'step', got {COMPILE_SCOPE!r}")
+# The decoder's build reads three settings (dijiang.settings):
+# - torch.compile mode of the per-layer step (DIJIANG_COMPILE_MODE); the graph capture is ours, so no mode that
+#   adds cudagraphs. max-autotune-no-cudagraphs: Inductor autotunes the step's matmuls, which a batch-1 decode
+#   step, launch- and memory-bound, gains from; "default" compiles faster.
+# - the compile scope (DIJIANG_COMPILE_SCOPE): "layer" compiles one decode-layer step and reuses it for every layer
+#   of a kind (short compile); "step" compiles the whole step (all layers, final norm, head), so Inductor can fuse
+#   across layer boundaries.
+# - window layers on CUDA run their attention in one Triton kernel over a ring buffer
+#   (DIJIANG_WINDOW_DECODE_KERNEL): "0" the compiled torch step; "force" the kernel on any device (tests run it on
+#   the CPU under the Triton interpreter).
 
 
 def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
@@ -310,7 +308,7 @@ def _window_kernel_fits(consts: "_Consts", w: dict) -> bool:
     from dijiang.ops.triton_window_decode import window_decode_supported
 
     m = w["projection"].shape[-1] if "projection" in w else consts.head_dim
-    device = "cuda" if WINDOW_KERNEL == "force" else w["w_o"].device
+    device = "cuda" if settings.window_decode_kernel() == "force" else w["w_o"].device
     return window_decode_supported(consts.head_dim, consts.head_dim, m, consts.window, device)
 
 
@@ -451,7 +449,8 @@ class FastDecoder:
         self.do_sample, self.temperature, self.top_p = do_sample, float(temperature), float(top_p)
         base = model.model
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, model.lm_head
-        kernel_window = WINDOW_KERNEL == "force" or (WINDOW_KERNEL != "0" and self.is_cuda and COMPILE_SCOPE == "layer")
+        window_kernel, scope, mode = settings.window_decode_kernel(), settings.compile_scope(), settings.compile_mode()
+        kernel_window = window_kernel == "force" or (window_kernel != "0" and self.is_cuda and scope == "layer")
         self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile, kernel_window=kernel_window)
                       for layer in base.layers]
         kernel_windows = {p.consts.window for p in self.plans if isinstance(p.fn, _KernelWindowStep)}
@@ -461,15 +460,15 @@ class FastDecoder:
         self.kernel_window = kernel_windows.pop() if kernel_windows else 0
         self.window_mask = None  # [B, W] bool, shared by the kernel window layers
         self._run_layers = self._layers
-        if self.compile and COMPILE_SCOPE == "step":
-            self._run_layers = torch.compile(self._layers, dynamic=False, mode=COMPILE_MODE)
+        if self.compile and scope == "step":
+            self._run_layers = torch.compile(self._layers, dynamic=False, mode=mode)
         elif self.compile:
             compiled = {}
             for plan in self.plans:
                 key = "window-kernel" if isinstance(plan.fn, _KernelWindowStep) else plan.consts.kind
                 if key not in compiled:
-                    compiled[key] = (plan.fn.compiled(COMPILE_MODE) if key == "window-kernel"
-                                     else torch.compile(plan.fn, dynamic=False, mode=COMPILE_MODE))
+                    compiled[key] = (plan.fn.compiled(mode) if key == "window-kernel"
+                                     else torch.compile(plan.fn, dynamic=False, mode=mode))
                 plan.fn = compiled[key]
         # rope table for every position the decoder can see
         with torch.no_grad():

@@ -1,5 +1,6 @@
-"""Writing results safely: nothing a command did not make is replaced unless the user passed --overwrite, and
-folders (models, checkpoints, caches) appear whole or not at all.
+"""Reading and writing results safely: JSON and JSONL readers name the file (and line) of a bad record; nothing a
+command did not make is replaced unless the user passed --overwrite, and folders (models, checkpoints, caches)
+appear whole or not at all.
 """
 from __future__ import annotations
 
@@ -32,6 +33,27 @@ def read_json(path: str | Path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_jsonl(path: str | Path, torn_last_line_ok: bool = False) -> list[dict]:
+    """Records of a JSONL log (blank lines skipped); a bad line is a ValueError naming the file and line.
+
+    torn_last_line_ok: drop an unreadable last line instead (a kill in the middle of appending it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such log file: {path}")
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if torn_last_line_ok and index == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+    return records
 
 
 def write_text_atomic(path: Path, text: str) -> None:

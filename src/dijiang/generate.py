@@ -77,7 +77,7 @@ def add_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
 
     prompt = read_prompt(args.prompt)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

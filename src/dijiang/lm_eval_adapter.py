@@ -46,7 +46,7 @@ class DiJiangLM(HFLM):
 
     def __init__(self, pretrained: str = "smollm2", convert=False, window: int = 0, device: str | None = None,
                  **kwargs):
-        from dijiang.conversion import model_folder
+        from dijiang.loading import model_folder
 
         device = device or available_device()
         folder = model_folder(pretrained)  # embedded names and .gguf files: their cached safetensors copy

@@ -1,7 +1,7 @@
-"""PNG plots of training and evaluation results (matplotlib, headless)."""
+"""PNG plots of training and evaluation results (matplotlib, headless): the figures `dijiang demo` and
+`dijiang eval` write into their --out folders."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -10,26 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def read_jsonl(path: str | Path, torn_last_line_ok: bool = False) -> list[dict]:
-    """Records of a JSONL log (blank lines skipped); a bad line is a ValueError naming the file and line.
-
-    torn_last_line_ok: drop an unreadable last line instead (a kill in the middle of appending it).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such log file: {path}")
-    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-             if line.strip()]
-    records = []
-    for index, (number, line) in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if torn_last_line_ok and index == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-    return records
+from dijiang.files import read_jsonl  # noqa: E402
 
 
 def loss_records(log: str | Path | Sequence[dict]) -> list[dict]:

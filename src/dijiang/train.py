@@ -5,25 +5,23 @@ attention module learning to reproduce its teacher module's output on the teache
 Stage 2: end to end, KD (KL to the teacher's logits) + LM loss, full fine-tuning or LoRA.
 
 One process on CPU, or several under `accelerate launch`: DDP, or FSDP2 (both stages; `dijiang.distributed`
-holds what sharding changes). Checkpoints hold
-everything needed to continue bit for bit after a kill: trainable weights (safetensors), optimizer state,
-RNG states of every rank, and the data position (batches are a pure function of seed and position).
+holds what sharding changes). Checkpoints hold everything needed to continue bit for bit after a kill:
+trainable weights (safetensors), optimizer state, RNG states of every rank, and the data position (batches are
+a pure function of seed and position).
+
+This module holds the schedule, the model preparation, the steps and the loop; the options and the flags made
+from them are in `dijiang.train_config`, the run's data in `dijiang.train_data`, its folder and checkpoints in
+`dijiang.checkpoints`.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 import json
 import math
-import os
 import random
-import re
-import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,135 +29,26 @@ import torch
 
 from dijiang import data as data_lib
 from dijiang import distributed
-from dijiang.arguments import fraction, non_negative_float, non_negative_int, parse_bool, positive_float, positive_int
-from dijiang.attention import DiJiangSettings, gate_summary
+from dijiang.arguments import parse_token_count
+from dijiang.attention import gate_summary
 from dijiang.capture import first_tensor, module_io
 from dijiang.conversion import iter_dijiang_layers
 from dijiang.files import write_text_atomic as _write_atomic
 from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
 
-DEFAULT_TEACHER_TOKENS = 100_000  # sampled from the teacher when no data source is given
-CHECKPOINT_DIR = "checkpoints"
-LOG_FILE = "log.jsonl"
-TEACHER_TEXT_FILE = "teacher_text.jsonl"
-
-
-# ---------------------------------------------------------------- configuration
-
-
-def parse_token_count(value: int | float | str) -> int:
-    """'20M' -> 20_000_000; K, M, G are decimal (1e3, 1e6, 1e9); '1.5M', '2e6' and 300 work too."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a token count like 20M, got {value!r}")
-    if isinstance(value, (int, float)):
-        count = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgG]?)\s*", str(value))
-        if not match:
-            raise ValueError(f"expected a token count like 500K, 20M or 1G, got {value!r}")
-        count = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2).lower()]
-    if count < 0 or count != count:
-        raise ValueError(f"token count must be >= 0, got {value!r}")
-    return int(round(count))
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
-@dataclass
-class TrainConfig:
-    model: str = field(default="smollm2", metadata=_help("embedded name (smollm2), local dir or hub name"))
-    teacher: str | None = field(default=None, metadata=_help("teacher model (default: the unconverted model)", type=str))
-    out: str = field(default="runs/train", metadata=_help("output folder: log, checkpoints, final model"))
-    data: list = field(default_factory=list, metadata=_help("text sources: files, folders, .jsonl, hf:NAME, pydoc"))
-    text_field: str = field(default="text", metadata=_help("field of .jsonl / dataset records holding the text"))
-    teacher_text_tokens: str = field(
-        default="0", metadata=_help(f"tokens to sample from the teacher as training text (default {DEFAULT_TEACHER_TOKENS} when no --data)")
-    )
-    eval_data: list = field(default_factory=lambda: ["pydoc"], metadata=_help("evaluation text sources"))
-    eval_blocks: int = field(default=16, metadata=_help("blocks per evaluation set", check=positive_int))
-    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)", check=non_negative_int))
-    held_out: float = field(default=0.0, metadata=_help("held-out part of the training text: fraction (<1) or blocks",
-                                                        check=non_negative_float))
-    tokens: str = field(default="20M", metadata=_help(
-        "stage-2 token budget (K/M/G suffixes); SmolLM2 with its teacher trains at ~20K tokens/s on an H100 "
-        "(20M: 17 minutes), ~20-150 tokens/s on a CPU"))
-    attention_transfer_tokens: str = field(default="0", metadata=_help("stage-1 (attention transfer) token budget"))
-    attention_transfer_lr: float | None = field(default=None, metadata=_help(
-        "peak learning rate of stage 1, which trains only the new parameters (default: --new-lr)",
-        type=float, check=positive_float))
-    block_size: int = field(default=512, metadata=_help("tokens per training sequence", check=positive_int))
-    batch_size: int = field(default=8, metadata=_help("sequences per micro-batch per process", check=positive_int))
-    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step", check=positive_int))
-    lr: float = field(default=1e-4, metadata=_help("peak learning rate of pretrained weights", check=non_negative_float))
-    new_lr: float = field(default=1e-3, metadata=_help("peak learning rate of the parameters DiJiang added",
-                                                       check=non_negative_float))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay (matrices only)", check=non_negative_float))
-    beta1: float = field(default=0.9, metadata=_help("AdamW beta1", check=fraction))
-    beta2: float = field(default=0.95, metadata=_help("AdamW beta2", check=fraction))
-    warmup: float = field(default=0.05, metadata=_help("warm-up: fraction of the steps (<1) or a number of steps",
-                                                       check=non_negative_float))
-    min_lr_ratio: float = field(default=0.1, metadata=_help("final learning rate as a fraction of the peak", check=fraction))
-    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm (0: off)", check=non_negative_float))
-    kd_weight: float = field(default=1.0, metadata=_help("weight of KL(teacher || student)", check=non_negative_float))
-    lm_weight: float = field(default=0.2, metadata=_help("weight of the next-token cross-entropy", check=non_negative_float))
-    temperature: float = field(default=1.0, metadata=_help("distillation temperature", check=positive_float))
-    lora_rank: int = field(default=0, metadata=_help("LoRA rank (0: full fine-tuning)", check=non_negative_int))
-    lora_alpha: float = field(default=32.0, metadata=_help("LoRA scale numerator (the update is scaled by alpha/rank)",
-                                                          check=positive_float))
-    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                               metadata=_help("module names LoRA adapts"))
-    attention: dict = field(default_factory=dict, metadata=_help("DiJiang settings, KEY=VALUE (window=64 ...)"))
-    layers: list | None = field(default=None, metadata=_help("layer indices to convert (default all)",
-                                                             type=non_negative_int))
-    gradient_checkpointing: bool = field(default=False,
-                                         metadata=_help("recompute activations in the backward pass (less memory)"))
-    mixed_precision: str = field(default="auto", metadata=_help("auto (bf16 on CUDA), bf16, fp16 or no"))
-    save_every: int = field(default=500, metadata=_help("checkpoint every N steps (0: never)", check=non_negative_int))
-    keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept (0: all)", check=non_negative_int))
-    max_steps: int | None = field(default=None, metadata=_help("stop after N steps (the schedule keeps its length)",
-                                                               check=positive_int))
-    seed: int = field(default=0, metadata=_help("seed of the initialisation, the data order and the teacher sample",
-                                                   check=non_negative_int))
-    data_cache: bool = field(default=True, metadata=_help("cache the packed training blocks under $DIJIANG_CACHE/blocks"))
-    resume: bool = field(default=False, metadata=_help("continue from the last checkpoint in --out"))
-    overwrite: bool = field(default=False, metadata=_help("replace an earlier run's files in --out (else an error)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
-        unknown = sorted(set(normalised) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        return cls(**normalised)
-
-    def validated(self) -> "TrainConfig":
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if "check" in spec.metadata and value is not None:
-                setattr(self, spec.name, spec.metadata["check"].check(spec.name, value))
-            elif isinstance(spec.default, bool):  # a recipe's quoted "no" must not read as true
-                setattr(self, spec.name, parse_bool(spec.name, value))
-        if self.layers is not None:
-            self.layers = [non_negative_int.check("layers entry", i) for i in self.layers]
-        if self.attention:  # before any model is loaded: a bad setting fails in a second, not after minutes
-            DiJiangSettings.from_any(dict(self.attention))
-        if self.kd_weight + self.lm_weight == 0:
-            raise ValueError("kd_weight and lm_weight must not both be 0")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if isinstance(self.eval_data, str):
-            self.eval_data = [self.eval_data]
-        for name in ("tokens", "attention_transfer_tokens", "teacher_text_tokens"):
-            parse_token_count(getattr(self, name))
-        if parse_token_count(self.tokens) < self.block_size:
-            raise ValueError(f"token budget {self.tokens} is smaller than one block ({self.block_size} tokens)")
-        return self
+# The configuration (dijiang.train_config), the run's data (dijiang.train_data) and its folder and checkpoints
+# (dijiang.checkpoints) have modules of their own; their public names stay importable from here.
+from dijiang.checkpoints import (  # noqa: F401
+    CHECKPOINT_DIR, LOG_FILE, RUN_FILES, TEACHER_TEXT_FILE, CorruptCheckpoint, check_out_dir, checkpoint_dirs,
+    load_checkpoint, load_newest_checkpoint, load_trained_weights, remove_run_files, rng_state, save_checkpoint,
+    set_rng_state, trainable_state, truncate_log,
+)
+from dijiang.train_config import (  # noqa: F401
+    DEFAULT_TEACHER_TOKENS, TrainConfig, add_arguments, config_from_args, load_recipe,
+)
+from dijiang.train_data import (  # noqa: F401
+    Batches, blocks_cache_file, data_fingerprint, load_eval_blocks, prepare_data,
+)
 
 
 # ---------------------------------------------------------------- schedule
@@ -194,7 +83,7 @@ def unwrapped_from_peft(model):
 
 
 def load_model(name: str, dtype=torch.float32):
-    from dijiang.conversion import load_pretrained
+    from dijiang.loading import load_pretrained
 
     return load_pretrained(name, dtype=dtype)
 
@@ -253,272 +142,6 @@ def build_optimizer(named_parameters, new_ids: set[int], config: TrainConfig,
 def set_lr(optimizer, multiplier: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * multiplier
-
-
-# ---------------------------------------------------------------- data
-
-
-def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path):
-    teacher_tokens = parse_token_count(config.teacher_text_tokens) or (0 if config.data else DEFAULT_TEACHER_TOKENS)
-    cache = None if teacher_tokens or not config.data_cache else blocks_cache_file(config, tokenizer)
-    if cache is not None and cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        packed = data_lib.PackedData(train=saved["train"], held_out=saved["held_out"])
-    else:
-        documents = data_lib.read_documents(config.data, config.text_field) if config.data else []
-        if teacher_tokens:
-            documents += _teacher_text(teacher, tokenizer, teacher_tokens, config.seed, accelerator, out,
-                                       config.progress)
-        packed = data_lib.build_blocks(documents, tokenizer, config.block_size, config.held_out, config.seed)
-        if cache is not None and accelerator.is_main_process:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_name(f".{cache.name}.{os.getpid()}")
-            torch.save({"train": packed.train, "held_out": packed.held_out}, partial)
-            partial.replace(cache)
-    eval_sets = {}
-    if len(packed.held_out):
-        eval_sets["held_out"] = packed.held_out[: config.eval_blocks]
-    for source in config.eval_data or []:
-        eval_sets[Path(source).name or source] = load_eval_blocks(
-            source, tokenizer, config.block_size, config.eval_blocks, config.text_field)
-    return packed, eval_sets
-
-
-def load_eval_blocks(source: str, tokenizer, block_size: int, count: int, text_field: str = "text") -> torch.Tensor:
-    """The first ``count`` packed blocks of one evaluation source: the loop's periodic evaluation set."""
-    documents = data_lib.read_documents([source], text_field)
-    blocks = data_lib.pack_blocks(data_lib.tokenize_documents(documents, tokenizer), block_size)
-    if not len(blocks):
-        raise ValueError(f"evaluation source {source!r} holds less than one block of {block_size} tokens")
-    return blocks[:count]
-
-
-def blocks_cache_file(config: TrainConfig, tokenizer) -> Path:
-    """Where the packed blocks of these sources, tokenizer and packing options are cached (tokenising a large
-    corpus takes longer than a short fine-tune). Files are identified by path, size and modification time."""
-    from dijiang.conversion import CACHE_DIR
-
-    sources = []
-    for source in config.data:
-        path = Path(source)
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-        sources.append([source, [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
-    key = json.dumps([sources, config.text_field, type(tokenizer).__name__, len(tokenizer),
-                      tokenizer(data_lib.PROBE_TEXT)["input_ids"],
-                      config.block_size, config.held_out, config.seed])
-    return CACHE_DIR / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
-
-
-def _teacher_text(teacher, tokenizer, n_tokens: int, seed: int, accelerator, out: Path, progress: bool) -> list[str]:
-    """Sampled once by the main process and cached in `out`, so that every rank and every resume see the same text."""
-    cache = out / TEACHER_TEXT_FILE
-    key = {"tokens": n_tokens, "seed": seed}
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and _cached_key(cache) != key:
-            print(f"sampling {n_tokens} tokens of training text from the teacher (no --data given) ...",
-                  file=sys.stderr)
-            documents = data_lib.sample_teacher_text(teacher, tokenizer, n_tokens, seed=seed, progress=progress)
-            lines = [json.dumps(key)] + [json.dumps({"text": doc}) for doc in documents]
-            _write_atomic(cache, "\n".join(lines) + "\n")
-    from dijiang.plots import read_jsonl
-
-    return [record["text"] for record in read_jsonl(cache)[1:]]
-
-
-def _cached_key(path: Path):
-    if not path.exists():
-        return None
-    with path.open(encoding="utf-8") as lines:
-        try:
-            return json.loads(lines.readline() or "null")
-        except json.JSONDecodeError:  # unreadable cache: sample again
-            return None
-
-
-def data_fingerprint(blocks: torch.Tensor) -> str:
-    weights = torch.arange(1, blocks.shape[1] + 1, dtype=torch.long)
-    return f"{tuple(blocks.shape)}:{int((blocks * weights).sum())}"
-
-
-class Batches:
-    """Each micro-step takes one global batch (batch_size x processes) from the stream; this rank keeps its slice."""
-
-    def __init__(self, blocks: torch.Tensor, config: TrainConfig, rank: int, world: int, position: int = 0):
-        self.stream = data_lib.BlockStream(blocks, config.seed, position)
-        self.batch_size, self.rank, self.world = config.batch_size, rank, world
-
-    def next(self, device) -> torch.Tensor:
-        global_batch = self.stream.next_blocks(self.batch_size * self.world)
-        return global_batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].to(device)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    root = out / CHECKPOINT_DIR
-    return sorted(root.glob("step_*")) if root.exists() else []
-
-
-def trainable_state(model, names: list[str]) -> dict[str, torch.Tensor]:
-    parameters = dict(model.named_parameters())
-    return {name: parameters[name].detach().cpu().contiguous().clone() for name in names}
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out: Path, step: int, model, names: list[str], optimizer, progress: dict, accelerator, keep: int):
-    """Write into a hidden folder, then rename it: a folder named step_* is always complete."""
-    from safetensors.torch import save_file
-
-    root = out / CHECKPOINT_DIR
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
-    weights, optimizer_state = _state_to_save(model, names, optimizer, accelerator)
-    if accelerator.is_main_process:
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**progress, "step": step}, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _state_to_save(model, names: list[str], optimizer, accelerator) -> tuple[dict | None, dict | None]:
-    """(trained weights, optimizer state) for rank 0 to write: gathered by every rank when sharded (collectives),
-    read by rank 0 alone otherwise."""
-    if distributed.is_sharded(accelerator):
-        return distributed.full_trainable_state(model, names, accelerator), distributed.full_optimizer_state(model, optimizer)
-    if accelerator.is_main_process:
-        return trainable_state(model, names), optimizer.state_dict()
-    return None, None
-
-
-def _read_trained_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return _read_checkpoint_file(folder / "trainable.safetensors", lambda f: load_file(str(f)))
-
-
-def _apply_trained_weights(folder: Path, model, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-    if sorted(tensors) != sorted(names):
-        raise ValueError(
-            f"checkpoint {folder} holds different parameters than this run trains "
-            "(was it written with other --lora-rank / --layers / --attention settings?)"
-        )
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor)
-
-
-def load_trained_weights(folder: Path, model, names: list[str]) -> None:
-    _apply_trained_weights(folder, model, names, _read_trained_weights(folder))
-
-
-def load_checkpoint(folder: Path, model, names: list[str], accelerator) -> tuple[dict, dict]:
-    """Load weights into `model` and restore this rank's RNG; returns (progress, optimizer state).
-
-    Every file is read before anything is applied: an unreadable one raises CorruptCheckpoint naming it and
-    leaves the model and the RNG as they were.
-    """
-    rng_file = folder / f"rng_rank{accelerator.process_index}.pt"
-    if not rng_file.exists():
-        raise ValueError(f"{folder} was written by fewer processes; resume with the same number of processes")
-    tensors = _read_trained_weights(folder)
-    rng = _read_checkpoint_file(rng_file, lambda f: torch.load(f, weights_only=True))
-    optimizer_state = _read_checkpoint_file(folder / "optimizer.pt",
-                                            lambda f: torch.load(f, weights_only=True, map_location="cpu"))
-    progress = _read_checkpoint_file(folder / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
-    _apply_trained_weights(folder, model, names, tensors)
-    set_rng_state(rng)
-    return progress, optimizer_state
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint file that cannot be read (truncated, overwritten, bad JSON)."""
-
-
-def _read_checkpoint_file(path: Path, read: Callable):
-    try:
-        return read(path)
-    except Exception as error:  # safetensors, torch.load and json each raise their own kinds
-        raise CorruptCheckpoint(f"checkpoint file {path} cannot be read ({type(error).__name__}: {error})") from None
-
-
-def load_newest_checkpoint(out: Path, model, names: list[str], accelerator) -> tuple[Path, dict, dict]:
-    """The newest checkpoint that reads back; a corrupt newer one is skipped with a warning."""
-    folders = checkpoint_dirs(out)
-    for folder in reversed(folders):
-        try:
-            return (folder, *load_checkpoint(folder, model, names, accelerator))
-        except CorruptCheckpoint as error:
-            if folder == folders[0]:
-                raise
-            print(f"warning: {error}; falling back to the checkpoint before it", file=sys.stderr)
-    raise AssertionError("unreachable: checkpoint_dirs was not empty")
-
-
-def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines of steps after the checkpoint: they are run again (and a line torn by a kill)."""
-    from dijiang.plots import read_jsonl
-
-    if not path.exists():
-        return
-    kept = [record for record in read_jsonl(path, torn_last_line_ok=True) if record.get("step", 0) <= last_step]
-    _write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
-# ---------------------------------------------------------------- output folder
-
-# what a run writes into --out (anything else there is the user's and stays)
-RUN_FILES = (CHECKPOINT_DIR, LOG_FILE, TEACHER_TEXT_FILE, "summary.json", "final")
-
-
-def check_out_dir(out: Path, config: TrainConfig) -> list[str]:
-    """The earlier run's files in `out`; ValueError when this run would replace them without being asked,
-    or when --resume finds nothing to resume (a mistyped --out must not start from scratch)."""
-    earlier = [name for name in RUN_FILES if (out / name).exists()]
-    if config.resume:
-        if not out.is_dir():
-            raise FileNotFoundError(f"--resume: {out} does not exist, nothing to resume (is --out right?)")
-        finished = {"final", "summary.json"} & set(earlier)
-        if not checkpoint_dirs(out) and (finished or not earlier):
-            what = f"a finished run ({', '.join(sorted(finished))}) without checkpoints" if finished else "no run"
-            raise ValueError(f"--resume: {out} holds {what}; nothing to resume (pass --overwrite without --resume "
-                             "to start over there)")
-        return earlier
-    if earlier and not config.overwrite:
-        raise ValueError(f"{out} already holds an earlier run ({', '.join(earlier)}): pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
-    return earlier
-
-
-def remove_run_files(out: Path, names: list[str]) -> None:
-    for name in names:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 # ---------------------------------------------------------------- steps
@@ -824,7 +447,7 @@ def _rebuilt_student(config: TrainConfig, convert_fn, names: list[str], checkpoi
 
 
 def _save_final(student, tokenizer, out: Path) -> str | None:
-    from dijiang.conversion import non_finite_tensors
+    from dijiang.loading import non_finite_tensors
 
     final = out / "final"
     model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
@@ -846,78 +469,13 @@ def _save_final(student, tokenizer, out: Path) -> str | None:
 # ---------------------------------------------------------------- command line
 
 
-def load_recipe(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such recipe: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"recipe {path} must be a mapping of option: value")
-    TrainConfig.from_dict(values)  # reject unknown options early, with the list of known ones
-    return values
-
-
-def _parse_key_values(items: list[str]) -> dict:
-    import yaml
-
-    settings = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        settings[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return settings
-
-
 def add_cli(subparsers) -> None:
-    import argparse
-
     parser = subparsers.add_parser(
         "train", description="Fine-tune a DiJiang model: optional attention transfer, then KD + LM. "
                     "--recipe FILE.yaml sets defaults; explicit flags override it.",
     )
-    parser.add_argument("--recipe", help="YAML file of options (keys as below, with - or _)")
-    for spec in dataclasses.fields(TrainConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        # default=SUPPRESS tells recipe values from explicit flags, so the help text states the default itself
-        kwargs = {"dest": spec.name, "default": argparse.SUPPRESS, "help": _help_with_default(spec, default)}
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, dict):
-            kwargs.update(nargs="*", metavar="KEY=VALUE")
-        elif isinstance(default, list) or spec.name == "layers":
-            kwargs.update(nargs="*", type=spec.metadata.get("type", str))
-        else:
-            kwargs["type"] = spec.metadata.get("check") or spec.metadata.get("type", type(default))
-        parser.add_argument(flag, **kwargs)
+    add_arguments(parser)
     parser.set_defaults(func=run_cli)
-
-
-def _help_with_default(spec, default) -> str:
-    text = spec.metadata["help"]
-    if "default" in text:
-        return text
-    if isinstance(default, bool):
-        shown = f"--{'' if default else 'no-'}{spec.name.replace('_', '-')}"
-    elif isinstance(default, (list, tuple)):
-        shown = " ".join(map(str, default)) or "none"
-    elif isinstance(default, dict):
-        shown = " ".join(f"{k}={v}" for k, v in default.items()) or "none"
-    else:
-        shown = "none" if default is None else default
-    return f"{text} (default: {shown})"
-
-
-def config_from_args(args) -> TrainConfig:
-    values = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    explicit = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig) if hasattr(args, spec.name)}
-    if "attention" in explicit:
-        explicit["attention"] = {**values.get("attention", {}), **_parse_key_values(explicit["attention"])}
-    return TrainConfig.from_dict({**values, **explicit})
 
 
 def run_cli(args) -> int:

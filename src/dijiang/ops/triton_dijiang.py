@@ -43,10 +43,11 @@ dot with P kept in float32; states are float32 in memory.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
+
+from dijiang import settings
 
 try:  # triton is optional (CPU machines, CI)
     import triton
@@ -60,7 +61,6 @@ except Exception:  # pragma: no cover - depends on the machine
 
 __all__ = ["fused_dijiang_attention", "torch_dijiang_attention", "dijiang_feature_map", "triton_supported"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DIMS = (16, 32, 64, 128)  # what the kernels compile for (and run under the Triton interpreter)
 # What runs on CUDA: the sizes the GPU tests cover. dv = 16 gave wrong outputs past the first chunk and an illegal
 # memory access at T = 4096 on the H100 (bf16, Triton 3.6) while the interpreter gets it right; 16/32 stay off
@@ -492,6 +492,16 @@ if HAS_TRITON:
         _reduce_head(part_ptr, out_ptr, out_ptr + H * M, tl.program_id(0), B, H, NC, M, BLK)
 
 
+# TRITON_INTERPRET=1 when triton defined the kernels above made them interpreted (CPU tensors, numpy): a fact
+# fixed at import, so it is taken from the kernels rather than from the variable, which may have changed since
+if HAS_TRITON:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    INTERPRETED = isinstance(_f1_segment_states, InterpretedFunction)
+else:  # pragma: no cover - depends on the machine
+    INTERPRETED = False
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch helpers and the autograd wrapper
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +510,6 @@ if HAS_TRITON:
 # Triton's dispatch (argument binding and specialisation) is Python work on every launch, and at short lengths
 # the kernels' GPU time is smaller than that host time (docs/kernel_notes.md). After the first launch of a
 # specialisation we call the compiled kernel directly. DIJIANG_TRITON_DIRECT_LAUNCH=0 turns this off.
-DIRECT_LAUNCH = os.environ.get("DIJIANG_TRITON_DIRECT_LAUNCH", "1") != "0"
 _COMPILED: dict = {}
 _RUNTIME_KNOBS = triton.knobs.runtime if HAS_TRITON else None
 
@@ -544,7 +553,7 @@ def launch(fn, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: 
     ``spec``: a caller-built key standing for the arguments' properties (device, dtypes, alignment of the tensors
     not allocated by us, ``int_spec`` of the ints), cheaper than inspecting every argument; buffers from torch's
     CUDA allocator are 512-byte aligned, so they need no entry."""
-    if _INTERPRET or not DIRECT_LAUNCH:
+    if INTERPRETED or not settings.triton_direct_launch():
         fn[grid](*args, **constexprs, **_launch_options(num_warps, num_stages))
         return
     # id(fn): hashing a JITFunction takes a lock and a property call on every launch
@@ -572,8 +581,6 @@ def launch(fn, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: 
 
 
 SEGMENT_CHUNKS_OVERRIDE: int | None = None  # tests: force the segment length (chunks)
-# force the in-kernel carry on (where allowed) or off; DIJIANG_INLINE_CARRY=0 / 1 (benchmarks, tests)
-INLINE_OVERRIDE: bool | None = {"0": False, "1": True}.get(os.environ.get("DIJIANG_INLINE_CARRY", ""))
 # Up to this many (chunk, b*h) tiles the op is host-bound on the H100 (its GPU work is shorter than the Python and
 # launch cost of its kernels), so F3/B3 carry the segment states themselves and the two scan launches go.
 INLINE_MAX_TILES = 2048
@@ -582,10 +589,12 @@ INLINE_MAX_TILES = 2048
 def _segment_plan(num_chunks: int, bh: int, plain: bool) -> tuple[int, bool]:
     """(chunks per segment, inline). Default: enough segments to fill the GPU, at most 16 sequential steps each,
     and a scan kernel between F1 and F3. Inline (short sequences without state in or out): about sqrt(NC) chunks
-    per segment, so F1's sequential walk and F3/B3's carry over earlier segments are both short."""
+    per segment, so F1's sequential walk and F3/B3's carry over earlier segments are both short.
+    DIJIANG_INLINE_CARRY (benchmarks, tests) forces the in-kernel carry on (where allowed) or off."""
     inline = plain and num_chunks * bh <= INLINE_MAX_TILES and num_chunks <= 256
-    if INLINE_OVERRIDE is not None:
-        inline = plain and INLINE_OVERRIDE
+    inline_override = settings.inline_carry()
+    if inline_override is not None:
+        inline = plain and inline_override
     if SEGMENT_CHUNKS_OVERRIDE is not None:
         return max(1, int(SEGMENT_CHUNKS_OVERRIDE)), inline
     if inline:
@@ -639,7 +648,7 @@ def _cfg_for(q, v, proj, scale, eps, normalize, chunk_size, plain) -> _Cfg:
     """The call's _Cfg, built once per shape and option set: building it is pure host work that a short,
     launch-bound call would otherwise repeat on every step."""
     key = (q.shape, v.shape[-1], proj.shape[1], scale, eps, normalize, chunk_size, plain, SEGMENT_CHUNKS_OVERRIDE,
-           INLINE_OVERRIDE, TUNE.get("warps"))
+           settings.inline_carry(), TUNE.get("warps"))
     cfg = _CFGS.get(key)
     if cfg is None:
         if len(_CFGS) > 4096:  # many sequence lengths (variable-length batches): start over
@@ -810,7 +819,7 @@ def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: 
     """Whether the fused Triton path takes these inputs; else (False, reason)."""
     if not HAS_TRITON:
         return False, "triton is not installed"
-    if not (q.is_cuda or _INTERPRET):
+    if not (q.is_cuda or INTERPRETED):
         return False, "inputs are not on a CUDA device"
     d, m, dv = q.shape[-1], proj.shape[-1], v.shape[-1]
     dims = GPU_DIMS if q.is_cuda else SUPPORTED_DIMS
@@ -871,7 +880,7 @@ def fused_dijiang_attention(
         key = (q.shape, k.shape, v.shape, proj.shape, None if log_weight is None else log_weight.shape,
                log_decay.shape, None if initial_state is None else initial_state.shape, q.dtype, k.dtype, v.dtype,
                q.is_cuda, scale, normalize, output_final_state, chunk_size, eps, backend, out_dtype,
-               SEGMENT_CHUNKS_OVERRIDE, INLINE_OVERRIDE, TUNE.get("warps"))
+               SEGMENT_CHUNKS_OVERRIDE, settings.inline_carry(), TUNE.get("warps"))
         plan = _PLANS.get(key)
         if plan is not None:
             o, final, _ = _apply_fused(q, k, v, proj, log_weight, log_decay, initial_state, plan[0],
