@@ -21,23 +21,29 @@ from dijiang.evaluate import markdown_table  # noqa: E402
 
 WINDOWS = (512, 2048, 8192)
 TEXTS = {"pydoc": "pydoc", "austen-pride-and-prejudice.txt": "Austen", "python-stdlib.txt": "code"}
-ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "layer-hybrid", "pure")  # lever by lever
+ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k", "transform-at", "transform-at-8k",
+         "layer-hybrid", "layer-hybrid-8k", "layer-choice", "layer-choice-at", "pure")  # lever by lever
 
 
 def load_runs(root: Path) -> dict[str, dict]:
-    """{job: {"eval": ..., "log": [...]}} for every job folder under root that holds an eval.json."""
+    """{job: {"eval": ... or None, "log": [...]}} for every job folder under root that holds an eval.json or a
+    training log (a run stopped before its evaluation still has a training curve)."""
     runs = {}
     rank = {job: i for i, job in enumerate(ORDER)}
     for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (rank.get(p.name, len(ORDER)), p.name)):
         found = [f for f in (folder / "eval.json", folder / "eval" / "eval.json") if f.is_file()]
-        if not found:
-            continue
         log = folder / "log.jsonl"
+        if not found and not log.is_file():
+            continue
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-        runs[folder.name] = {"eval": json.loads(found[0].read_text()), "log": records}
-    if not runs:
+        runs[folder.name] = {"eval": json.loads(found[0].read_text()) if found else None, "log": records}
+    if not any(run["eval"] for run in runs.values()):
         raise SystemExit(f"no JOB/eval.json under {root}")
     return runs
+
+
+def evaluated(runs: dict[str, dict]) -> dict[str, dict]:
+    return {job: run for job, run in runs.items() if run["eval"] is not None}
 
 
 def _row(rows: list[dict], text: str, window: int, model: str) -> dict | None:
@@ -47,26 +53,33 @@ def _row(rows: list[dict], text: str, window: int, model: str) -> dict | None:
 def quality_table(runs: dict[str, dict]) -> list[dict]:
     """One row per job: ratio to the teacher per text and window, the branch's worth at 8k, passkey."""
     table = []
-    for job, run in runs.items():
+    for job, run in evaluated(runs).items():
         rows, row = run["eval"]["context"], {"run": job}
         for text, label in TEXTS.items():
             cells = [_row(rows, text, w, job) for w in WINDOWS]
             row[label] = " / ".join(f"{c['ratio']:.3f}" if c else "-" for c in cells)
             off = _row(rows, text, WINDOWS[-1], f"{job}, branch off")
             row[f"{label} off"] = f"{100 * off['branch_worth']:+.1f} %" if off else "-"
-        passkey = run["eval"].get("passkey", {}).get(job, [])
-        row["passkey"] = " / ".join(f"{100 * r['accuracy']:.0f}" for r in passkey) or "-"
+        row["passkey"] = passkey_cell(run["eval"].get("passkey", {}).get(job, []))
         table.append(row)
     return table
 
 
+def passkey_cell(rows: list[dict]) -> str:
+    """'1k 30 / 2k 0 ...': accuracy % at each context length (runs were evaluated at different lengths)."""
+    def length(n: int) -> str:
+        return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+    return " / ".join(f"{length(r['context'])} {100 * r['accuracy']:.0f}" for r in rows) or "-"
+
+
 def teacher_table(runs: dict[str, dict]) -> list[dict]:
-    evaluation = next(iter(runs.values()))["eval"]
+    # the teacher's passkey prompts depend on the lengths asked for (one seeded stream): take the widest run
+    evaluation = max((run["eval"] for run in evaluated(runs).values()), key=lambda e: len(e.get("passkey", {}).get("teacher", [])))
     row = {"model": "teacher"}
     for text, label in TEXTS.items():
         row[label] = " / ".join(f"{_row(evaluation['context'], text, w, 'teacher')['perplexity']:.2f}"
                                 for w in WINDOWS)
-    row["passkey"] = " / ".join(f"{100 * r['accuracy']:.0f}" for r in evaluation["passkey"]["teacher"])
+    row["passkey"] = passkey_cell(evaluation["passkey"]["teacher"])
     return [row]
 
 
@@ -84,40 +97,73 @@ def gate_table(runs: dict[str, dict]) -> list[dict]:
     return table
 
 
-def plot_context(runs: dict[str, dict], out: Path) -> Path:
-    from dijiang.plots import plot_context as draw
+def _colours(names: list[str]) -> dict:
+    import matplotlib
 
-    rows = [dict(r, text=TEXTS.get(r["text"], r["text"])) for run in runs.values() for r in run["eval"]["context"]
-            if r["model"] != "teacher"]
-    return draw(rows, out)
+    palette = matplotlib.colormaps["tab20"].colors
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
-def plot_training(runs: dict[str, dict], out: Path) -> Path:
+def _figure(panels: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for job, run in runs.items():
-        evals = [r for r in run["log"] if "eval_pydoc_ppl" in r]
-        tokens = [r["tokens"] / 1e6 for r in evals]
-        axes[0].plot(tokens, [r["eval_pydoc_ppl"] for r in evals], marker="o", label=job)
-        if evals and "mix_mean" in evals[0]:
-            axes[1].plot(tokens, [r["mix_mean"] for r in evals], marker="o", label=job)
-        axes[2].plot(tokens, [r["slowest_gamma_max"] for r in evals], marker="o", label=job)
-    for ax, title in zip(axes, ("block-eval perplexity, pydoc (4 x 4096 tokens)", "mean linear weight (mix)",
-                                "slowest decay gamma")):
-        ax.set_title(title)
-        ax.set_xlabel("training tokens (M)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+    return plt, fig, axes
+
+
+def _save(plt, fig, axes, out: Path) -> Path:
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 6), 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_context(runs: dict[str, dict], out: Path) -> Path:
+    """Ratio to the teacher against the evaluation window, one panel per text; pure DiJiang (5-19x) is left to
+    the table so that the hybrids' differences stay readable."""
+    jobs = [job for job in evaluated(runs) if job != "pure"]
+    colours = _colours(jobs)
+    plt, fig, axes = _figure(len(TEXTS))
+    for ax, (text, label) in zip(axes, TEXTS.items()):
+        for job in jobs:
+            cells = [_row(runs[job]["eval"]["context"], text, w, job) for w in WINDOWS]
+            points = [(w, c["ratio"]) for w, c in zip(WINDOWS, cells) if c]
+            ax.plot(*zip(*points), marker="o", color=colours[job], label=job)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(WINDOWS, [str(w) for w in WINDOWS])
+        ax.set_title(label)
+        ax.set_xlabel("evaluation window (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity / teacher's")
+    return _save(plt, fig, axes, out)
+
+
+def plot_training(runs: dict[str, dict], out: Path) -> Path:
+    jobs = [job for job in runs if job != "pure"]
+    colours = _colours(jobs)
+    plt, fig, axes = _figure(3)
+    for job in jobs:
+        evals = [r for r in runs[job]["log"] if "eval_pydoc_ppl" in r]
+        tokens = [r["tokens"] / 1e6 for r in evals]
+        axes[0].plot(tokens, [r["eval_pydoc_ppl"] for r in evals], marker="o", color=colours[job], label=job)
+        axes[1].plot(tokens, [r.get("mix_mean", float("nan")) for r in evals], marker="o", color=colours[job])
+        axes[2].plot(tokens, [r["slowest_gamma_max"] for r in evals], marker="o", color=colours[job])
+    titles = ("block-eval perplexity, pydoc (4 blocks of the run's size)", "mean linear weight (mix)",
+              "slowest decay gamma (largest over layers)")
+    low = min((line.get_ydata().min() for line in axes[0].get_lines()), default=1.0)
+    axes[0].set_ylim(0.95 * low, 1.6 * low)  # stage 1 of attention transfer starts far above: cut off
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training tokens (M)")
+        ax.grid(alpha=0.3)
+    return _save(plt, fig, axes, out)
 
 
 def main(argv=None) -> int:
@@ -129,9 +175,9 @@ def main(argv=None) -> int:
     columns = ["run", *(label for label in TEXTS.values()),
                *(f"{label} off" for label in TEXTS.values()), "passkey"]
     print("ratio to the teacher at 512 / 2048 / 8192; 'off': perplexity rise at 8192 with the DiJiang branch "
-          "switched off; passkey % at 1k / 2k / 4k / 8k\n")
+          "switched off; passkey % at each context length\n")
     print(markdown_table(quality_table(runs), columns))
-    print("\nteacher perplexity at 512 / 2048 / 8192; passkey % at 1k / 2k / 4k / 8k\n")
+    print("\nteacher perplexity at 512 / 2048 / 8192; passkey % at each context length\n")
     print(markdown_table(teacher_table(runs), ["model", *TEXTS.values(), "passkey"]))
     print("\nlinear weight min / mean / max and slowest decay per layer, at the last training eval\n")
     print(markdown_table(gate_table(runs), ["run", "mix", "slowest", "tokens"]))

@@ -229,10 +229,22 @@ def test_passkey_scoring():
     assert not passkey_correct(" no digits", "48213")
 
 
+def test_passkey_needle_distance(tokenizer):
+    for depth in (0.0, 0.5, 1.0):
+        prompt = passkey_prompt(tokenizer, 2000, depth, 12345)
+        tail = prompt.text[prompt.needle_at:]
+        assert tail.startswith(evaluate.PASSKEY_NEEDLE.format(key=12345))
+        assert prompt.tokens_from_needle(tokenizer) == len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    assert passkey_prompt(tokenizer, 2000, 1.0, 1).tokens_from_needle(tokenizer) < \
+        passkey_prompt(tokenizer, 2000, 0.0, 1).tokens_from_needle(tokenizer)
+
+
 def test_passkey_accuracy_runs_and_is_seeded(model, tokenizer):
     first = evaluate.passkey_accuracy(model, tokenizer, [64, 128], trials=2, seed=3, max_new_tokens=3)
     assert [r["context"] for r in first] == [64, 128]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in first)
+    assert all(r["accuracy"] == sum(r["correct"]) / 2 and len(r["needle_to_end"]) == 2 for r in first)
+    assert all(0 < d <= r["context"] for r in first for d in r["needle_to_end"])
     assert first == evaluate.passkey_accuracy(model, tokenizer, [64, 128], trials=2, seed=3, max_new_tokens=3)
 
 

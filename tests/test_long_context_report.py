@@ -33,12 +33,15 @@ def _run(root, job, hybrid, nested=False):
 def test_tables_and_plots(tmp_path, capsys):
     _run(tmp_path, "pure", hybrid=False)
     _run(tmp_path, "baseline", hybrid=True, nested=True)  # the GPU driver's layout
+    _run(tmp_path, "stopped", hybrid=True)
+    (tmp_path / "stopped" / "eval.json").unlink()  # a run cut before its evaluation: a training curve only
     runs = report.load_runs(tmp_path)
-    assert list(runs) == ["baseline", "pure"]  # lever order, not alphabetical
+    assert list(runs) == ["baseline", "pure", "stopped"]  # lever order, not alphabetical
+    assert runs["stopped"]["eval"] is None and "stopped" not in {r["run"] for r in report.quality_table(runs)}
     rows = {r["run"]: r for r in report.quality_table(runs)}
     assert rows["baseline"]["pydoc"] == "1.200 / 1.200 / 1.200"
     assert rows["baseline"]["Austen off"] == "+10.0 %" and rows["pure"]["code off"] == "-"
-    assert rows["pure"]["passkey"] == "100 / 50 / 0 / 0"
+    assert rows["pure"]["passkey"] == "1k 100 / 2k 50 / 4k 0 / 8k 0"
     assert report.teacher_table(runs)[0]["pydoc"] == "10.00 / 8.00 / 7.00"
     gates = {r["run"]: r for r in report.gate_table(runs)}
     assert gates["baseline"]["mix"] == "0.100 / 0.200 / 0.300" and gates["pure"]["mix"] == "-"

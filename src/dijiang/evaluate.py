@@ -301,6 +301,12 @@ class PasskeyPrompt:
     depth: float  # requested fraction of the filler placed before the needle
     num_filler: int  # filler repetitions in the prompt
     needle_after: int  # filler repetitions before the needle
+    needle_at: int  # character offset of the needle in `text`
+
+    def tokens_from_needle(self, tokenizer) -> int:
+        """Tokens from the needle's start to the prompt's end: a model that sees only its last W tokens can
+        retrieve the key only when this is at most W."""
+        return len(tokenizer(self.text[self.needle_at:], add_special_tokens=False)["input_ids"])
 
 
 def passkey_prompt(tokenizer, num_tokens: int, depth: float, key: str | int) -> PasskeyPrompt:
@@ -317,9 +323,9 @@ def passkey_prompt(tokenizer, num_tokens: int, depth: float, key: str | int) -> 
     fixed = count(PASSKEY_INTRO + PASSKEY_NEEDLE.format(key=key) + PASSKEY_QUESTION)
     num_filler = max(0, (num_tokens - fixed) // max(1, count(PASSKEY_FILLER)))
     needle_after = round(depth * num_filler)
-    text = (PASSKEY_INTRO + PASSKEY_FILLER * needle_after + PASSKEY_NEEDLE.format(key=key)
-            + PASSKEY_FILLER * (num_filler - needle_after) + PASSKEY_QUESTION)
-    return PasskeyPrompt(text, key, depth, num_filler, needle_after)
+    before = PASSKEY_INTRO + PASSKEY_FILLER * needle_after
+    text = before + PASSKEY_NEEDLE.format(key=key) + PASSKEY_FILLER * (num_filler - needle_after) + PASSKEY_QUESTION
+    return PasskeyPrompt(text, key, depth, num_filler, needle_after, len(before))
 
 
 def passkey_correct(generated: str, key: str) -> bool:
@@ -331,7 +337,10 @@ def passkey_correct(generated: str, key: str) -> bool:
 @torch.no_grad()
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int], trials: int = 5, seed: int = 0,
                      max_new_tokens: int = 8, progress: bool = False, desc: str = "passkey") -> list[dict]:
-    """Greedy passkey retrieval at each context length: random 5-digit keys at random depths (seeded)."""
+    """Greedy passkey retrieval at each context length: random 5-digit keys at random depths (seeded).
+
+    Each row also lists, per trial, whether it was right and how many tokens lay from the needle to the end
+    (`correct`, `needle_to_end`): accuracy beyond a sliding window is the part that needs long memory."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(lengths) * trials, desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
@@ -340,16 +349,18 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], trials: int = 5, 
     model.eval()
     rows = []
     for length in lengths:
-        correct = 0
+        correct, distances = [], []
         for _ in range(trials):
             prompt = passkey_prompt(tokenizer, length, rng.random(), rng.randint(10000, 99999))
             inputs = tokenizer(prompt.text, return_tensors="pt").to(device)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += passkey_correct(answer, prompt.key)
+            correct.append(passkey_correct(answer, prompt.key))
+            distances.append(prompt.tokens_from_needle(tokenizer))
             bar.update(1)
-        rows.append({"context": length, "trials": trials, "accuracy": correct / trials})
+        rows.append({"context": length, "trials": trials, "accuracy": sum(correct) / trials, "correct": correct,
+                     "needle_to_end": distances})
     bar.close()
     return rows
 

@@ -1,0 +1,47 @@
+"""scripts/probe_layer_choice.py: the banded proxy layer, the needle prompts and the greedy rounds."""
+import pytest
+import torch
+from helpers import tiny_model
+from script_loader import load_script
+from transformers import AttentionInterface
+
+probe = load_script("scripts/probe_layer_choice.py")
+
+
+@pytest.fixture()
+def banded():
+    model = tiny_model("llama")
+    model.eval()
+    proxy = probe.BandedAttention(window=4)
+    AttentionInterface.register("probe_banded_test", proxy)
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+    model.set_attn_implementation("probe_banded_test")
+    return model, proxy, ids, reference
+
+
+@torch.no_grad()
+def test_banded_proxy_keeps_full_layers_and_cuts_the_others(banded):
+    model, proxy, ids, reference = banded
+    every = list(range(model.config.num_hidden_layers))
+    assert torch.allclose(probe.model_keeping(model, proxy, {}, every)(input_ids=ids).logits, reference, atol=1e-5)
+    cut = probe.model_keeping(model, proxy, {}, [])(input_ids=ids).logits
+    assert torch.allclose(cut[:, :4], reference[:, :4], atol=1e-5)  # inside the window nothing is lost
+    assert not torch.allclose(cut[:, 8:], reference[:, 8:], atol=1e-3)
+    one = probe.model_keeping(model, proxy, {}, [0])(input_ids=ids).logits
+    assert not torch.allclose(one, cut, atol=1e-4) and not torch.allclose(one, reference, atol=1e-4)
+
+
+def test_retrieval_score_on_teacher_forced_answers(banded):
+    model, proxy, _, _ = banded
+
+    class Digits:  # one token per character: enough for needle_prompts
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 for c in text]}
+
+    filler = list(range(97)) * 4
+    prompts = probe.needle_prompts(Digits(), filler, count=3, tokens=200)
+    assert all(ids.shape == (1, 200) and 0 < start < 200 for ids, start in prompts)
+    logp, exact = probe.retrieval_score(probe.model_keeping(model, proxy, {}, []), prompts)
+    assert logp < 0 and 0.0 <= exact <= 1.0
