@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import torch
@@ -110,13 +109,14 @@ QUESTION = "\nQuestion: what is the serial number of the {thing}? Answer: the se
 THINGS = ("red lamp", "old bicycle", "blue kettle", "garden gate", "small radio", "brass key")
 
 
-def retrieval_scores(model, tokenizer, filler_ids: list[int], needles: int, tokens: int, seed: int = 0) -> list:
-    """[layer][head] mean attention mass from the answer-digit predictions onto the needle's digits."""
+def needle_prompts(tokenizer, filler_ids: list[int], count: int, tokens: int, seed: int = 0) -> list[dict]:
+    """`count` prompts of `tokens` tokens: filler with a needle at a random depth, the question, the answer
+    (teacher-forced). Each: {"ids": [...], "key_span": positions of the needle's key, "answer_start": int}."""
     import random
 
     rng = random.Random(seed)
-    totals = None
-    for trial in range(needles):
+    prompts = []
+    for trial in range(count):
         thing, key = THINGS[trial % len(THINGS)], str(rng.randint(10000, 99999))
         needle = tokenizer(NEEDLE.format(thing=thing, key=key), add_special_tokens=False)["input_ids"]
         tail = tokenizer(QUESTION.format(thing=thing), add_special_tokens=False)["input_ids"]
@@ -128,8 +128,18 @@ def retrieval_scores(model, tokenizer, filler_ids: list[int], needles: int, toke
         ids = filler[:depth] + needle + filler[depth:] + tail + answer
         key_ids = tokenizer(key, add_special_tokens=False)["input_ids"]
         first = next(i for i in range(len(needle)) if needle[i:i + len(key_ids)] == key_ids)
-        needle_span = torch.arange(depth + first, depth + first + len(key_ids))
-        predictors = torch.arange(len(ids) - len(answer) - 1, len(ids) - 1)  # each predicts the next token
+        prompts.append({"ids": ids, "key_span": range(depth + first, depth + first + len(key_ids)),
+                        "answer_start": len(ids) - len(answer)})
+    return prompts
+
+
+def retrieval_scores(model, tokenizer, filler_ids: list[int], needles: int, tokens: int, seed: int = 0) -> list:
+    """[layer][head] mean attention mass from the answer-digit predictions onto the needle's digits."""
+    totals = None
+    for prompt in needle_prompts(tokenizer, filler_ids, needles, tokens, seed):
+        ids = prompt["ids"]
+        needle_span = torch.tensor(list(prompt["key_span"]))
+        predictors = torch.arange(prompt["answer_start"] - 1, len(ids) - 1)  # each predicts the next token
         layers = capture_qk(model, torch.tensor([ids]))
         scores = []
         for layer in layers:

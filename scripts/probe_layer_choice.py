@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -32,28 +31,16 @@ from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dijiang  # noqa: E402
-from probe_far_attention import NEEDLE, QUESTION, THINGS  # noqa: E402
+from probe_far_attention import needle_prompts  # noqa: E402
 
 DEFAULT_SETTINGS = {"window": 128, "radius": "chi", "decay_range": [0.0625, 6.103515625e-05],
                     "feature_transform": True}
 
 
-def needle_prompts(tokenizer, filler_ids: list[int], count: int, tokens: int, seed: int = 0):
-    """[(ids, answer_start)]: filler with a needle at a random depth, question, answer (teacher-forced)."""
-    rng = random.Random(seed)
-    prompts = []
-    for trial in range(count):
-        thing, key = THINGS[trial % len(THINGS)], str(rng.randint(10000, 99999))
-        needle = tokenizer(NEEDLE.format(thing=thing, key=key), add_special_tokens=False)["input_ids"]
-        tail = tokenizer(QUESTION.format(thing=thing), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
-        room = tokens - len(needle) - len(tail) - len(answer)
-        start = rng.randint(0, len(filler_ids) - room)
-        filler = filler_ids[start:start + room]
-        depth = rng.randint(room // 10, room * 9 // 10)
-        ids = filler[:depth] + needle + filler[depth:] + tail + answer
-        prompts.append((torch.tensor([ids]), len(ids) - len(answer)))
-    return prompts
+def answer_prompts(tokenizer, filler_ids: list[int], count: int, tokens: int, seed: int = 0):
+    """[(ids [1, T], answer_start)]: probe_far_attention's needle prompts, as tensors."""
+    return [(torch.tensor([p["ids"]]), p["answer_start"])
+            for p in needle_prompts(tokenizer, filler_ids, count, tokens, seed)]
 
 
 @torch.no_grad()
@@ -125,7 +112,7 @@ def main(argv=None) -> int:
         AttentionInterface.register("probe_banded", proxy)
         teacher.set_attn_implementation("probe_banded")
     filler = tokenizer(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    prompts = [(ids.to(args.device), start) for ids, start in needle_prompts(tokenizer, filler, args.prompts, args.tokens)]
+    prompts = [(ids.to(args.device), start) for ids, start in answer_prompts(tokenizer, filler, args.prompts, args.tokens)]
     every_layer = list(range(teacher.config.num_hidden_layers))
     full = teacher if proxy is None else model_keeping(teacher, proxy, args.settings, every_layer)
     result = {"args": vars(args), "teacher": retrieval_score(full, prompts)}

@@ -276,8 +276,6 @@ def test_plots_write_pngs(tmp_path):
                              for i in range(20)) + '\n{"event": "done"}\n')
     paths = [
         plots.plot_loss_curve(log, tmp_path / "loss.png"),
-        plots.plot_perplexity_vs_tokens({"pure": [(0, 3056), (1e6, 367)], "hybrid": [(0, 43), (1e6, 19.7)]},
-                                        tmp_path / "ppl.png", teacher_perplexity=14.0),
         plots.plot_fidelity([{"layer": f"model.layers.{i}.self_attn", "cosine": 0.9 - i / 50,
                               "relative_mse": 0.1 + i / 40} for i in range(6)], tmp_path / "fid.png"),
         plots.plot_demo([{"model": "teacher", "perplexity": 14.0}, {"model": "student", "perplexity": 40.0}],

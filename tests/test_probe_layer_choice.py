@@ -41,7 +41,11 @@ def test_retrieval_score_on_teacher_forced_answers(banded):
             return {"input_ids": [ord(c) % 97 for c in text]}
 
     filler = list(range(97)) * 4
-    prompts = probe.needle_prompts(Digits(), filler, count=3, tokens=200)
+    prompts = probe.answer_prompts(Digits(), filler, count=3, tokens=200)
     assert all(ids.shape == (1, 200) and 0 < start < 200 for ids, start in prompts)
+    far = load_script("scripts/probe_far_attention.py")
+    for prompt in far.needle_prompts(Digits(), filler, count=3, tokens=200):
+        digits = [prompt["ids"][i] for i in prompt["key_span"]]
+        assert digits == prompt["ids"][prompt["answer_start"] + 1:]  # the answer (after its space) is the needle's key
     logp, exact = probe.retrieval_score(probe.model_keeping(model, proxy, {}, []), prompts)
     assert logp < 0 and 0.0 <= exact <= 1.0

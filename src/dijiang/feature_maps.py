@@ -381,23 +381,17 @@ class HedgehogFeatureMap(FeatureMap):
         return f"d={self.head_dim}, H={self.num_heads}, m={self.num_features}"
 
 
-def build_feature_map(
-    name: str,
-    head_dim: int,
-    num_heads: int,
-    num_features: int | None = None,
-    *,
-    scale: float | None = None,
-    stabiliser: str = "softmax",
-    seed: int = 0,
-    qmc: str = "sobol",
-    radius: str = "normal",
-    learn_projection: bool = False,
-) -> FeatureMap:
+MAP_OPTIONS = ("scale", "stabiliser", "seed", "qmc", "radius", "learn_projection")
+
+
+def build_feature_map(name: str, head_dim: int, num_heads: int, num_features: int | None = None,
+                      **options) -> FeatureMap:
     """Build a registered feature map. num_features defaults to head_dim (2 head_dim for hedgehog).
 
-    learn_projection makes the projection P of an exp-type map a trained parameter (initialised as the map
-    defines it); the elu map has no projection and refuses it; hedgehog always trains its map."""
+    options: the maps' keyword options (MAP_OPTIONS: scale, stabiliser, seed, qmc, radius, learn_projection; see
+    DiJiangFeatureMap for their meaning and defaults). learn_projection makes the projection P of an exp-type map a
+    trained parameter (initialised as the map defines it); the elu map has no projection and refuses it;
+    hedgehog always trains its map."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {name!r}; registered: {sorted(FEATURE_MAPS)}")
     dims_are_ints = isinstance(head_dim, numbers.Integral) and isinstance(num_heads, numbers.Integral)
@@ -405,11 +399,14 @@ def build_feature_map(
         raise ValueError(f"head_dim and num_heads must be ints >= 1, got {head_dim!r} and {num_heads!r}")
     cls = FEATURE_MAPS[name]
     m = cls.default_num_features(int(head_dim)) if num_features is None else int(num_features)
-    options = dict(scale=scale, stabiliser=stabiliser, seed=seed, qmc=qmc, radius=radius)
+    unknown = set(options) - set(MAP_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown feature map options {sorted(unknown)}; known: {list(MAP_OPTIONS)}")
+    learn_projection = options.pop("learn_projection", False)
     if learn_projection and not cls.always_trained:
         if not issubclass(cls, ProjectedFeatureMap):
             raise ValueError(f"feature map {name!r} has no projection to learn (learn_projection=True)")
-        options["learn_projection"] = True
+        options["learn_projection"] = True  # only the maps with a projection take this option
     return cls(int(head_dim), int(num_heads), m, **options)
 
 

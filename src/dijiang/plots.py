@@ -48,23 +48,6 @@ def plot_loss_curve(log: str | Path | Sequence[dict], out_path: str | Path) -> P
     return _save(fig, out_path)
 
 
-def plot_perplexity_vs_tokens(series: dict[str, Sequence[tuple[float, float]]], out_path: str | Path,
-                              teacher_perplexity: float | None = None) -> Path:
-    """Perplexity (log scale) against fine-tuning tokens: {model name: [(tokens, perplexity), ...]}."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in series.items():
-        points = sorted(points)
-        ax.plot([t for t, _ in points], [p for _, p in points], marker="o", label=name)
-    if teacher_perplexity is not None:
-        ax.axhline(teacher_perplexity, color="black", ls="--", lw=1, label="teacher")
-    ax.set_yscale("log")
-    ax.set_xlabel("fine-tuning tokens")
-    ax.set_ylabel("perplexity")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    return _save(fig, out_path)
-
-
 def plot_fidelity(rows: Sequence[dict], out_path: str | Path) -> Path:
     """Per-layer bars: cosine similarity and relative MSE of student vs teacher attention outputs."""
     labels = [_short_layer_name(r["layer"]) for r in rows]

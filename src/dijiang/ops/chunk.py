@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .naive import finish_outputs, prepare_inputs, validate_inputs
+from .naive import finish_outputs, prepare_inputs
 
 
 def _to_chunks(x: Tensor, num_chunks: int, chunk_size: int) -> Tensor:
@@ -49,23 +49,13 @@ def chunk_states(chunk_decay: Tensor, chunk_updates: Tensor, state: Tensor) -> t
 
 
 def chunk_linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Tensor,
-    *,
-    chunk_size: int = 64,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    normalize: bool = False,
-    attention_mask: Tensor | None = None,
-    eps: float = 1e-6,
+    q, k, v, log_decay, *, chunk_size=64, initial_state=None, output_final_state=False, normalize=False,
+    attention_mask=None, eps=1e-6,
 ) -> tuple[Tensor, Tensor | None]:
     """Same contract as :func:`dijiang.ops.linear_attention`; state ``[B, H, m, dv(+1)]`` float32."""
-    validate_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
+    qf, kf, vf, g, state, mask = prepare_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    qf, kf, vf, g, state, mask = prepare_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
     seq_len = q.shape[1]
     chunk_size = min(chunk_size, seq_len)
     num_chunks = -(-seq_len // chunk_size)

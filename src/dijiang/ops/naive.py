@@ -87,6 +87,8 @@ class Prepared(NamedTuple):
 
 
 def prepare_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask) -> Prepared:
+    """Checked (`validate_inputs`) float32 inputs of every form: padded tokens zeroed, v augmented when normalised."""
+    validate_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
     batch, seq_len, heads, _ = q.shape
     q, k, v = q.float(), k.float(), v.float()
     if normalize:
@@ -115,19 +117,10 @@ def finish_outputs(o: Tensor, normalize: bool, mask: Tensor | None, eps: float, 
 
 
 def naive_linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Tensor,
-    *,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    normalize: bool = False,
-    attention_mask: Tensor | None = None,
-    eps: float = 1e-6,
+    q, k, v, log_decay, *, initial_state=None, output_final_state=False, normalize=False, attention_mask=None, eps=1e-6,
 ) -> tuple[Tensor, Tensor | None]:
-    """Materialises the [T, T] decay-masked score matrix. For tests and short sequences only."""
-    validate_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
+    """Materialises the [T, T] decay-masked score matrix. For tests and short sequences only.
+    The contract (shapes, dtypes, state) is :func:`dijiang.ops.linear_attention`'s."""
     qf, kf, vf, g, state, mask = prepare_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
     seq_len = q.shape[1]
     cum = g.cumsum(dim=1)  # [B, T, H]: log decay from before the first token through token t

@@ -5,23 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .naive import finish_outputs, prepare_inputs, validate_inputs
+from .naive import finish_outputs, prepare_inputs
 
 
 def recurrent_linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Tensor,
-    *,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    normalize: bool = False,
-    attention_mask: Tensor | None = None,
-    eps: float = 1e-6,
+    q, k, v, log_decay, *, initial_state=None, output_final_state=False, normalize=False, attention_mask=None, eps=1e-6,
 ) -> tuple[Tensor, Tensor | None]:
     """Same contract as :func:`dijiang.ops.linear_attention`; state ``[B, H, m, dv(+1)]`` float32."""
-    validate_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
     qf, kf, vf, g, state, mask = prepare_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask)
     outputs = []
     # unbind, not indexing: each index's backward would allocate a full-size gradient (O(T^2))

@@ -116,7 +116,10 @@ class Prepared(NamedTuple):
     mask: Tensor | None  # [B, T] bool
 
 
-def prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask) -> Prepared:
+def prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state,
+                          attention_mask) -> Prepared:
+    """Checked (`validate_window_inputs`) float32 inputs of every form, with the state's buffer as tokens."""
+    validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
     batch, seq_len, heads, head_dim = q.shape
     if attention_mask is None:
         mask = None
@@ -172,8 +175,7 @@ def naive_window_attention(
     initial_state=None, output_final_state=False, attention_mask=None, eps=1e-6,
 ) -> tuple[Tensor, dict | None]:
     """Materialises [T, window + T] masks. For tests and short sequences only."""
-    validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
-    p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
+    p = prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
     tokens = _cat(p.buffer, p.current)  # key position j here is absolute position j - window
     o = _dense_window(p, tokens, log_decay, lin_weight, _default_scale(q, scale), window, empty_slots=0)
     final = _final_state(p, tokens, log_decay, k, v, k_feat) if output_final_state else None
@@ -232,8 +234,7 @@ def chunk_window_attention(
     keys in chunk c-1 at offsets <= i with decay (i - offset); and the state R_{c-2} over chunks
     <= c-2, decayed to the last token of chunk c-2, times exp((i + 1) log_decay).
     """
-    validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
-    p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
+    p = prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
     tokens = _cat(p.buffer, p.current)
     seq_len = q.shape[1]
     if seq_len <= window:
@@ -280,8 +281,7 @@ def recurrent_window_attention(
     initial_state=None, output_final_state=False, attention_mask=None, eps=1e-6,
 ) -> tuple[Tensor, dict | None]:
     """Token by token over a rolling buffer of the last ``window`` tokens (the decode path)."""
-    validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
-    p = prepare_window_inputs(q, k, v, q_feat, k_feat, window, initial_state, attention_mask)
+    p = prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask)
     scale = _default_scale(q, scale)
     decay = torch.exp(log_decay.float())[:, None, None]
     lw = lin_weight.float()[:, None]
