@@ -30,6 +30,10 @@ class TrainConfig:
     teacher_text_tokens: str = field(
         default="0", metadata=_help(f"tokens to sample from the teacher as training text (default {DEFAULT_TEACHER_TOKENS} when no --data)")
     )
+    retrieval_documents: int = field(default=0, metadata=_help(
+        "synthetic retrieval documents added to the training text, about 3 x block-size characters each: facts "
+        "hidden in spans of the training text and asked about later (dijiang.retrieval_data; wording unlike the "
+        "passkey evaluation's)", check=non_negative_int))
     eval_data: list = field(default_factory=lambda: ["pydoc"], metadata=_help("evaluation text sources"))
     eval_blocks: int = field(default=16, metadata=_help("blocks per evaluation set", check=positive_int))
     eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)", check=non_negative_int))

@@ -15,10 +15,13 @@ from dijiang import data as data_lib
 from dijiang.arguments import parse_token_count
 from dijiang.checkpoints import TEACHER_TEXT_FILE
 from dijiang.files import write_text_atomic as _write_atomic
+from dijiang.retrieval_data import retrieval_documents
 from dijiang.train_config import DEFAULT_TEACHER_TOKENS, TrainConfig
 
 
 # ---------------------------------------------------------------- data
+
+RETRIEVAL_CHARS_PER_TOKEN = 3  # English text is ~4 characters a token: a synthetic document fills most of one block
 
 
 def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path):
@@ -32,6 +35,9 @@ def prepare_data(config: TrainConfig, teacher, tokenizer, accelerator, out: Path
         if teacher_tokens:
             documents += _teacher_text(teacher, tokenizer, teacher_tokens, config.seed, accelerator, out,
                                        config.progress)
+        if config.retrieval_documents:
+            documents += retrieval_documents(documents, config.retrieval_documents, RETRIEVAL_CHARS_PER_TOKEN
+                                             * config.block_size, config.seed)
         packed = data_lib.build_blocks(documents, tokenizer, config.block_size, config.held_out, config.seed)
         if cache is not None and accelerator.is_main_process:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +74,7 @@ def blocks_cache_file(config: TrainConfig, tokenizer) -> Path:
         sources.append([source, [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
     key = json.dumps([sources, config.text_field, type(tokenizer).__name__, len(tokenizer),
                       tokenizer(data_lib.PROBE_TEXT)["input_ids"],
-                      config.block_size, config.held_out, config.seed])
+                      config.block_size, config.held_out, config.seed, config.retrieval_documents])
     return cache_dir() / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
 
