@@ -14,7 +14,7 @@ The needle and question wording is probe_far_attention.py's (unlike the passkey 
 this picks the layers to keep, so it must not be tuned on the test).
 
     python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--shortlist 10]
-        [--proxy window|dijiang] [--json out.json]
+        [--proxy window|dijiang] [--passkey 2048] [--json out.json]
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def converted_except(teacher, settings: dict, kept: list[int]):
 
 class BandedAttention:
     """An attention implementation for transformers' AttentionInterface: full causal softmax in the kept layers,
-    a causal band of `window` keys in the others (no padding, no cache: the probe's forwards only)."""
+    a causal band of `window` keys in the others (no padding; a cache is fine, as in `generate`)."""
 
     def __init__(self, window: int):
         self.window, self.kept = window, set()
@@ -70,10 +70,13 @@ class BandedAttention:
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         repeat = query.shape[1] // key.shape[1]  # grouped-query attention: one key head serves `repeat` queries
         key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
-        if module.layer_idx in self.kept:
+        if module.layer_idx in self.kept and query.shape[2] == key.shape[2]:
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        elif module.layer_idx in self.kept:  # decoding: the new queries see every cached key
+            out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
         else:
-            t = torch.arange(query.shape[2], device=query.device)[:, None]
+            # with a cache (generate), the queries are the last query.shape[2] of key.shape[2] positions
+            t = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device)[:, None]
             j = torch.arange(key.shape[2], device=query.device)[None, :]
             band = (j <= t) & (j > t - self.window)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling)
@@ -100,6 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--proxy", choices=("window", "dijiang"), default="window")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--passkey", default="", help="after each round, passkey accuracy at these lengths "
+                        "(evaluation only: the choice never sees it), e.g. 2048")
+    parser.add_argument("--passkey-trials", type=int, default=5)
     parser.add_argument("--settings", type=json.loads, default=DEFAULT_SETTINGS, help="DiJiang settings, JSON")
     parser.add_argument("--json", help="write every round's scores here")
     args = parser.parse_args(argv)
@@ -136,8 +142,17 @@ def main(argv=None) -> int:
         ranking = sorted(scores, key=lambda layer: -scores[layer][0])
         result["rounds"].append({"kept": list(kept), "score": scores[best],
                                  "candidates": {str(k): v for k, v in scores.items()}})
-        print(f"round {round_index + 1}: keep {kept}  log p {scores[best][0]:.3f}  exact {scores[best][1]:.2f}  "
-              f"next best {ranking[1:4]}  ({time.time() - started:.0f} s)", flush=True)
+        line = (f"round {round_index + 1}: keep {kept}  log p {scores[best][0]:.3f}  exact {scores[best][1]:.2f}  "
+                f"next best {ranking[1:4]}")
+        if args.passkey:
+            from dijiang.evaluate import passkey_accuracy
+
+            lengths = [int(n) for n in args.passkey.split(",")]
+            rows = passkey_accuracy(model_keeping(teacher, proxy, args.settings, kept), tokenizer, lengths,
+                                    trials=args.passkey_trials)
+            result["rounds"][-1]["passkey"] = rows
+            line += "  passkey " + " / ".join(f"{r['context']}: {100 * r['accuracy']:.0f} %" for r in rows)
+        print(f"{line}  ({time.time() - started:.0f} s)", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

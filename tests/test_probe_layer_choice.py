@@ -49,3 +49,17 @@ def test_retrieval_score_on_teacher_forced_answers(banded):
         assert digits == prompt["ids"][prompt["answer_start"] + 1:]  # the answer (after its space) is the needle's key
     logp, exact = probe.retrieval_score(probe.model_keeping(model, proxy, {}, []), prompts)
     assert logp < 0 and 0.0 <= exact <= 1.0
+
+
+@torch.no_grad()
+def test_banded_proxy_decodes_like_recompute(banded):
+    """generate (with a cache) must see the same band as a full forward, or --passkey would measure a bug."""
+    model, proxy, ids, _ = banded
+    for kept in ([], [1]):
+        probe.model_keeping(model, proxy, {}, kept)
+        generated = model.generate(input_ids=ids[:, :12], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        recomputed = ids[:, :12]
+        for _ in range(6):
+            next_token = model(input_ids=recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            recomputed = torch.cat([recomputed, next_token], dim=1)
+        assert torch.equal(generated, recomputed), kept
