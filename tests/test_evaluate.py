@@ -239,6 +239,13 @@ def test_passkey_needle_distance(tokenizer):
         passkey_prompt(tokenizer, 2000, 0.0, 1).tokens_from_needle(tokenizer)
 
 
+def test_passkey_past_the_window_counts_only_far_needles():
+    rows = [{"correct": [True, False, True], "needle_to_end": [10, 300, 500]},
+            {"correct": [False], "needle_to_end": [129]}]
+    assert evaluate.passkey_past(rows, 128) == (1, 3)
+    assert evaluate.passkey_past(rows, 1000) == (0, 0)
+
+
 def test_passkey_accuracy_runs_and_is_seeded(model, tokenizer):
     first = evaluate.passkey_accuracy(model, tokenizer, [64, 128], trials=2, seed=3, max_new_tokens=3)
     assert [r["context"] for r in first] == [64, 128]
@@ -341,6 +348,7 @@ def test_eval_cli_context_table_with_the_branch_ablation(model, tokenizer, tmp_p
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "| hybrid, branch off |" in printed and "linear, branch off" not in printed
+    assert "needle > 8 tokens back" in printed  # the hybrid's window: what a window alone cannot retrieve
     results = json.loads((tmp_path / "out" / "eval.json").read_text())
     rows = results["context"]
     assert len(rows) == 2 * 2 * 4  # texts x windows x (teacher, hybrid, hybrid off, linear)

@@ -220,6 +220,18 @@ def has_linear_branch(model) -> bool:
     return any(layer.window_mix is not None for _, layer in iter_dijiang_layers(model))
 
 
+def softmax_window(model) -> int | None:
+    """The softmax window of a converted model's window layers (0: pure DiJiang), None for an unconverted one."""
+    windows = {layer.settings.window for _, layer in iter_dijiang_layers(model)}
+    return max(windows) if windows else None
+
+
+def passkey_past(rows: Sequence[dict], window: int) -> tuple[int, int]:
+    """(correct, trials) over the passkey trials whose needle lay more than `window` tokens from the end."""
+    past = [ok for row in rows for ok, distance in zip(row["correct"], row["needle_to_end"]) if distance > window]
+    return sum(past), len(past)
+
+
 def context_perplexity(models: dict, tokenizer, texts: dict[str, str], windows: Sequence[int], *,
                        branch_off: bool = False, batch_size: int = 4, max_windows: int | None = None,
                        progress: bool = True) -> list[dict]:
@@ -460,10 +472,19 @@ def run_eval(args) -> int:
                     rows = passkey_accuracy(model, tokenizer, lengths, trials=args.passkey_trials, seed=args.seed,
                                             progress=True, desc=f"passkey, {label}")
                 results.setdefault("passkey", {})[label] = rows
-        table = [{"model": label, **{str(r["context"]): r["accuracy"] for r in rows}}
-                 for label, rows in results["passkey"].items()]
+        # what needs memory: the needles farther back than the students' softmax window (the smallest one)
+        windows = [w for w in (softmax_window(model) for model in models.values()) if w]
+        reference = min(windows) if windows else None
+        table = []
+        for label, rows in results["passkey"].items():
+            row = {"model": label, **{str(r["context"]): r["accuracy"] for r in rows}}
+            if reference is not None:
+                correct, trials = passkey_past(rows, reference)
+                row["past"] = f"{correct} / {trials}"
+            table.append(row)
+        past = [("past", f"needle > {reference} tokens back")] if reference is not None else []
         print(f"\npasskey retrieval, accuracy over {args.passkey_trials} trials per context length:")
-        print(markdown_table(table, ["model", *(str(n) for n in lengths)]))
+        print(markdown_table(table, ["model", *(str(n) for n in lengths), *past]))
 
     if out:
         (out / "eval.json").write_text(json.dumps(results, indent=2))
