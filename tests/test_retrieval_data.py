@@ -61,3 +61,21 @@ def test_training_text_gains_the_documents(tmp_path):
     assert any(q.split("{")[0].strip() in decoded for q in retrieval_data.QUESTIONS)
     with pytest.raises(ValueError, match="retrieval_documents"):
         TrainConfig(**base, retrieval_documents=-1).validated()
+
+
+def test_check_script_scores_the_answers():
+    from helpers import tiny_llama
+    from script_loader import load_script
+
+    check = load_script("scripts/check_retrieval_data.py")
+    tokenizer = tiny_tokenizer()
+    rng = random.Random(0)
+    documents = [retrieval_data.retrieval_document(corpus_text(0, 3000), rng, 3) for _ in range(2)]
+    for text, facts in documents:
+        offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+        for fact in facts:
+            positions = check.answer_tokens(text, fact, offsets)
+            covered = text[offsets[positions[0]][0]:offsets[positions[-1]][1]]
+            assert fact.value in covered
+    result = check.score(tiny_llama(len(tokenizer)).eval(), tokenizer, documents)
+    assert result["questions"] == 6 and 0 <= result["exact"] <= 6 and result["mean_logp"] < 0

@@ -27,10 +27,10 @@ FACTS = (
     " (The {entity}: {attribute} {value}.) ",
     " It was agreed that the {attribute} for the {entity} would be {value}. ",
 )
-QUESTIONS = (
-    " Q: What is the {attribute} of the {entity}? A: {value}. ",
-    " Asked for the {attribute} of the {entity}, the clerk said {value}. ",
-    " Question - {attribute} of the {entity}? Answer - {value}. ",
+QUESTIONS = (  # each ends by restating the fact up to its value: a clear cue for the answer's first token
+    " Q: What is the {attribute} of the {entity}? A: The {attribute} of the {entity} is {value}. ",
+    " Asked for the {attribute} of the {entity}, the clerk replied that the {attribute} is {value}. ",
+    " Question - {attribute} of the {entity}? Answer - the {entity} has {attribute} {value}. ",
 )
 
 
