@@ -8,13 +8,14 @@ initial value; slow on a CPU: ~15 s a 1024-token forward). The kept layers stay 
 Score of a kept set: over --prompts needle prompts (filler from --text, a sentence holding a 5-digit
 serial number at a random depth, a question at the end, the answer teacher-forced), the mean log-probability
 of the answer's tokens and the share of prompts whose every answer token is the argmax. Starting from no
-kept layer, each round adds the layer that raises the mean log-probability most.
+kept layer, each round adds the layer that raises the mean log-probability most (--direction add); or, from
+every layer kept, each round cuts the layer whose loss lowers it least (--direction cut).
 
 The needle and question wording is probe_far_attention.py's (unlike the passkey evaluation's, on purpose:
 this picks the layers to keep, so it must not be tuned on the test).
 
     python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--shortlist 10]
-        [--proxy window|dijiang] [--passkey 2048] [--json out.json]
+        [--direction add|cut] [--proxy window|dijiang] [--passkey 2048] [--json out.json]
 """
 from __future__ import annotations
 
@@ -98,6 +99,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--keep", type=int, default=4, help="rounds of the greedy selection")
+    parser.add_argument("--direction", choices=("add", "cut"), default="add",
+                        help="add: from no kept layer, keep one more each round; cut: from every layer kept, cut the "
+                             "one whose far context retrieval misses least")
     parser.add_argument("--shortlist", type=int, default=0,
                         help="after round 1, try only its N best layers (0: every layer, every round)")
     parser.add_argument("--proxy", choices=("window", "dijiang"), default="window")
@@ -126,23 +130,28 @@ def main(argv=None) -> int:
     kept: list[int] = []
     result["none kept"] = retrieval_score(model_keeping(teacher, proxy, args.settings, kept), prompts)
     print(f"no layer kept: log p {result['none kept'][0]:.3f}  exact {result['none kept'][1]:.2f}", flush=True)
+    adding = args.direction == "add"
+    kept = [] if adding else list(every_layer)
     result["rounds"] = []
     for round_index in range(args.keep):
         started = time.time()
-        scores = {}
-        candidates = range(teacher.config.num_hidden_layers)
-        if round_index and args.shortlist:
-            first = result["rounds"][0]["candidates"]
-            candidates = sorted(map(int, first), key=lambda layer: -first[str(layer)][0])[:args.shortlist]
-        for layer in candidates:
-            if layer not in kept:
-                scores[layer] = retrieval_score(model_keeping(teacher, proxy, args.settings, kept + [layer]), prompts)
+        if adding:
+            candidates = every_layer
+            if round_index and args.shortlist:
+                first = result["rounds"][0]["candidates"]
+                candidates = sorted(map(int, first), key=lambda layer: -first[str(layer)][0])[:args.shortlist]
+            trials = {layer: kept + [layer] for layer in candidates if layer not in kept}
+        else:  # cut: which layer can lose its far context at the smallest cost
+            trials = {layer: [k for k in kept if k != layer] for layer in kept}
+        scores = {layer: retrieval_score(model_keeping(teacher, proxy, args.settings, trial), prompts)
+                  for layer, trial in trials.items()}
         best = max(scores, key=lambda layer: scores[layer][0])
-        kept.append(best)
+        kept = trials[best]
         ranking = sorted(scores, key=lambda layer: -scores[layer][0])
         result["rounds"].append({"kept": list(kept), "score": scores[best],
                                  "candidates": {str(k): v for k, v in scores.items()}})
-        line = (f"round {round_index + 1}: keep {kept}  log p {scores[best][0]:.3f}  exact {scores[best][1]:.2f}  "
+        what = f"keep {kept}" if adding else f"cut {sorted(set(every_layer) - set(kept))}"
+        line = (f"round {round_index + 1}: {what}  log p {scores[best][0]:.3f}  exact {scores[best][1]:.2f}  "
                 f"next best {ranking[1:4]}")
         if args.passkey:
             from dijiang.evaluate import passkey_accuracy

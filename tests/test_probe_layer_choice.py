@@ -63,3 +63,21 @@ def test_banded_proxy_decodes_like_recompute(banded):
             next_token = model(input_ids=recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             recomputed = torch.cat([recomputed, next_token], dim=1)
         assert torch.equal(generated, recomputed), kept
+
+
+def test_main_adds_and_cuts_layers(tmp_path, monkeypatch):
+    import json
+
+    from helpers import save_tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    folder = save_tiny_model(tmp_path / "tiny", tokenizer=tokenizer)
+    (tmp_path / "filler.txt").write_text(" ".join(str(i) for i in range(6000)))
+    for direction, rounds in (("add", 2), ("cut", 2)):
+        out = tmp_path / f"{direction}.json"
+        assert probe.main(["--model", str(folder), "--text", str(tmp_path / "filler.txt"), "--tokens", "400",
+                           "--prompts", "2", "--keep", str(rounds), "--window", "8", "--direction", direction,
+                           "--device", "cpu", "--json", str(out)]) == 0
+        kept = [r["kept"] for r in json.loads(out.read_text())["rounds"]]
+        layers = 2  # the tiny model's
+        assert [len(k) for k in kept] == ([1, 2] if direction == "add" else [layers - 1, layers - 2])
