@@ -125,24 +125,14 @@ def _save(plt, fig, axes, out: Path) -> Path:
 
 
 def plot_context(runs: dict[str, dict], out: Path) -> Path:
-    """Ratio to the teacher against the evaluation window, one panel per text; pure DiJiang (5-19x) is left to
-    the table so that the hybrids' differences stay readable."""
-    jobs = [job for job in evaluated(runs) if job != "pure"]
-    colours = _colours(jobs)
-    plt, fig, axes = _figure(len(TEXTS))
-    for ax, (text, label) in zip(axes, TEXTS.items()):
-        for job in jobs:
-            cells = [_row(runs[job]["eval"]["context"], text, w, job) for w in WINDOWS]
-            points = [(w, c["ratio"]) for w, c in zip(WINDOWS, cells) if c]
-            ax.plot(*zip(*points), marker="o", color=colours[job], label=job)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(WINDOWS, [str(w) for w in WINDOWS])
-        ax.set_title(label)
-        ax.set_xlabel("evaluation window (tokens)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("perplexity / teacher's")
-    return _save(plt, fig, axes, out)
+    """dijiang eval's plot over every run: ratio to the teacher against the evaluation window, one panel per
+    text. Without the branch-off lines (the table has them) and without pure DiJiang (5-19x), so that the
+    hybrids' differences stay readable."""
+    from dijiang.plots import plot_context as draw
+
+    rows = [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items() if job != "pure"
+            for r in run["eval"]["context"] if r["model"] in ("teacher", job)]
+    return draw(rows, out)
 
 
 def plot_training(runs: dict[str, dict], out: Path) -> Path:

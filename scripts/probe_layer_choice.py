@@ -127,8 +127,7 @@ def main(argv=None) -> int:
     full = teacher if proxy is None else model_keeping(teacher, proxy, args.settings, every_layer)
     result = {"args": vars(args), "teacher": retrieval_score(full, prompts)}
     print(f"teacher: log p {result['teacher'][0]:.3f}  exact {result['teacher'][1]:.2f}", flush=True)
-    kept: list[int] = []
-    result["none kept"] = retrieval_score(model_keeping(teacher, proxy, args.settings, kept), prompts)
+    result["none kept"] = retrieval_score(model_keeping(teacher, proxy, args.settings, []), prompts)
     print(f"no layer kept: log p {result['none kept'][0]:.3f}  exact {result['none kept'][1]:.2f}", flush=True)
     adding = args.direction == "add"
     kept = [] if adding else list(every_layer)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,10 +33,12 @@ def _draw_loss(ax, records: Sequence[dict]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _save(fig, out_path: str | Path) -> Path:
+def _save(fig, out_path: str | Path, layout: bool = True) -> Path:
+    """layout=False: the caller laid the figure out (a tight_layout here would undo room left for a legend)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
@@ -91,24 +94,35 @@ def plot_demo(perplexity_rows: Sequence[dict], log: str | Path | Sequence[dict] 
 
 def plot_context(rows: Sequence[dict], out_path: str | Path) -> Path:
     """Ratio of perplexity to the teacher's against the evaluation window, one panel per text, one line per
-    model (a model with its DiJiang branch switched off dashed, in its model's colour)."""
+    model (a model with its DiJiang branch switched off dashed, in its model's colour); one legend below the
+    panels, so that a dozen models stay readable."""
     texts = list(dict.fromkeys(r["text"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows if r["model"] != "teacher"))
+    bases = list(dict.fromkeys(model.removesuffix(", branch off") for model in models))
+    palette = matplotlib.colormaps["tab10" if len(bases) <= 10 else "tab20"].colors
+    colours = {base: palette[i % len(palette)] for i, base in enumerate(bases)}
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4), squeeze=False)
-    colours: dict[str, str] = {}
     for ax, text in zip(axes[0], texts):
-        models = dict.fromkeys(r["model"] for r in rows if r["text"] == text and r["model"] != "teacher")
         for model in models:
             base = model.removesuffix(", branch off")
             points = sorted((r["window"], r["ratio"]) for r in rows if r["text"] == text and r["model"] == model)
-            line, = ax.plot(*zip(*points), marker="o", lw=1.5, label=model, color=colours.get(base),
-                            ls="--" if model != base else "-")
-            colours.setdefault(base, line.get_color())
+            if points:
+                ax.plot(*zip(*points), marker="o", lw=1.5, label=model, color=colours[base],
+                        ls="--" if model != base else "-")
         ax.axhline(1.0, color="k", lw=0.8, label="teacher")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")  # a pure model at 10x beside hybrids at 1.1x
+        windows = sorted({r["window"] for r in rows if r["text"] == text})
+        ax.set_xticks(windows, [str(w) for w in windows])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
         ax.set_xlabel("evaluation window (tokens)")
         ax.set_ylabel("perplexity / teacher's (log scale)")
         ax.set_title(text)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, out_path)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = min(6, len(labels))
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * (-(-len(labels) // columns)), 1, 1))
+    return _save(fig, out_path, layout=False)
+
