@@ -7,14 +7,18 @@
 #   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .whl .gpu_corpus): model, launch
 #   bash scripts/gpu_long_context.sh status    # later calls: one line per job
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
+#   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
 # .gpu_corpus/part-000.jsonl.xz: a slice of the training corpus (scripts/build_corpus.py) that fits a call.
 # JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget. A recipe named layer-choice*
 # trains with the softmax layers that scripts/probe_layer_choice.py picks on the GPU first (the 4 best for
-# needle retrieval, greedily), not with its own `layers`.
+# needle retrieval, greedily), not with its own `layers`. map-* jobs (the feature-map ablation) skip passkey; a
+# *-retrieval job is also scored on retrieval documents of facts it never saw (scripts/check_retrieval_data.py --seed 1,
+# as the teacher is once in `start`).
 set -uo pipefail
 WORK=~/long_context
 RUNS=$WORK/runs
-export PYTHONPATH=~/site:$WORK/src PYTHONUNBUFFERED=1 DIJIANG_CACHE=~/dijiang_cache TOKENIZERS_PARALLELISM=true
+export PYTHONPATH=~/site:$WORK/src PYTHONUNBUFFERED=1 DIJIANG_CACHE=~/dijiang_cache TOKENIZERS_PARALLELISM=true \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 JOBS=${JOBS:-baseline chi-decay transform layer-hybrid pure}
 TEXTS="--text pydoc --text data/heldout/austen-pride-and-prejudice.txt --text $WORK/python-stdlib.txt"
 
@@ -45,13 +49,21 @@ if json.loads(l)['source'] == 'gnu-info'); open('$WORK/filler.txt', 'w').write(d
     layers=$(python3 -c "import json; kept = json.load(open('$RUNS/layer_choice.json'))['rounds'][3]['kept']; \
 print(' '.join(str(i) for i in range(30) if i not in kept))")
   fi
+  retrieval="--data $WORK/corpus/part-000.jsonl.xz --documents 12 --seed 1"
+  if [[ "$JOBS" == *-retrieval* ]]; then
+    setsid nohup python3 scripts/check_retrieval_data.py --model $HOME/model/hf $retrieval \
+      --json $RUNS/retrieval_teacher.json > $RUNS/retrieval_teacher.log 2>&1 < /dev/null &
+  fi
   for job in $JOBS; do
+    passkey="--passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials 10"
+    [[ $job == map-* ]] && passkey=""
     train="python3 -m dijiang train --recipe recipes/long-context/$job.yaml --model $HOME/model/hf \
 --data $WORK/corpus/part-000.jsonl.xz --out $RUNS/$job --no-progress ${TOKENS:+--tokens $TOKENS}"
     [[ $job == layer-choice* ]] && train="$train --layers $layers"  # the probe's pick, not the recipe's
     evaluate="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
---windows 512,2048,8192 --branch-off --passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials 10 --dtype bfloat16 \
---out $RUNS/$job/eval"
+--windows 512,2048,8192 --branch-off $passkey --dtype bfloat16 --out $RUNS/$job/eval"
+    [[ $job == *-retrieval ]] && evaluate="$evaluate && python3 scripts/check_retrieval_data.py --model $RUNS/$job/final \
+$retrieval --json $RUNS/$job/eval/retrieval.json"
     setsid nohup bash -c "$train > $RUNS/$job.train.log 2>&1 && $evaluate > $RUNS/$job.eval.log 2>&1; \
 echo \$? > $RUNS/$job.done" > /dev/null 2>&1 < /dev/null &
     # the first job tokenises the corpus and caches the packed blocks; the others (same block size) reuse them
@@ -75,5 +87,10 @@ collect)
     --exclude='*.safetensors' .
   ls -la "$OUT"
   ;;
-*) echo "usage: $0 stash|start|status|collect" >&2; exit 2 ;;
+tests)
+  PYTHONPATH=~/site:$PWD/src timeout 400 python3 -m pytest -q -m gpu tests/test_triton_ops.py tests/test_triton_window.py \
+    tests/test_attention_gpu.py tests/test_fast_decode.py 2>&1 | tail -n 40 > "$OUT/gpu_tests.txt"
+  tail -n 5 "$OUT/gpu_tests.txt"
+  ;;
+*) echo "usage: $0 stash|start|status|collect|tests" >&2; exit 2 ;;
 esac
