@@ -9,7 +9,8 @@
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
 # .gpu_corpus/part-000.jsonl.xz: a slice of the training corpus (scripts/build_corpus.py) that fits a call.
-# JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget. A recipe named layer-choice*
+# JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget; PARALLEL=5 jobs train at once (each
+# takes ~21 GiB at 8192-token blocks), the rest wait in a queue that outlives the call. A recipe named layer-choice*
 # trains with the softmax layers that scripts/probe_layer_choice.py picks on the GPU first (the 4 best for
 # needle retrieval, greedily), not with its own `layers`. map-* jobs (the feature-map ablation) skip passkey; a
 # *-retrieval job is also scored on retrieval documents of facts it never saw (scripts/check_retrieval_data.py --seed 1,
@@ -20,6 +21,9 @@ RUNS=$WORK/runs
 export PYTHONPATH=~/site:$WORK/src PYTHONUNBUFFERED=1 DIJIANG_CACHE=~/dijiang_cache TOKENIZERS_PARALLELISM=true \
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 JOBS=${JOBS:-baseline chi-decay transform layer-hybrid pure}
+PARALLEL=${PARALLEL:-5}
+export JOBS PARALLEL  # the queue (a child process) reads them
+RETRIEVAL="--data $WORK/corpus/part-000.jsonl.xz --documents 12 --seed 1"  # facts no run trains on (training: seed 0)
 TEXTS="--text pydoc --text data/heldout/austen-pride-and-prejudice.txt --text $WORK/python-stdlib.txt"
 
 case "${1:-}" in
@@ -38,7 +42,6 @@ start)
     > $WORK/python-stdlib.txt
   python3 -c "import dijiang; m, t = dijiang.load_pretrained('$HOME/model/smollm2.gguf'); \
 dijiang.conversion.save_converted(m, t, '$HOME/model/hf')" > $RUNS/prepare.log 2>&1 || { tail $RUNS/prepare.log; exit 1; }
-  layers=""
   if [[ " $JOBS " == *" layer-choice"* ]]; then
     # filler for the needle prompts: one long corpus document (training text, not an evaluation text)
     python3 -c "import json, lzma; d = next(json.loads(l) for l in lzma.open('corpus/part-000.jsonl.xz', 'rt') \
@@ -48,31 +51,46 @@ if json.loads(l)['source'] == 'gnu-info'); open('$WORK/filler.txt', 'w').write(d
     grep -v Warn $RUNS/layer_choice.log | tail -n 8
     layers=$(python3 -c "import json; kept = json.load(open('$RUNS/layer_choice.json'))['rounds'][3]['kept']; \
 print(' '.join(str(i) for i in range(30) if i not in kept))")
+    echo "$layers" > $RUNS/layer_choice_layers.txt
   fi
-  retrieval="--data $WORK/corpus/part-000.jsonl.xz --documents 12 --seed 1"
   if [[ "$JOBS" == *-retrieval* ]]; then
-    setsid nohup python3 scripts/check_retrieval_data.py --model $HOME/model/hf $retrieval \
+    setsid nohup python3 scripts/check_retrieval_data.py --model $HOME/model/hf $RETRIEVAL \
       --json $RUNS/retrieval_teacher.json > $RUNS/retrieval_teacher.log 2>&1 < /dev/null &
   fi
+  for job in $JOBS; do rm -f $RUNS/$job.launched $RUNS/$job.done; done
+  # the queue outlives this call: at most PARALLEL jobs on the GPU at once (8 at once ran out of its memory)
+  setsid nohup bash scripts/gpu_long_context.sh queue > $RUNS/queue.log 2>&1 < /dev/null &
+  sleep 20; nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv
+  ;;
+queue)
+  cd $WORK
   for job in $JOBS; do
+    # wait for a free slot: a job holds one from its launch until its .done file appears
+    while [ "$(for j in $JOBS; do [ -f $RUNS/$j.launched ] && [ ! -f $RUNS/$j.done ] && echo; done | wc -l)" -ge "$PARALLEL" ]; do
+      sleep 10
+    done
     passkey="--passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials 10"
     [[ $job == map-* ]] && passkey=""
     train="python3 -m dijiang train --recipe recipes/long-context/$job.yaml --model $HOME/model/hf \
 --data $WORK/corpus/part-000.jsonl.xz --out $RUNS/$job --no-progress ${TOKENS:+--tokens $TOKENS}"
-    [[ $job == layer-choice* ]] && train="$train --layers $layers"  # the probe's pick, not the recipe's
+    # the probe's pick, not the recipe's
+    [[ $job == layer-choice* ]] && train="$train --layers $(cat $RUNS/layer_choice_layers.txt)"
     evaluate="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
 --windows 512,2048,8192 --branch-off $passkey --dtype bfloat16 --out $RUNS/$job/eval"
     [[ $job == *-retrieval ]] && evaluate="$evaluate && python3 scripts/check_retrieval_data.py --model $RUNS/$job/final \
-$retrieval --json $RUNS/$job/eval/retrieval.json"
-    setsid nohup bash -c "$train > $RUNS/$job.train.log 2>&1 && $evaluate > $RUNS/$job.eval.log 2>&1; \
-echo \$? > $RUNS/$job.done" > /dev/null 2>&1 < /dev/null &
+$RETRIEVAL --json $RUNS/$job/eval/retrieval.json"
+    echo "$(date +%T) launch $job"
+    touch $RUNS/$job.launched
+    bash -c "$train > $RUNS/$job.train.log 2>&1 && ($evaluate) > $RUNS/$job.eval.log 2>&1; echo \$? > $RUNS/$job.done" &
     # the first job tokenises the corpus and caches the packed blocks; the others (same block size) reuse them
     for _ in $(seq 120); do ls ~/dijiang_cache/blocks/*.pt > /dev/null 2>&1 && break; sleep 2; done
   done
-  sleep 20; nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv
+  wait
+  echo "$(date +%T) all done"
   ;;
 status)
   cd $WORK
+  tail -n 3 $RUNS/queue.log 2>/dev/null
   for job in $JOBS; do
     log=$RUNS/$job/log.jsonl
     echo "== $job: done=$(cat $RUNS/$job.done 2>/dev/null || echo no) last: $(tail -n 1 $log 2>/dev/null | cut -c1-260)"

@@ -22,7 +22,15 @@ from dijiang.evaluate import markdown_table  # noqa: E402
 WINDOWS = (512, 2048, 8192)
 TEXTS = {"pydoc": "pydoc", "austen-pride-and-prejudice.txt": "Austen", "python-stdlib.txt": "code"}
 ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k", "transform-at", "transform-at-8k",
-         "layer-hybrid", "layer-hybrid-8k", "layer-choice", "layer-choice-at", "pure")  # lever by lever
+         "transform-8k-retrieval", "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m",
+         "layer-hybrid16-8k", "layer-choice", "layer-choice-at", "pure",
+         "map-dijiang-chi", "map-dijiang-normal", "map-performer", "map-pff", "map-hedgehog")  # lever by lever
+SOFTMAX_WINDOW = 128  # every student's window: needles farther back than this need the far context
+
+
+def is_map_run(job: str) -> bool:
+    """The feature-map ablation (recipes/long-context/map-*.yaml: 2M tokens) gets its own table and plot."""
+    return job.startswith("map-")
 
 
 def load_runs(root: Path) -> dict[str, dict]:
@@ -50,10 +58,13 @@ def _row(rows: list[dict], text: str, window: int, model: str) -> dict | None:
     return next((r for r in rows if (r["text"], r["window"], r["model"]) == (text, window, model)), None)
 
 
-def quality_table(runs: dict[str, dict]) -> list[dict]:
-    """One row per job: ratio to the teacher per text and window, the branch's worth at 8k, passkey."""
+def quality_table(runs: dict[str, dict], maps: bool = False) -> list[dict]:
+    """One row per job: ratio to the teacher per text and window, the branch's worth at 8k, passkey.
+    maps: the feature-map ablation's runs instead of the others."""
     table = []
     for job, run in evaluated(runs).items():
+        if is_map_run(job) != maps:
+            continue
         rows, row = run["eval"]["context"], {"run": job}
         for text, label in TEXTS.items():
             cells = [_row(rows, text, w, job) for w in WINDOWS]
@@ -61,7 +72,30 @@ def quality_table(runs: dict[str, dict]) -> list[dict]:
             off = _row(rows, text, WINDOWS[-1], f"{job}, branch off")
             row[f"{label} off"] = f"{100 * off['branch_worth']:+.1f} %" if off else "-"
         row["passkey"] = passkey_cell(run["eval"].get("passkey", {}).get(job, []))
+        row["past window"] = past_window_cell(run["eval"].get("passkey", {}).get(job, []))
         table.append(row)
+    return table
+
+
+def past_window_cell(rows: list[dict]) -> str:
+    """'correct / trials' over the needles farther back than the softmax window, all lengths together
+    ('-' for runs evaluated before passkey rows listed each needle's distance)."""
+    trials = [(ok, far) for r in rows if "needle_to_end" in r for ok, far in zip(r["correct"], r["needle_to_end"])]
+    past = [ok for ok, far in trials if far > SOFTMAX_WINDOW]
+    return f"{sum(past)} / {len(past)}" if past else "-"
+
+
+def retrieval_table(root: Path) -> list[dict]:
+    """scripts/check_retrieval_data.py on facts no run trained on (seed 1): the teacher, then each
+    *-retrieval run (in the training format; the passkey is the format they never saw)."""
+    found = [("teacher", root / "retrieval_teacher.json")]
+    found += [(f.parent.name, f) for f in sorted(root.glob("*/retrieval.json"))]
+    table = []
+    for model, path in found:
+        if path.is_file():
+            r = json.loads(path.read_text())
+            table.append({"model": model, "exact": f"{r['exact']} / {r['questions']}",
+                          "mean log p": f"{r['mean_logp']:.3f}"})
     return table
 
 
@@ -130,13 +164,24 @@ def plot_context(runs: dict[str, dict], out: Path) -> Path:
     hybrids' differences stay readable."""
     from dijiang.plots import plot_context as draw
 
-    rows = [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items() if job != "pure"
+    return draw(_context_rows(runs, maps=False), out)
+
+
+def plot_maps(runs: dict[str, dict], out: Path) -> Path:
+    """The same plot for the feature-map ablation's runs."""
+    from dijiang.plots import plot_context as draw
+
+    return draw(_context_rows(runs, maps=True), out)
+
+
+def _context_rows(runs: dict[str, dict], maps: bool) -> list[dict]:
+    return [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items()
+            if job != "pure" and is_map_run(job) == maps
             for r in run["eval"]["context"] if r["model"] in ("teacher", job)]
-    return draw(rows, out)
 
 
 def plot_training(runs: dict[str, dict], out: Path) -> Path:
-    jobs = [job for job in runs if job != "pure"]
+    jobs = [job for job in runs if job != "pure" and not is_map_run(job)]
     colours = _colours(jobs)
     plt, fig, axes = _figure(3)
     for job in jobs:
@@ -159,14 +204,25 @@ def plot_training(runs: dict[str, dict], out: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="folder of JOB/ folders (eval.json, log.jsonl)")
-    parser.add_argument("--out", type=Path, help="write long_context.png and long_context_training.png here")
+    parser.add_argument("--out", type=Path, help="write long_context.png, long_context_training.png and "
+                        "long_context_maps.png here")
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
     columns = ["run", *(label for label in TEXTS.values()),
-               *(f"{label} off" for label in TEXTS.values()), "passkey"]
+               *(f"{label} off" for label in TEXTS.values()), "passkey", "past window"]
     print("ratio to the teacher at 512 / 2048 / 8192; 'off': perplexity rise at 8192 with the DiJiang branch "
-          "switched off; passkey % at each context length\n")
+          "switched off; passkey % at each context length; 'past window': needles farther back than the "
+          f"{SOFTMAX_WINDOW}-token window retrieved\n")
     print(markdown_table(quality_table(runs), columns))
+    maps = quality_table(runs, maps=True)
+    if maps:
+        print("\nfeature-map ablation (2M tokens each): ratio to the teacher at 512 / 2048 / 8192; 'off' as above\n")
+        print(markdown_table(maps, columns[:-2]))
+    retrieval = retrieval_table(args.runs)
+    if retrieval:
+        print("\nretrieval documents of facts no run trained on: answers exact (argmax over every answer token), mean "
+              "log p of the answer tokens\n")
+        print(markdown_table(retrieval, ["model", "exact", "mean log p"]))
     print("\nteacher perplexity at 512 / 2048 / 8192; passkey % at each context length\n")
     print(markdown_table(teacher_table(runs), ["model", *TEXTS.values(), "passkey"]))
     print("\nlinear weight min / mean / max and slowest decay per layer, at the last training eval\n")
@@ -174,6 +230,8 @@ def main(argv=None) -> int:
     if args.out:
         print(plot_context(runs, args.out / "long_context.png"))
         print(plot_training(runs, args.out / "long_context_training.png"))
+        if maps:
+            print(plot_maps(runs, args.out / "long_context_maps.png"))
     return 0
 
 
