@@ -54,3 +54,27 @@ def test_tables_and_plots(tmp_path, capsys):
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no JOB/eval.json"):
         report.load_runs(tmp_path)
+
+
+def test_map_runs_past_window_and_retrieval_tables(tmp_path, capsys):
+    _run(tmp_path, "layer-hybrid", hybrid=True)
+    _run(tmp_path, "map-performer", hybrid=True, nested=True)
+    evaluation = json.loads((tmp_path / "layer-hybrid" / "eval.json").read_text())
+    for row, far in zip(evaluation["passkey"]["layer-hybrid"], ([50, 300], [200, 900], [3000, 100], [5000, 6000])):
+        row.update(correct=[True, True], needle_to_end=far)  # 6 needles past the 128-token window, 2 inside it
+    (tmp_path / "layer-hybrid" / "eval.json").write_text(json.dumps(evaluation))
+    (tmp_path / "retrieval_teacher.json").write_text(json.dumps({"exact": 5, "questions": 8, "mean_logp": -0.5}))
+    (tmp_path / "layer-hybrid" / "retrieval.json").write_text(json.dumps({"exact": 1, "questions": 8, "mean_logp": -2.0}))
+    runs = report.load_runs(tmp_path)
+    assert [r["run"] for r in report.quality_table(runs)] == ["layer-hybrid"]  # map runs have their own table
+    assert [r["run"] for r in report.quality_table(runs, maps=True)] == ["map-performer"]
+    assert report.quality_table(runs)[0]["past window"] == "6 / 6"
+    evaluation["passkey"]["layer-hybrid"][3]["correct"] = [False, True]
+    assert report.past_window_cell(evaluation["passkey"]["layer-hybrid"]) == "5 / 6"
+    assert report.past_window_cell([{"context": 1024, "accuracy": 1.0}]) == "-"  # rows without needle distances
+    assert report.retrieval_table(tmp_path) == [{"model": "teacher", "exact": "5 / 8", "mean log p": "-0.500"},
+                                               {"model": "layer-hybrid", "exact": "1 / 8", "mean log p": "-2.000"}]
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "long_context_maps.png").is_file()
+    out = capsys.readouterr().out
+    assert "feature-map ablation" in out and "| map-performer |" in out and "| teacher | 5 / 8 |" in out
