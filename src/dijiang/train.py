@@ -306,6 +306,8 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
             elapsed = time.perf_counter() - started
             record = {"step": step, "stage": stage, "tokens": step * tokens_per_step, **parts,
                       "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_step / elapsed}
+            if accelerator.device.type == "cuda":  # this process's GPU: what FSDP's sharding saves shows here
+                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             if config.eval_every and step % config.eval_every == 0:
                 record.update(_evaluate(student, eval_sets, config, accelerator))
             _log(out, record, bar, accelerator)

@@ -1,0 +1,108 @@
+"""Generation-cache memory of layer hybrids against the teacher's KV cache, measured after a prefill.
+
+Each model is the teacher with some layers converted (untrained: a cache's size does not depend on the weights),
+prefilled with T random tokens through its own cache (``DiJiangCache`` for converted models, transformers'
+``DynamicCache`` for the teacher); the table gives the bytes the cache then holds (``dijiang.bench.cache_bytes``:
+softmax keys and values plus DiJiang states and window buffers). Prints a table, writes its plot and JSON.
+
+    python benchmarks/bench_cache_memory.py --contexts 1024,2048,4096,8192 --out docs/bench_data/cache_memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import dijiang  # noqa: E402
+from dijiang.bench import cache_bytes  # noqa: E402
+from dijiang.cache import DiJiangCache  # noqa: E402
+from dijiang.tables import markdown_table  # noqa: E402
+
+# softmax layers each model keeps (docs/results.md: the retrieval heads' four; the sixteen the cut probe needs)
+KEPT = {
+    "all window": [],
+    "layer hybrid, 4 softmax": [7, 18, 21, 23],
+    "layer hybrid, 16 softmax": [4, 6, 7, 8, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23, 26],
+}
+
+
+def build(model_name: str, kept: list[int] | None, window: int, dtype: torch.dtype):
+    """The teacher (kept None) or the teacher with every layer but `kept` converted to the window hybrid."""
+    model, _ = dijiang.load_pretrained(model_name)
+    model.to(dtype).eval()
+    if kept is not None:
+        layers = [i for i in range(model.config.num_hidden_layers) if i not in kept]
+        dijiang.convert(model, {"window": window}, layers=layers)
+    return model
+
+
+@torch.no_grad()
+def prefill_bytes(model, context: int, converted: bool) -> int:
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    cache = DiJiangCache.for_model(model) if converted else None
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return cache_bytes(out.past_key_values)
+
+
+def plot(rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        points = [r for r in rows if r["model"] == name]
+        ax.plot([r["context"] for r in points], [r["MiB"] for r in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("generation cache (MiB)")
+    ax.set_title("cache after a prefill, SmolLM2-135M, batch 1", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--contexts", default="1024,2048,4096,8192")
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--out", type=Path, help="folder for cache_memory.json and cache_memory.png")
+    args = parser.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for name, kept in {"teacher": None, **KEPT}.items():
+        model = build(args.model, kept, args.window, dtype)
+        for context in tqdm(contexts, desc=name, leave=False):
+            rows.append({"model": name, "context": context,
+                         "MiB": prefill_bytes(model, context, kept is not None) / 2**20})
+            tqdm.write(f"{name}, {context} tokens: {rows[-1]['MiB']:.2f} MiB")
+        del model
+    teacher = {r["context"]: r["MiB"] for r in rows if r["model"] == "teacher"}
+    for r in rows:
+        r["of teacher"] = f"{100 * r['MiB'] / teacher[r['context']]:.1f} %"
+        r["MiB"] = round(r["MiB"], 2)
+    print(markdown_table(rows, ["model", "context", "MiB", "of teacher"]))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cache_memory.json").write_text(json.dumps(
+            {"model": args.model, "dtype": args.dtype, "window": args.window, "kept": KEPT, "rows": rows}, indent=1) + "\n")
+        print(plot(rows, args.out / "cache_memory.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
