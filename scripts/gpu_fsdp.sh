@@ -14,14 +14,27 @@ import torch, transformers
 config = transformers.AutoConfig.from_pretrained('.fsdp_model')
 torch.manual_seed(0)
 transformers.AutoModelForCausalLM.from_config(config).save_pretrained('$WORK/model')
-transformers.AutoTokenizer.from_pretrained('.fsdp_model').save_pretrained('$WORK/model')" || exit 1
-ARGS="--model $WORK/model --data .gpu_corpus/part-000.jsonl.xz --tokens ${TOKENS:-512K} --block-size 2048 \
---batch-size 8 --grad-accum 1 --attention window=128 radius=chi feature_transform=true --eval-data pydoc \
+transformers.AutoTokenizer.from_pretrained('.fsdp_model').save_pretrained('$WORK/model')
+# ~3M characters of the corpus slice (~0.8M tokens): enough for the run, quick to tokenise
+import json, lzma
+with lzma.open('.gpu_corpus/part-000.jsonl.xz', 'rt') as f, open('$WORK/text.jsonl', 'w') as out:
+    kept = 0
+    for line in f:
+        if kept < 3_000_000:
+            out.write(line); kept += len(json.loads(line)['text'])" || exit 1
+ARGS="--model $WORK/model --data $WORK/text.jsonl --tokens ${TOKENS:-512K} --block-size ${BLOCK:-2048} \
+--batch-size ${BATCH:-8} --grad-accum 1 --attention window=128 radius=chi feature_transform=true --eval-data pydoc \
 --eval-blocks 2 --eval-every 0 --save-every 0 --no-progress"
 for run in plain fsdp1; do
   launcher="python3 -m dijiang train"
   [ $run = fsdp1 ] && launcher="accelerate launch --config_file configs/accelerate_fsdp.yaml --num_processes 1 -m dijiang train"
   timeout ${RUN_LIMIT:-110} $launcher $ARGS --out $WORK/$run > "$OUT/$run.log" 2>&1
-  echo "$run rc=$?"; cp $WORK/$run/log.jsonl "$OUT/$run.jsonl" 2>/dev/null
-  tail -n 2 "$OUT/$run.jsonl" 2>/dev/null | cut -c1-300
+  echo "$run rc=$? $(grep -ho '"sharded": [a-z]*' $WORK/$run/checkpoints/*/state.json 2>/dev/null | tail -n 1)"
+  cp $WORK/$run/log.jsonl "$OUT/$run.jsonl" 2>/dev/null
+  python3 -c "
+import json, statistics
+log = [json.loads(l) for l in open('$OUT/$run.jsonl')]
+steady = log[len(log) // 4:]  # past the kernels' first launches
+print('$run: steps', len(log), 'median tokens/s', round(statistics.median(r['tokens_per_s'] for r in steady)),
+      'peak GiB', round(max(r.get('gpu_peak_gib', 0) for r in log), 2), 'last loss', round(log[-1]['loss'], 4))" 2>&1 | tail -n 1
 done
