@@ -38,7 +38,10 @@ def build(model_name: str, kept: list[int] | None, window: int, dtype: torch.dty
     model, _ = dijiang.load_pretrained(model_name)
     model.to(dtype).eval()
     if kept is not None:
-        layers = [i for i in range(model.config.num_hidden_layers) if i not in kept]
+        num_layers = model.config.num_hidden_layers
+        if any(not 0 <= i < num_layers for i in kept):
+            raise SystemExit(f"softmax layers {kept} do not all exist in a model of {num_layers} layers (--kept)")
+        layers = [i for i in range(num_layers) if i not in kept]
         dijiang.convert(model, {"window": window}, layers=layers)
     return model
 
@@ -79,12 +82,17 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", default="1024,2048,4096,8192")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--kept", action="append", metavar="NAME=I,J,...",
+                        help="a model keeping softmax layers I, J, ... (repeatable; default: SmolLM2's three above; "
+                        "NAME= with no layers converts every layer)")
     parser.add_argument("--out", type=Path, help="folder for cache_memory.json and cache_memory.png")
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
+    kept_sets = KEPT if not args.kept else {
+        name: [int(i) for i in layers.split(",") if i] for name, layers in (k.split("=", 1) for k in args.kept)}
     dtype = getattr(torch, args.dtype)
     rows = []
-    for name, kept in {"teacher": None, **KEPT}.items():
+    for name, kept in {"teacher": None, **kept_sets}.items():
         model = build(args.model, kept, args.window, dtype)
         for context in tqdm(contexts, desc=name, leave=False):
             rows.append({"model": name, "context": context,
@@ -92,14 +100,13 @@ def main(argv=None) -> int:
             tqdm.write(f"{name}, {context} tokens: {rows[-1]['MiB']:.2f} MiB")
         del model
     teacher = {r["context"]: r["MiB"] for r in rows if r["model"] == "teacher"}
-    for r in rows:
-        r["of teacher"] = f"{100 * r['MiB'] / teacher[r['context']]:.1f} %"
-        r["MiB"] = round(r["MiB"], 2)
-    print(markdown_table(rows, ["model", "context", "MiB", "of teacher"]))
+    table = [{**r, "MiB": f"{r['MiB']:.2f}", "of teacher": f"{100 * r['MiB'] / teacher[r['context']]:.1f} %"}
+             for r in rows]
+    print(markdown_table(table, ["model", "context", "MiB", "of teacher"]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cache_memory.json").write_text(json.dumps(
-            {"model": args.model, "dtype": args.dtype, "window": args.window, "kept": KEPT, "rows": rows}, indent=1) + "\n")
+            {"model": args.model, "dtype": args.dtype, "window": args.window, "kept": kept_sets, "rows": rows}, indent=1) + "\n")
         print(plot(rows, args.out / "cache_memory.png"))
     return 0
 
