@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Which layers does retrieval need as softmax? Greedy forward selection on a converted, untrained model.
+"""Which layers do retrieval (or far-context perplexity) need as softmax? Greedy selection on a converted, untrained
+model.
 
 Every layer but the kept ones loses the context beyond its --window: with --proxy window (the default, fast)
 it becomes a plain sliding-window softmax layer (the teacher's own attention, banded), with --proxy dijiang
@@ -10,18 +11,23 @@ serial number at a random depth, a question at the end, the answer teacher-force
 of the answer's tokens and the share of prompts whose every answer token is the argmax. Starting from no
 kept layer, each round adds the layer that raises the mean log-probability most (--direction add); or, from
 every layer kept, each round cuts the layer whose loss lowers it least (--direction cut).
+With --score perplexity the score is instead the mean log-probability of the tokens past --far-from in one
+--tokens-long window of each --text (teacher-forced; the second number is their perplexity): the layers whose
+far context the next-token loss needs, whatever retrieval needs.
 
 The needle and question wording is probe_far_attention.py's (unlike the passkey evaluation's, on purpose:
 this picks the layers to keep, so it must not be tuned on the test).
 
     python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--shortlist 10]
         [--direction add|cut] [--proxy window|dijiang] [--passkey 2048] [--json out.json]
+    python scripts/probe_layer_choice.py --score perplexity --text A.txt --text B.txt --tokens 2048 --far-from 512
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -56,6 +62,17 @@ def retrieval_score(model, prompts) -> tuple[float, float]:
     return sum(logprobs) / len(logprobs), exact / len(prompts)
 
 
+@torch.no_grad()
+def far_perplexity_score(model, windows, far_from: int) -> tuple[float, float]:
+    """(mean log-probability of the tokens at positions >= far_from, their perplexity), over every window."""
+    nll, count = 0.0, 0
+    for ids in windows:
+        logits = model(input_ids=ids, use_cache=False).logits[0, far_from - 1:-1].float()
+        nll += F.cross_entropy(logits, ids[0, far_from:], reduction="sum").item()
+        count += ids.shape[1] - far_from
+    return -nll / count, math.exp(nll / count)
+
+
 def converted_except(teacher, settings: dict, kept: list[int]):
     layers = [i for i in range(teacher.config.num_hidden_layers) if i not in kept]
     return dijiang.convert(copy.deepcopy(teacher), settings, layers=layers)
@@ -63,10 +80,12 @@ def converted_except(teacher, settings: dict, kept: list[int]):
 
 class BandedAttention:
     """An attention implementation for transformers' AttentionInterface: full causal softmax in the kept layers,
-    a causal band of `window` keys in the others (no padding; a cache is fine, as in `generate`)."""
+    a causal band of `window` keys in the others, plus the first `sinks` tokens (no padding; a cache is fine, as in
+    `generate`). Sinks: an untrained model cut to a window loses the first tokens its heads park attention on,
+    which a trained window hybrid has learned to do without; keeping them separates far content from that."""
 
-    def __init__(self, window: int):
-        self.window, self.kept = window, set()
+    def __init__(self, window: int, sinks: int = 0):
+        self.window, self.sinks, self.kept = window, sinks, set()
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         repeat = query.shape[1] // key.shape[1]  # grouped-query attention: one key head serves `repeat` queries
@@ -79,7 +98,7 @@ class BandedAttention:
             # with a cache (generate), the queries are the last query.shape[2] of key.shape[2] positions
             t = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device)[:, None]
             j = torch.arange(key.shape[2], device=query.device)[None, :]
-            band = (j <= t) & (j > t - self.window)
+            band = (j <= t) & ((j > t - self.window) | (j < self.sinks))
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
@@ -95,7 +114,12 @@ def model_keeping(teacher, proxy, settings: dict, kept: list[int]):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--text", required=True, help="a long plain-text file (not an evaluation text)")
+    parser.add_argument("--text", required=True, action="append",
+                        help="a long plain-text file (not an evaluation text); repeatable for --score perplexity "
+                        "(one window from each), the first is the needles' filler")
+    parser.add_argument("--score", choices=("retrieval", "perplexity"), default="retrieval")
+    parser.add_argument("--far-from", type=int, default=512,
+                        help="--score perplexity: score the tokens from this position on")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--keep", type=int, default=4, help="rounds of the greedy selection")
@@ -106,11 +130,15 @@ def main(argv=None) -> int:
                         help="after round 1, try only its N best layers (0: every layer, every round)")
     parser.add_argument("--proxy", choices=("window", "dijiang"), default="window")
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--sinks", type=int, default=0, help="--proxy window: the first N tokens stay visible to "
+                        "every layer (attention sinks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--passkey", default="", help="after each round, passkey accuracy at these lengths "
                         "(evaluation only: the choice never sees it), e.g. 2048")
     parser.add_argument("--passkey-trials", type=int, default=5)
     parser.add_argument("--settings", type=json.loads, default=DEFAULT_SETTINGS, help="DiJiang settings, JSON")
+    parser.add_argument("--compare", action="append", default=[], metavar="I,J,...",
+                        help="also score this kept set (repeatable), e.g. another choice's layers")
     parser.add_argument("--json", help="write every round's scores here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -118,17 +146,36 @@ def main(argv=None) -> int:
     teacher.eval()
     proxy = None
     if args.proxy == "window":
-        proxy = BandedAttention(args.window)
+        proxy = BandedAttention(args.window, args.sinks)
         AttentionInterface.register("probe_banded", proxy)
         teacher.set_attn_implementation("probe_banded")
-    filler = tokenizer(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    prompts = [(ids.to(args.device), start) for ids, start in answer_prompts(tokenizer, filler, args.prompts, args.tokens)]
+    texts = [tokenizer(Path(t).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"] for t in args.text]
+    if args.score == "perplexity":
+        if not 0 < args.far_from < args.tokens or any(len(ids) < args.tokens for ids in texts):
+            parser.error(f"--score perplexity needs 0 < --far-from < --tokens and every --text of >= {args.tokens} tokens")
+        prompts = [torch.tensor([ids[:args.tokens]], device=args.device) for ids in texts]
+
+        def score_of(model):
+            return far_perplexity_score(model, prompts, args.far_from)
+    else:
+        prompts = [(ids.to(args.device), start)
+                   for ids, start in answer_prompts(tokenizer, texts[0], args.prompts, args.tokens)]
+
+        def score_of(model):
+            return retrieval_score(model, prompts)
     every_layer = list(range(teacher.config.num_hidden_layers))
     full = teacher if proxy is None else model_keeping(teacher, proxy, args.settings, every_layer)
-    result = {"args": vars(args), "teacher": retrieval_score(full, prompts)}
-    print(f"teacher: log p {result['teacher'][0]:.3f}  exact {result['teacher'][1]:.2f}", flush=True)
-    result["none kept"] = retrieval_score(model_keeping(teacher, proxy, args.settings, []), prompts)
-    print(f"no layer kept: log p {result['none kept'][0]:.3f}  exact {result['none kept'][1]:.2f}", flush=True)
+    second = "exact" if args.score == "retrieval" else "ppl"
+    result = {"args": vars(args), "teacher": score_of(full)}
+    print(f"teacher: log p {result['teacher'][0]:.3f}  {second} {result['teacher'][1]:.2f}", flush=True)
+    result["none kept"] = score_of(model_keeping(teacher, proxy, args.settings, []))
+    print(f"no layer kept: log p {result['none kept'][0]:.3f}  {second} {result['none kept'][1]:.2f}", flush=True)
+    result["compared"] = {}
+    for kept_set in args.compare:
+        layers = [int(i) for i in kept_set.split(",")]
+        result["compared"][kept_set] = score_of(model_keeping(teacher, proxy, args.settings, layers))
+        print(f"kept {layers}: log p {result['compared'][kept_set][0]:.3f}  {second} "
+              f"{result['compared'][kept_set][1]:.2f}", flush=True)
     adding = args.direction == "add"
     kept = [] if adding else list(every_layer)
     result["rounds"] = []
@@ -142,15 +189,14 @@ def main(argv=None) -> int:
             trials = {layer: kept + [layer] for layer in candidates if layer not in kept}
         else:  # cut: which layer can lose its far context at the smallest cost
             trials = {layer: [k for k in kept if k != layer] for layer in kept}
-        scores = {layer: retrieval_score(model_keeping(teacher, proxy, args.settings, trial), prompts)
-                  for layer, trial in trials.items()}
+        scores = {layer: score_of(model_keeping(teacher, proxy, args.settings, trial)) for layer, trial in trials.items()}
         best = max(scores, key=lambda layer: scores[layer][0])
         kept = trials[best]
         ranking = sorted(scores, key=lambda layer: -scores[layer][0])
         result["rounds"].append({"kept": list(kept), "score": scores[best],
                                  "candidates": {str(k): v for k, v in scores.items()}})
         what = f"keep {kept}" if adding else f"cut {sorted(set(every_layer) - set(kept))}"
-        line = (f"round {round_index + 1}: {what}  log p {scores[best][0]:.3f}  exact {scores[best][1]:.2f}  "
+        line = (f"round {round_index + 1}: {what}  log p {scores[best][0]:.3f}  {second} {scores[best][1]:.2f}  "
                 f"next best {ranking[1:4]}")
         if args.passkey:
             from dijiang.evaluate import passkey_accuracy

@@ -81,3 +81,25 @@ def test_main_adds_and_cuts_layers(tmp_path, monkeypatch):
         kept = [r["kept"] for r in json.loads(out.read_text())["rounds"]]
         layers = 2  # the tiny model's
         assert [len(k) for k in kept] == ([1, 2] if direction == "add" else [layers - 1, layers - 2])
+
+
+@torch.no_grad()
+def test_far_perplexity_score_counts_only_the_far_tokens(banded):
+    model, proxy, ids, reference = banded
+    every = list(range(model.config.num_hidden_layers))
+    logp, ppl = probe.far_perplexity_score(probe.model_keeping(model, proxy, {}, every), [ids], far_from=8)
+    expected = torch.nn.functional.cross_entropy(reference[0, 7:-1], ids[0, 8:])
+    assert logp == pytest.approx(-expected.item(), rel=1e-5) and ppl == pytest.approx(expected.exp().item(), rel=1e-5)
+    cut_logp, _ = probe.far_perplexity_score(probe.model_keeping(model, proxy, {}, []), [ids], far_from=8)
+    assert cut_logp != pytest.approx(logp, rel=1e-4)  # past the window the cut model sees less
+
+
+@torch.no_grad()
+def test_sinks_stay_visible_to_the_cut_layers(banded):
+    model, proxy, ids, reference = banded
+    cut = probe.model_keeping(model, proxy, {}, [])(input_ids=ids).logits
+    proxy.sinks = 2
+    with_sinks = probe.model_keeping(model, proxy, {}, [])(input_ids=ids).logits
+    proxy.sinks = 0
+    assert torch.allclose(with_sinks[:, :6], reference[:, :6], atol=1e-5)  # window 4 + 2 sinks: all of the first 6
+    assert not torch.allclose(with_sinks[:, 8:], cut[:, 8:], atol=1e-4)
