@@ -207,8 +207,10 @@ def main(argv=None) -> int:
             result["rounds"][-1]["passkey"] = rows
             line += "  passkey " + " / ".join(f"{r['context']}: {100 * r['accuracy']:.0f} %" for r in rows)
         print(f"{line}  ({time.time() - started:.0f} s)", flush=True)
-        if args.json:
+        if args.json:  # after every round: a long run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 
