@@ -58,7 +58,7 @@ print(' '.join(str(i) for i in range(30) if i not in kept))")
       --json $RUNS/retrieval_teacher.json > $RUNS/retrieval_teacher.log 2>&1 < /dev/null &
   fi
   for job in $JOBS; do rm -f $RUNS/$job.launched $RUNS/$job.done; done
-  # the queue outlives this call: at most PARALLEL jobs on the GPU at once (8 at once ran out of its memory)
+  # the queue outlives this call: at most PARALLEL jobs on the GPU at once (nine at once ran out of its 139 GiB)
   setsid nohup bash scripts/gpu_long_context.sh queue > $RUNS/queue.log 2>&1 < /dev/null &
   sleep 20; nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv
   ;;
