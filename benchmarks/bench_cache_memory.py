@@ -2,7 +2,7 @@
 
 Each model is the teacher with some layers converted (untrained: a cache's size does not depend on the weights),
 prefilled with T random tokens through its own cache (``DiJiangCache`` for converted models, transformers'
-``DynamicCache`` for the teacher); the table gives the bytes the cache then holds (``dijiang.bench.cache_bytes``:
+``DynamicCache`` for the teacher); the table gives the bytes the cache then holds (``dijiang.cache.cache_bytes``:
 softmax keys and values plus DiJiang states and window buffers). Prints a table, writes its plot and JSON.
 
     python benchmarks/bench_cache_memory.py --contexts 1024,2048,4096,8192 --out docs/bench_data/cache_memory
@@ -21,8 +21,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import dijiang  # noqa: E402
-from dijiang.bench import cache_bytes  # noqa: E402
-from dijiang.cache import DiJiangCache  # noqa: E402
+from dijiang.cache import DiJiangCache, cache_bytes  # noqa: E402
 from dijiang.tables import markdown_table  # noqa: E402
 
 # softmax layers each model keeps (docs/results.md: the retrieval heads' four; the sixteen the cut probe needs)

@@ -76,7 +76,7 @@ queue)
     # the probe's pick, not the recipe's
     [[ $job == layer-choice* ]] && train="$train --layers $(cat $RUNS/layer_choice_layers.txt)"
     evaluate="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
---windows 512,2048,8192 --branch-off $passkey --dtype bfloat16 --out $RUNS/$job/eval"
+--windows 512,2048,8192 --branch-off --cache-memory $passkey --dtype bfloat16 --out $RUNS/$job/eval"
     [[ $job == *-retrieval ]] && evaluate="$evaluate && python3 scripts/check_retrieval_data.py --model $RUNS/$job/final \
 $RETRIEVAL --json $RUNS/$job/eval/retrieval.json"
     echo "$(date +%T) launch $job"

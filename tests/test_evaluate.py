@@ -367,3 +367,34 @@ def test_eval_cli_context_table_with_the_branch_ablation(model, tokenizer, tmp_p
     with evaluate.linear_branch_off(hybrid) as switched:
         assert switched == 2 and bool((layer.window_mix == -30).all())
     assert torch.equal(layer.window_mix, before)
+
+
+def test_cache_memory_grows_with_softmax_layers_only(model, tokenizer, tmp_path, capsys):
+    import argparse
+    import json
+
+    import dijiang
+
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    layers = model.config.num_hidden_layers
+    for name, kept in (("window", []), ("layer-hybrid", [0])):
+        student = dijiang.convert(copy.deepcopy(model), {"window": 8}, layers=[i for i in range(layers) if i not in kept])
+        student.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "a.txt").write_text(CORPUS)
+    parser = argparse.ArgumentParser()
+    evaluate.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--teacher", str(tmp_path / "tiny"), "--student", f"window={tmp_path / 'window'}",
+                              "--student", f"layer-hybrid={tmp_path / 'layer-hybrid'}", "--text", str(tmp_path / "a.txt"),
+                              "--windows", "16,32", "--max-windows", "1", "--cache-memory", "--out", str(tmp_path / "out"),
+                              "--device", "cpu"])
+    assert args.func(args) == 0
+    assert "generation cache after a prefill" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())["cache"]
+    mib = {(r["model"], r["context"]): r["mib"] for r in rows}
+    teacher_growth = mib["teacher", 32] - mib["teacher", 16]
+    assert mib["teacher", 32] == pytest.approx(2 * mib["teacher", 16])
+    assert mib["window", 32] == mib["window", 16]  # every layer converted: constant
+    assert mib["layer-hybrid", 32] - mib["layer-hybrid", 16] == pytest.approx(teacher_growth / layers)
+    assert all(r["of_teacher"] == 1.0 for r in rows if r["model"] == "teacher")

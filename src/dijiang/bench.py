@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from dijiang.cache import cache_bytes
+
 KINDS = ("teacher", "pure", "window")
 
 
@@ -94,20 +96,6 @@ def build_models(name: str, kinds, window: int, device, dtype):
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
         models[kind] = model.to(device=device, dtype=dtype).eval()
     return models
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of a generation cache: DiJiang states plus softmax keys/values."""
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "state_bytes"):
-            total += layer.state_bytes()
-        else:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-    return total
 
 
 def _peak(device) -> float | None:

@@ -91,3 +91,17 @@ class DiJiangCache(Cache):
     def state_bytes(self) -> int:
         """Bytes held by converted layers (constant in the context length)."""
         return sum(layer.state_bytes() for layer in self.layers if isinstance(layer, DiJiangStateLayer))
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of a generation cache: DiJiang states plus softmax keys/values."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "state_bytes"):
+            total += layer.state_bytes()
+        else:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dijiang.cache import cache_bytes
 from dijiang.capture import first_tensor, module_io
 from dijiang.conversion import iter_dijiang_layers
 from dijiang.data import read_documents
@@ -418,6 +419,24 @@ CONTEXT_COLUMNS = [("text", "text"), ("window", "window"), ("model", "model"), (
                    ("ratio", "ratio to teacher"), ("branch_worth", "branch worth"), ("num_targets", "tokens")]
 
 
+@torch.no_grad()
+def cache_memory(models: dict, lengths: Sequence[int], vocab_size: int) -> list[dict]:
+    """Bytes each model's generation cache holds after a prefill of n tokens, for each n: softmax KV grows with n,
+    a converted layer's state does not. The tokens are random (a cache's size does not depend on them)."""
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+        per_model = {}
+        for name, model in models.items():
+            out = model(input_ids=ids.to(next(model.parameters()).device), use_cache=True)
+            per_model[name] = cache_bytes(out.past_key_values)
+            del out
+        teacher = per_model.get("teacher")
+        rows += [{"model": name, "context": n, "mib": size / 2**20,
+                  "of_teacher": size / teacher if teacher else None} for name, size in per_model.items()]
+    return rows
+
+
 def run_eval(args) -> int:
     texts = _texts_for(args)
     teacher, tokenizer = _load_model(args.teacher, args.dtype, args.device)
@@ -448,6 +467,14 @@ def run_eval(args) -> int:
         print(markdown_table(rows, [("model", "model"), ("perplexity", "perplexity"),
                                     ("ratio", "ratio to teacher"), ("num_targets", "tokens"),
                                     ("num_windows", "windows"), ("seconds", "seconds")]))
+
+    if args.cache_memory:
+        lengths = args.windows or [args.window]
+        rows = cache_memory(models, lengths, teacher.config.get_text_config(decoder=True).vocab_size)
+        results["cache"] = rows
+        print(f"\ngeneration cache after a prefill (batch 1, {args.dtype}):")
+        print(markdown_table([{**r, "mib": f"{r['mib']:.2f}", "of_teacher": f"{100 * r['of_teacher']:.1f} %"}
+                              for r in rows], ["model", "context", ("mib", "MiB"), ("of_teacher", "of teacher")]))
 
     if args.fidelity and student is not None:
         text = next(iter(texts.values()))
@@ -527,6 +554,8 @@ def add_cli(subparsers) -> None:
                         help="windows per length (default 40 for --window; see --windows)")
     parser.add_argument("--max-tokens", type=Number(int, 2), default=None, help="truncate the tokenized text to N tokens")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
+    parser.add_argument("--cache-memory", action="store_true",
+                        help="also the generation cache each model holds after a prefill of each window length")
     parser.add_argument("--fidelity", action="store_true", help="per-layer attention fidelity (needs a student)")
     parser.add_argument("--fidelity-tokens", type=positive_int, default=512, help="tokens of text the fidelity pass feeds")
     parser.add_argument("--passkey", type=int_list(Number(int, 16)), default=[],
