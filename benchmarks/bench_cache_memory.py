@@ -2,8 +2,9 @@
 
 Each model is the teacher with some layers converted (untrained: a cache's size does not depend on the weights),
 prefilled with T random tokens through its own cache (``DiJiangCache`` for converted models, transformers'
-``DynamicCache`` for the teacher); the table gives the bytes the cache then holds (``dijiang.cache.cache_bytes``:
-softmax keys and values plus DiJiang states and window buffers). Prints a table, writes its plot and JSON.
+``DynamicCache`` for the teacher); the table gives the bytes the cache then holds (``dijiang.evaluate.cache_memory``,
+as ``dijiang eval --cache-memory``: softmax keys and values plus DiJiang states and window buffers). Models are
+built one at a time, so only one is in memory. Prints a table, writes its plot and JSON.
 
     python benchmarks/bench_cache_memory.py --contexts 1024,2048,4096,8192 --out docs/bench_data/cache_memory
 """
@@ -21,7 +22,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import dijiang  # noqa: E402
-from dijiang.cache import DiJiangCache, cache_bytes  # noqa: E402
+from dijiang.evaluate import cache_memory  # noqa: E402
 from dijiang.tables import markdown_table  # noqa: E402
 
 # softmax layers each model keeps (docs/results.md: the retrieval heads' four; the sixteen the cut probe needs)
@@ -43,14 +44,6 @@ def build(model_name: str, kept: list[int] | None, window: int, dtype: torch.dty
         layers = [i for i in range(num_layers) if i not in kept]
         dijiang.convert(model, {"window": window}, layers=layers)
     return model
-
-
-@torch.no_grad()
-def prefill_bytes(model, context: int, converted: bool) -> int:
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-    cache = DiJiangCache.for_model(model) if converted else None
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    return cache_bytes(out.past_key_values)
 
 
 def plot(rows: list[dict], out: Path) -> Path:
@@ -94,8 +87,8 @@ def main(argv=None) -> int:
     for name, kept in {"teacher": None, **kept_sets}.items():
         model = build(args.model, kept, args.window, dtype)
         for context in tqdm(contexts, desc=name, leave=False):
-            rows.append({"model": name, "context": context,
-                         "MiB": prefill_bytes(model, context, kept is not None) / 2**20})
+            measured = cache_memory({name: model}, [context], model.config.vocab_size)[0]
+            rows.append({"model": name, "context": context, "MiB": measured["mib"]})
             tqdm.write(f"{name}, {context} tokens: {rows[-1]['MiB']:.2f} MiB")
         del model
     teacher = {r["context"]: r["MiB"] for r in rows if r["model"] == "teacher"}

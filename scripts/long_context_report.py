@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from dijiang.evaluate import markdown_table  # noqa: E402
+from dijiang.evaluate import markdown_table, passkey_past  # noqa: E402
 
 WINDOWS = (512, 2048, 8192)
 TEXTS = {"pydoc": "pydoc", "austen-pride-and-prejudice.txt": "Austen", "python-stdlib.txt": "code"}
@@ -80,9 +80,8 @@ def quality_table(runs: dict[str, dict], maps: bool = False) -> list[dict]:
 def past_window_cell(rows: list[dict]) -> str:
     """'correct / trials' over the needles farther back than the softmax window, all lengths together
     ('-' for runs evaluated before passkey rows listed each needle's distance)."""
-    trials = [(ok, far) for r in rows if "needle_to_end" in r for ok, far in zip(r["correct"], r["needle_to_end"])]
-    past = [ok for ok, far in trials if far > SOFTMAX_WINDOW]
-    return f"{sum(past)} / {len(past)}" if past else "-"
+    correct, trials = passkey_past([r for r in rows if "needle_to_end" in r], SOFTMAX_WINDOW)
+    return f"{correct} / {trials}" if trials else "-"
 
 
 def retrieval_table(root: Path) -> list[dict]:
@@ -158,26 +157,16 @@ def _save(plt, fig, axes, out: Path) -> Path:
     return out
 
 
-def plot_context(runs: dict[str, dict], out: Path) -> Path:
-    """dijiang eval's plot over every run: ratio to the teacher against the evaluation window, one panel per
-    text. Without the branch-off lines (the table has them) and without pure DiJiang (5-19x), so that the
-    hybrids' differences stay readable."""
+def plot_context(runs: dict[str, dict], out: Path, maps: bool = False) -> Path:
+    """dijiang eval's plot over every run (maps: over the feature-map ablation's runs instead): ratio to the
+    teacher against the evaluation window, one panel per text. Without the branch-off lines (the table has them)
+    and without pure DiJiang (5-19x), so that the hybrids' differences stay readable."""
     from dijiang.plots import plot_context as draw
 
-    return draw(_context_rows(runs, maps=False), out)
-
-
-def plot_maps(runs: dict[str, dict], out: Path) -> Path:
-    """The same plot for the feature-map ablation's runs."""
-    from dijiang.plots import plot_context as draw
-
-    return draw(_context_rows(runs, maps=True), out)
-
-
-def _context_rows(runs: dict[str, dict], maps: bool) -> list[dict]:
-    return [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items()
+    rows = [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items()
             if job != "pure" and is_map_run(job) == maps
             for r in run["eval"]["context"] if r["model"] in ("teacher", job)]
+    return draw(rows, out)
 
 
 def plot_training(runs: dict[str, dict], out: Path) -> Path:
@@ -231,7 +220,7 @@ def main(argv=None) -> int:
         print(plot_context(runs, args.out / "long_context.png"))
         print(plot_training(runs, args.out / "long_context_training.png"))
         if maps:
-            print(plot_maps(runs, args.out / "long_context_maps.png"))
+            print(plot_context(runs, args.out / "long_context_maps.png", maps=True))
     return 0
 
 

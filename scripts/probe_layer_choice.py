@@ -170,12 +170,18 @@ def main(argv=None) -> int:
     print(f"teacher: log p {result['teacher'][0]:.3f}  {second} {result['teacher'][1]:.2f}", flush=True)
     result["none kept"] = score_of(model_keeping(teacher, proxy, args.settings, []))
     print(f"no layer kept: log p {result['none kept'][0]:.3f}  {second} {result['none kept'][1]:.2f}", flush=True)
+
+    def save() -> None:  # after the comparisons and every round: a long run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
     result["compared"] = {}
     for kept_set in args.compare:
         layers = [int(i) for i in kept_set.split(",")]
         result["compared"][kept_set] = score_of(model_keeping(teacher, proxy, args.settings, layers))
         print(f"kept {layers}: log p {result['compared'][kept_set][0]:.3f}  {second} "
               f"{result['compared'][kept_set][1]:.2f}", flush=True)
+    save()
     adding = args.direction == "add"
     kept = [] if adding else list(every_layer)
     result["rounds"] = []
@@ -207,10 +213,7 @@ def main(argv=None) -> int:
             result["rounds"][-1]["passkey"] = rows
             line += "  passkey " + " / ".join(f"{r['context']}: {100 * r['accuracy']:.0f} %" for r in rows)
         print(f"{line}  ({time.time() - started:.0f} s)", flush=True)
-        if args.json:  # after every round: a long run cut short keeps what it measured
-            Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        save()
     return 0
 
 
