@@ -130,33 +130,6 @@ def gate_table(runs: dict[str, dict]) -> list[dict]:
     return table
 
 
-def _colours(names: list[str]) -> dict:
-    import matplotlib
-
-    palette = matplotlib.colormaps["tab20"].colors
-    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
-
-
-def _figure(panels: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
-    return plt, fig, axes
-
-
-def _save(plt, fig, axes, out: Path) -> Path:
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 6), 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 def plot_context(runs: dict[str, dict], out: Path, maps: bool = False) -> Path:
     """dijiang eval's plot over every run (maps: over the feature-map ablation's runs instead): ratio to the
     teacher against the evaluation window, one panel per text. Without the branch-off lines (the table has them)
@@ -170,9 +143,16 @@ def plot_context(runs: dict[str, dict], out: Path, maps: bool = False) -> Path:
 
 
 def plot_training(runs: dict[str, dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dijiang.plots import palette, save_with_legend_below
+
     jobs = [job for job in runs if job != "pure" and not is_map_run(job)]
-    colours = _colours(jobs)
-    plt, fig, axes = _figure(3)
+    colours = palette(jobs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for job in jobs:
         evals = [r for r in runs[job]["log"] if "eval_pydoc_ppl" in r]
         tokens = [r["tokens"] / 1e6 for r in evals]
@@ -187,7 +167,7 @@ def plot_training(runs: dict[str, dict], out: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training tokens (M)")
         ax.grid(alpha=0.3)
-    return _save(plt, fig, axes, out)
+    return save_with_legend_below(fig, axes[0], out)
 
 
 def main(argv=None) -> int:

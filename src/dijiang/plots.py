@@ -44,6 +44,22 @@ def _save(fig, out_path: str | Path, layout: bool = True) -> Path:
     return out_path
 
 
+def palette(names: Sequence[str]) -> dict:
+    """A colour per name, distinct for up to 20 names (tab10, or tab20 beyond ten)."""
+    colours = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+    return {name: colours[i % len(colours)] for i, name in enumerate(names)}
+
+
+def save_with_legend_below(fig, ax, out_path: str | Path) -> Path:
+    """Save `fig` with the legend of `ax`'s lines below every panel, in up to 6 columns: a dozen models stay
+    readable where a legend inside a panel would cover the lines."""
+    handles, labels = ax.get_legend_handles_labels()
+    columns = max(1, min(6, len(labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * (-(-len(labels) // columns)), 1, 1))
+    return _save(fig, out_path, layout=False)
+
+
 def plot_loss_curve(log: str | Path | Sequence[dict], out_path: str | Path) -> Path:
     """Loss against training tokens (or steps) from a `dijiang train` JSONL log or its records."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -98,9 +114,7 @@ def plot_context(rows: Sequence[dict], out_path: str | Path) -> Path:
     panels, so that a dozen models stay readable."""
     texts = list(dict.fromkeys(r["text"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows if r["model"] != "teacher"))
-    bases = list(dict.fromkeys(model.removesuffix(", branch off") for model in models))
-    palette = matplotlib.colormaps["tab10" if len(bases) <= 10 else "tab20"].colors
-    colours = {base: palette[i % len(palette)] for i, base in enumerate(bases)}
+    colours = palette(list(dict.fromkeys(model.removesuffix(", branch off") for model in models)))
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4), squeeze=False)
     for ax, text in zip(axes[0], texts):
         for model in models:
@@ -120,9 +134,5 @@ def plot_context(rows: Sequence[dict], out_path: str | Path) -> Path:
         ax.set_ylabel("perplexity / teacher's (log scale)")
         ax.set_title(text)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    columns = min(6, len(labels))
-    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * (-(-len(labels) // columns)), 1, 1))
-    return _save(fig, out_path, layout=False)
+    return save_with_legend_below(fig, axes[0][0], out_path)
 
