@@ -8,9 +8,10 @@ import dijiang
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("window", [0, 64])
-def test_fused_backend_matches_torch_backend_in_a_converted_model(window, monkeypatch):
-    """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel."""
+@pytest.mark.parametrize("window,sinks", [(0, 0), (64, 0), (60, 4)])
+def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, monkeypatch):
+    """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel; sinks: the
+    band kernel's sink block."""
     calls = []
     name = "fused_window_attention" if window else "fused_dijiang_attention"
     real = getattr(dijiang.attention, name)
@@ -24,7 +25,7 @@ def test_fused_backend_matches_torch_backend_in_a_converted_model(window, monkey
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     base = transformers.LlamaForCausalLM(config).cuda()
-    fused = dijiang.convert(base, {"backend": "auto", "window": window})
+    fused = dijiang.convert(base, {"backend": "auto", "window": window, "sinks": sinks})
     ids = torch.randint(0, 128, (2, 300), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_fused = fused(ids, use_cache=False).logits.float()

@@ -14,7 +14,7 @@ from dijiang.train import TrainConfig, build_optimizer, new_parameter_ids
 from helpers import FAMILIES, VOCAB, tiny_model
 
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
-            "hedgehog": dict(feature_map="hedgehog", window=4)}
+            "hedgehog": dict(feature_map="hedgehog", window=4), "sinks": dict(window=4, sinks=2)}
 
 
 def rel_err(a, b):
@@ -326,3 +326,25 @@ def test_hedgehog_round_trips_through_save_and_from_pretrained(tmp_path):
             assert torch.equal(fm.weight, loaded_fm.weight)
     half = dijiang.convert(tiny_model("llama"), dict(feature_map="hedgehog")).to(torch.bfloat16)
     assert all(fm.weight.dtype == torch.float32 for maps in hedgehog_maps(half) for fm in maps)
+
+
+def test_sinks_round_trip_and_the_fast_decoder_refuses_them(tmp_path):
+    model = dijiang.convert(tiny_model("llama", seed=3), dict(window=4, sinks=2)).eval()
+    ok, why = supports_fast_decode(model)
+    assert not ok and "sinks" in why
+    ids = torch.randint(3, VOCAB, (1, 20))
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+        model.save_pretrained(tmp_path)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert all(layer.settings.sinks == 2 for _, layer in iter_dijiang_layers(loaded))
+        assert torch.equal(loaded(ids, use_cache=False).logits, logits)
+        plain = dijiang.convert(tiny_model("llama", seed=3), dict(window=4)).eval()
+        # the same weights: the sinks change what a query sees only once the first tokens leave its window
+        plain_logits = plain(ids, use_cache=False).logits
+        assert torch.equal(plain_logits[:, :4], logits[:, :4])
+        assert rel_err(plain_logits[:, 4:], logits[:, 4:]) > 1e-3
+    with pytest.raises(ValueError, match="needs a window"):
+        dijiang.convert(tiny_model("llama"), dict(sinks=2))
+    with pytest.raises(ValueError, match="sinks"):
+        dijiang.convert(tiny_model("llama"), dict(window=4, sinks=65))

@@ -92,13 +92,17 @@ def test_recipe_sets_defaults_and_flags_override(tmp_path):
     assert config.data == ["a.txt", "b"] and config.layers == [0, 1]
 
 
-def test_shipped_recipes_are_valid():
-    recipes = sorted((REPO / "recipes").glob("*.yaml"))
-    assert recipes
+def test_every_shipped_recipe_is_a_valid_training_config():
+    """recipes/ and recipes/long-context/: the config and its attention settings (a typo there fails at launch)."""
+    from dijiang.attention import DiJiangSettings
     from dijiang.train import load_recipe
 
+    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert len(recipes) >= 20
     for recipe in recipes:
-        TrainConfig.from_dict(load_recipe(recipe)).validated()
+        config = TrainConfig.from_dict(load_recipe(recipe)).validated()
+        assert config.tokens and config.block_size >= 1, recipe
+        DiJiangSettings.from_any(config.attention)
 
 
 def test_budget_smaller_than_one_block_is_an_error(assets, tmp_path):
@@ -250,15 +254,3 @@ def test_ddp_on_cpu_matches_one_process_over_the_same_global_batch(assets, tmp_p
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), name
         torch.testing.assert_close(tensor, single_params[name].detach(), rtol=1e-4, atol=1e-5)
-
-
-def test_every_shipped_recipe_is_a_valid_training_config():
-    from pathlib import Path
-
-    from dijiang.train import TrainConfig, load_recipe
-
-    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
-    assert len(recipes) >= 2
-    for recipe in recipes:
-        config = TrainConfig.from_dict(load_recipe(recipe)).validated()
-        assert config.tokens and config.block_size >= 1, recipe

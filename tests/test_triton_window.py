@@ -34,41 +34,46 @@ def make(B, T, H, d, dtype, seed=0):
     return q, k, v, proj, log_weight, decay_raw, mix_raw
 
 
-def run(fused, q, k, v, proj, log_weight, decay_raw, mix_raw, W, *, upcast=False):
+def run(fused, q, k, v, proj, log_weight, decay_raw, mix_raw, W, *, upcast=False, sinks=0):
     leaves = [q, k, v, log_weight, decay_raw, mix_raw]
     xs = [x.float() for x in (q, k, v)] if upcast else [q, k, v]
     fs = q.shape[-1] ** -0.5
     args = (F.logsigmoid(decay_raw), F.softplus(mix_raw))
     if fused:
-        o, state = fused_window_attention(*xs, proj, log_weight, *args, window=W, output_final_state=True)
+        o, state = fused_window_attention(*xs, proj, log_weight, *args, window=W, output_final_state=True,
+                                          sinks=sinks)
     else:
         qf, kf = (dijiang_feature_map(x, proj, log_weight, fs) for x in xs[:2])
-        o, state = window_attention(*xs, qf, kf, *args, window=W, mode="chunk", output_final_state=True)
+        o, state = window_attention(*xs, qf, kf, *args, window=W, mode="chunk", output_final_state=True,
+                                    sinks=sinks)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).cuda()
     grads = torch.autograd.grad((o.float() * do).sum(), leaves, allow_unused=True)  # T <= W: no linear part
     return o.detach().float(), state, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
 
 @gpu
-@pytest.mark.parametrize("T,W", [(1000, 64), (777, 128), (100, 128), (4096, 128)])
-def test_bf16_matches_float32_torch_op(T, W):
+@pytest.mark.parametrize("T,W,sinks", [(1000, 64, 0), (777, 128, 0), (100, 128, 0), (4096, 128, 0), (4096, 124, 4),
+                                       (1000, 64, 40)])
+def test_bf16_matches_float32_torch_op(T, W, sinks):
     inputs = make(1, T, 4, 64, torch.bfloat16, seed=T)
-    o1, s1, g1 = run(True, *inputs, W)
-    o2, s2, g2 = run(False, *inputs, W, upcast=True)  # the same bf16 inputs, computed in float32
+    o1, s1, g1 = run(True, *inputs, W, sinks=sinks)
+    o2, s2, g2 = run(False, *inputs, W, upcast=True, sinks=sinks)  # the same bf16 inputs, computed in float32
     assert rel(o1, o2) < 1e-2
     for name, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix"], g1, g2):
         assert rel(a, b) < 3e-2, name
     assert rel(s1["S"], s2["S"]) < 1e-2
-    for key in ("k", "v", "kf"):
+    for key in ("k", "v", "kf") + (("sink_k", "sink_v") if sinks else ()):
         assert rel(s1[key].float(), s2[key].float()) < 1e-2, key
-    assert bool((s1["mask"] == s2["mask"]).all())
+    for key in ("mask", "sink_mask") if sinks else ("mask",):
+        assert bool((s1[key] == s2[key]).all()), key
 
 
 @gpu
-def test_float32_tight():
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_float32_tight(sinks):
     inputs = make(2, 600, 2, 64, torch.float32, seed=3)
-    o1, s1, g1 = run(True, *inputs, 100)
-    o2, s2, g2 = run(False, *inputs, 100)
+    o1, s1, g1 = run(True, *inputs, 100, sinks=sinks)
+    o2, s2, g2 = run(False, *inputs, 100, sinks=sinks)
     # the fused chunk kernel's feature-map matmul x @ P is tf32 (H100: o 3.2e-4 off)
     assert rel(o1, o2) < 1e-3
     for a, b in zip(g1, g2):

@@ -13,10 +13,12 @@ from dijiang.ops import (
 
 FORMS = ["chunk", "recurrent"]
 STATE_KEYS = ("S", "k", "v", "kf", "mask")
+SINK_KEYS = ("sink_k", "sink_v", "sink_mask")
 
 
-def reference(q, k, v, qf, kf, log_decay, lin_weight, window, mask=None, eps=1e-6):
-    """Explicit double loop in float64 over query t and key j (absolute positions, zero initial state)."""
+def reference(q, k, v, qf, kf, log_decay, lin_weight, window, mask=None, eps=1e-6, sinks=0):
+    """Explicit double loop in float64 over query t and key j (absolute positions, zero initial state).
+    Sinks: the first ``sinks`` real tokens, softmax keys (besides their linear weight) once out of the window."""
     q, k, v, qf, kf, log_decay, lin_weight = (x.double() for x in (q, k, v, qf, kf, log_decay, lin_weight))
     batch, seq_len, heads, dv = v.shape
     scale = q.shape[-1] ** -0.5
@@ -27,18 +29,22 @@ def reference(q, k, v, qf, kf, log_decay, lin_weight, window, mask=None, eps=1e-
             if not real[b, t]:
                 continue
             in_window = [j for j in range(max(0, t - window + 1), t + 1) if real[b, j]]
-            scores = {j: scale * (q[b, t] * k[b, j]).sum(-1) for j in in_window}  # [H] each
+            first = [j for j in range(seq_len) if real[b, j]][:sinks]
+            sink_keys = [j for j in first if j <= t - window]
+            scores = {j: scale * (q[b, t] * k[b, j]).sum(-1) for j in in_window + sink_keys}  # [H] each
             row_max = torch.stack(list(scores.values())).amax(0) if scores else torch.zeros(heads)
             num = torch.zeros(heads, dv, dtype=torch.float64)
             den = torch.zeros(heads, dtype=torch.float64)
             for j in range(t + 1):
                 if not real[b, j]:
                     continue
-                if j in scores:
+                if j in in_window:
                     weight = torch.exp(scores[j] - row_max)
                 else:
                     decay = torch.exp((t - window - j) * log_decay)
                     weight = lin_weight * decay * (qf[b, t] * kf[b, j]).sum(-1)
+                    if j in sink_keys:
+                        weight = weight + torch.exp(scores[j] - row_max)
                 num += weight[:, None] * v[b, j]
                 den += weight
             out[b, t] = num / (den[:, None] + eps)
@@ -62,10 +68,13 @@ def make_inputs(batch=2, seq_len=9, heads=3, d=4, m=5, dv=4, dtype=torch.float32
 
 
 def assert_states_close(state, expected, tol=1e-5):
-    assert set(state) == set(STATE_KEYS)
+    sinks = "sink_k" in expected
+    assert set(state) == set(STATE_KEYS + (SINK_KEYS if sinks else ()))
     assert torch.equal(state["mask"], expected["mask"])
+    if sinks:
+        assert torch.equal(state["sink_mask"], expected["sink_mask"])
     assert rel(state["S"], expected["S"], floor=1e-6) < tol
-    for key in ("k", "v", "kf"):
+    for key in ("k", "v", "kf") + (("sink_k", "sink_v") if sinks else ()):
         assert state[key].dtype == expected[key].dtype
         assert rel(state[key], expected[key], floor=1e-6) < tol
 
@@ -235,3 +244,89 @@ def test_bad_input_raises_value_error(case):
     cases, base = _bad_calls()
     message, overrides = cases[case]
     assert_refused_in_every_mode(window_attention, base, overrides, message, ["parallel"] + FORMS)
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 1), (3, 2), (4, 4), (12, 3)])
+def test_sinks_naive_matches_double_loop(window, sinks):
+    inputs = make_inputs(seq_len=15)
+    o, _ = naive_window_attention(*inputs, window=window, sinks=sinks)
+    assert rel(o, reference(*inputs, window, sinks=sinks)) < 1e-6
+    mask = torch.tensor([[0, 0, 0] + [1] * 12, [1, 1, 0, 0, 0, 1, 0, 1] + [1] * 7], dtype=torch.bool)
+    o, _ = naive_window_attention(*inputs, window=window, attention_mask=mask, sinks=sinks)
+    assert rel(o, reference(*inputs, window, mask=mask, sinks=sinks)) < 1e-6
+
+
+def test_sinks_change_the_output_only_past_the_window():
+    inputs = make_inputs(seq_len=20)
+    plain, _ = naive_window_attention(*inputs, window=4)
+    with_sinks, _ = naive_window_attention(*inputs, window=4, sinks=2)
+    assert torch.equal(plain[:, :4], with_sinks[:, :4])  # no sink has left the window yet
+    assert rel(with_sinks[:, 4:], plain[:, 4:]) > 1e-2
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 16, 37])
+@pytest.mark.parametrize("mode", FORMS)
+def test_sinks_forms_match_naive_outputs_states_and_grads(mode, seq_len):
+    inputs = make_inputs(seq_len=seq_len)
+    names = "q k v q_feat k_feat log_decay lin_weight".split()
+    for window, sinks in [(1, 2), (4, 3), (16, 4)]:
+        o_ref, s_ref, g_ref = run_with_grads(naive_window_attention, inputs, window=window, sinks=sinks)
+        o, s, grads = run_with_grads(window_attention, inputs, window=window, mode=mode, sinks=sinks)
+        assert rel(o, o_ref) < 1e-5, window
+        assert_states_close(s, s_ref)
+        for name, g, g0, x in zip(names, grads, g_ref, inputs):
+            g, g0 = (torch.zeros_like(x) if grad is None else grad for grad in (g, g0))
+            assert rel(g, g0, floor=1e-3) < 1e-5, (name, window)
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [(3, "chunk"), (2, "recurrent"), (15, "chunk")],
+        [(1, "recurrent"), (1, "recurrent"), (1, "recurrent"), (17, "parallel")],
+        [(13, "chunk"), (7, "recurrent")],
+    ],
+)
+def test_sinks_state_carrying_equals_one_long_call(pieces):
+    total = sum(n for n, _ in pieces)
+    inputs = make_inputs(seq_len=total)
+    window, sinks = 4, 3
+    o_full, s_full = naive_window_attention(*inputs, window=window, output_final_state=True, sinks=sinks)
+    outputs, state, start = [], None, 0
+    for length, mode in pieces:
+        part = [x[:, start : start + length] for x in inputs[:5]] + inputs[5:]
+        o, state = window_attention(*part, window=window, mode=mode, initial_state=state, output_final_state=True,
+                                    sinks=sinks)
+        outputs.append(o)
+        start += length
+    assert rel(torch.cat(outputs, dim=1), o_full) < 1e-5
+    assert_states_close(state, s_full)
+    assert state["sink_mask"].all()
+
+
+@pytest.mark.parametrize("mode", ["parallel"] + FORMS)
+def test_sinks_left_padding_matches_unpadded(mode):
+    lengths, seq_len, window, sinks = [11, 6, 2], 11, 3, 2
+    inputs = make_inputs(batch=3, seq_len=seq_len)
+    mask = torch.zeros(3, seq_len, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, seq_len - n :] = True
+    per_token = [torch.where(mask[:, :, None, None], x, torch.full_like(x, 7.0)) for x in inputs[:5]]
+    o, final = window_attention(*per_token, *inputs[5:], window=window, mode=mode, attention_mask=mask,
+                                output_final_state=True, sinks=sinks)
+    for b, n in enumerate(lengths):
+        real = [x[b : b + 1, seq_len - n :] for x in per_token]
+        o_b, s_b = naive_window_attention(*real, *inputs[5:], window=window, output_final_state=True, sinks=sinks)
+        assert rel(o[b : b + 1, seq_len - n :], o_b) < 1e-5
+        assert torch.equal(final["sink_mask"][b : b + 1], s_b["sink_mask"])
+        assert rel(final["sink_k"][b : b + 1], s_b["sink_k"], floor=1e-6) < 1e-6
+
+
+def test_sinks_bad_input_raises_value_error():
+    inputs = make_inputs(seq_len=6)
+    _, plain_state = naive_window_attention(*inputs, window=2, output_final_state=True)
+    for mode in ["parallel"] + FORMS:
+        with pytest.raises(ValueError, match="sinks must be an int"):
+            window_attention(*inputs, window=2, mode=mode, sinks=-1)
+        with pytest.raises(ValueError, match="initial_state must be a dict with keys"):
+            window_attention(*inputs, window=2, mode=mode, sinks=2, initial_state=plain_state)

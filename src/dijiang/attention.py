@@ -55,6 +55,10 @@ class DiJiangSettings:
         kernels see transformed q, k as ordinary inputs, so training keeps the fast path. The softmax window
         keeps the untransformed q, k.
     window_mix_init: the linear part's weight (softplus of ``window_mix``) at init, per head.
+    sinks: with a window, how many of the first tokens stay softmax keys of every query after they leave the
+        window (StreamingLLM's attention sinks, inside the window's max and normaliser): a constant S more keys
+        and values per layer. Pretrained models park much attention on the first tokens; a window without them
+        loses it (``scripts/probe_layer_choice.py --sinks``).
     checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
     backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
@@ -83,6 +87,7 @@ class DiJiangSettings:
     learn_projection: bool = False
     feature_transform: bool = False
     window_mix_init: float = 0.1
+    sinks: int = 0
 
     def __post_init__(self):
         from dijiang.arguments import Number, non_negative_int, parse_bool, positive_float, positive_int
@@ -109,6 +114,9 @@ class DiJiangSettings:
                              f"got {self.backend!r}")
         self.window_mix_init = positive_float.check("window_mix_init (the linear part's weight at init)",
                                                     self.window_mix_init)
+        self.sinks = Number(int, 0, 64).check("sinks (first tokens kept as softmax keys)", self.sinks)
+        if self.sinks and not self.window:
+            raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
         if len(self.decay_range) != 2:
             raise ValueError(f"decay_range must be two numbers (1 - gamma of the first and last head), got {self.decay_range}")
         low, high = self.decay_range
@@ -238,6 +246,7 @@ class DiJiangAttention(nn.Module):
                     q_fused, k_fused, v, fm.projection, fm.log_weight, self.log_decay,
                     F.softplus(self.window_mix.float()), window=self.settings.window, scale=self.scale,
                     feature_scale=fm.scale, output_final_state=layer_cache is not None, q_lin=q_lin, k_lin=k_lin,
+                    sinks=self.settings.sinks,
                 )
             else:
                 o, state = fused_dijiang_attention(
@@ -278,6 +287,7 @@ class DiJiangAttention(nn.Module):
             return window_attention(
                 q, k, v, qf, kf, self.log_decay, lin_weight, window=self.settings.window, scale=self.scale,
                 mode=mode, initial_state=initial_state, output_final_state=output_final_state, attention_mask=mask,
+                sinks=self.settings.sinks,
             )
         return linear_attention(
             qf, kf, v, self.log_decay, mode=mode, chunk_size=self.settings.chunk_size, initial_state=initial_state,

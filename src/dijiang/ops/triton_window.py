@@ -12,6 +12,12 @@ band part     one Triton program per block of 64 queries walks the <= window + 6
               online softmax, then combines:  o = (A + lw N) / (Da + lw D + eps),  where
               A = sum_band exp(s_j - mx) v_j, Da = sum_band exp(s_j - mx), mx = the band's max score.
 
+Attention sinks (``sinks=S``): tokens 0 .. S - 1 are softmax keys of every row t once they are out of its band
+(j <= t - window). Each program walks their one block of SB keys (S <= SB, a power of two >= 16) before its band,
+inside the same online softmax (max, arg-max and denominator over band and sinks together); in the backward,
+dq takes the same block, and one more kernel sums the sinks' dk, dv over all query blocks (one partial per block,
+added up in torch: the sinks are the only keys every row sees).
+
 The reference subtracts the band's max before exponentiating and lets the gradient flow through that
 max, so it is part of the function: dL/dmx = lw (g.N + dDa D) + eps dDa (g = do / den, dDa = -(do.o) / den)
 goes to the score of the arg-max key, whose index the forward stores. (Ties: torch splits among equal
@@ -37,6 +43,7 @@ if HAS_TRITON:
 __all__ = ["fused_window_attention"]
 
 BLOCK = 64  # queries per program and keys per step
+MAX_SINKS = 64
 LIN_EPS = 1e-6  # the linear call's own eps; N = o * (D + eps) undoes it exactly
 
 
@@ -87,9 +94,29 @@ if HAS_TRITON:
         return s, allowed
 
     @triton.jit
-    def _band_grads(q, kx, vx, gb, rows, cols, mx, dda, dmx, arg, T, W, scale, PREC: tl.constexpr):
-        """Probabilities p = exp(s - mx) of the band and dL/ds, the arg-max key taking dL/dmx as well."""
-        s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
+    def _sink_scores(q, kx, rows, cols, W, S, scale, PREC: tl.constexpr):
+        """Scaled scores [BM, SB] against the sink block and which of them row t sees (key j < S, j <= t - W)."""
+        s = tl.dot(q, tl.trans(kx), input_precision=PREC) * scale
+        allowed = (cols[None, :] < S) & (cols[None, :] <= rows[:, None] - W)
+        return s, allowed
+
+    @triton.jit
+    def _online_step(s, allowed, vx, js, m_i, l_i, acc, arg, DT: tl.constexpr, PREC: tl.constexpr):
+        """One block of keys into the online softmax: running max (and its key), denominator, numerator."""
+        s = tl.where(allowed, s, float("-inf"))
+        block_max = tl.max(s, axis=1)
+        block_arg = tl.argmax(s, axis=1)
+        m_new = tl.maximum(m_i, block_max)
+        arg = tl.where(block_max > m_i, js + block_arg, arg)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), vx, input_precision=PREC)
+        return m_new, l_i, acc, arg
+
+    @triton.jit
+    def _band_grads(s, allowed, vx, gb, cols, mx, dda, dmx, arg, PREC: tl.constexpr):
+        """Probabilities p = exp(s - mx) of a block of keys and dL/ds, the arg-max key taking dL/dmx as well."""
         p = tl.where(allowed, tl.exp(s - mx[:, None]), 0.0)
         dp = tl.dot(gb, tl.trans(vx), input_precision=PREC) + dda[:, None]
         ds = p * dp + tl.where(allowed & (cols[None, :] == arg[:, None]), dmx[:, None], 0.0)
@@ -98,9 +125,9 @@ if HAS_TRITON:
     @triton.jit
     def _band_forward(
         q_ptr, k_ptr, v_ptr, n_ptr, d_ptr, lw_ptr, o_ptr, mx_ptr, den_ptr, idx_ptr,
-        T, H, W, scale, eps,
+        T, H, W, S, scale, eps,
         D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LIN: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, SB: tl.constexpr,
     ):
         b, h, bh, t0, rows, rvalid, tok = _program_block(H, T, BM)
         DT = v_ptr.dtype.element_ty
@@ -109,20 +136,15 @@ if HAS_TRITON:
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, DV], dtype=tl.float32)
         arg = tl.zeros([BM], dtype=tl.int32)
+        if SB > 0:
+            cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, 0, T, H, D, DV, SB)
+            s, allowed = _sink_scores(q, kx, rows, cols, W, S, scale, PREC)
+            m_i, l_i, acc, arg = _online_step(s, allowed, vx, 0, m_i, l_i, acc, arg, DT, PREC)
         lo, hi = _band_keys(t0, T, W, BM, BN)
         for js in range(lo, hi, BN):
             cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, js, T, H, D, DV, BN)
             s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
-            s = tl.where(allowed, s, float("-inf"))
-            block_max = tl.max(s, axis=1)
-            block_arg = tl.argmax(s, axis=1)
-            m_new = tl.maximum(m_i, block_max)
-            arg = tl.where(block_max > m_i, js + block_arg, arg)
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DT), vx, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc, arg = _online_step(s, allowed, vx, js, m_i, l_i, acc, arg, DT, PREC)
         lw = tl.load(lw_ptr + h)
         num = acc
         den = l_i + eps
@@ -141,9 +163,9 @@ if HAS_TRITON:
     def _band_backward_dq(
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, n_ptr, d_ptr, lw_ptr, mx_ptr, den_ptr, idx_ptr,
         dq_ptr, dn_ptr, dd_ptr, dlw_ptr, dda_ptr, dmx_ptr,
-        T, H, W, scale, eps,
+        T, H, W, S, scale, eps,
         D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LIN: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, SB: tl.constexpr,
     ):
         """dq, the per-row scalars the dk/dv kernel needs (dDa, dmx), and the linear sums' gradients."""
         b, h, bh, t0, rows, rvalid, tok = _program_block(H, T, BM)
@@ -173,10 +195,16 @@ if HAS_TRITON:
         tl.store(dmx_ptr + row_off, dmx, mask=rvalid)
         gb = g.to(DT)
         dq = tl.zeros([BM, D], dtype=tl.float32)
+        if SB > 0:
+            cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, 0, T, H, D, DV, SB)
+            s, allowed = _sink_scores(q, kx, rows, cols, W, S, scale, PREC)
+            p, ds = _band_grads(s, allowed, vx, gb, cols, mx, dda, dmx, arg, PREC)
+            dq += tl.dot(ds.to(DT), kx, input_precision=PREC)
         lo, hi = _band_keys(t0, T, W, BM, BN)
         for js in range(lo, hi, BN):
             cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, js, T, H, D, DV, BN)
-            p, ds = _band_grads(q, kx, vx, gb, rows, cols, mx, dda, dmx, arg, T, W, scale, PREC)
+            s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
+            p, ds = _band_grads(s, allowed, vx, gb, cols, mx, dda, dmx, arg, PREC)
             dq += tl.dot(ds.to(DT), kx, input_precision=PREC)
         tl.store(dq_ptr + _offsets(tok, rows, H, D), (dq * scale).to(dq_ptr.dtype.element_ty), mask=rvalid[:, None])
 
@@ -206,11 +234,40 @@ if HAS_TRITON:
             dda = tl.load(dda_ptr + row_off, mask=rvalid, other=0.0)
             dmx = tl.load(dmx_ptr + row_off, mask=rvalid, other=0.0)
             gb = (do / den[:, None]).to(DT)
-            p, ds = _band_grads(q, kx, vx, gb, rows, cols, mx, dda, dmx, arg, T, W, scale, PREC)
+            s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
+            p, ds = _band_grads(s, allowed, vx, gb, cols, mx, dda, dmx, arg, PREC)
             dv += tl.dot(tl.trans(p.to(DT)), gb, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(DT)), q, input_precision=PREC)
         tl.store(dk_ptr + _offsets(tok, cols, H, D), (dk * scale).to(dk_ptr.dtype.element_ty), mask=cvalid[:, None])
         tl.store(dv_ptr + _offsets(tok, cols, H, DV), dv.to(dv_ptr.dtype.element_ty), mask=cvalid[:, None])
+
+    @triton.jit
+    def _sink_backward_dkdv(
+        q_ptr, k_ptr, v_ptr, do_ptr, mx_ptr, den_ptr, idx_ptr, dda_ptr, dmx_ptr, pdk_ptr, pdv_ptr,
+        T, H, W, S, scale,
+        D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, SB: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """The sinks' dk, dv from one block of queries, into its own slot of the partials [B*H, blocks, SB, .]."""
+        b, h, bh, t0, rows, rvalid, tok = _program_block(H, T, BM)
+        DT = v_ptr.dtype.element_ty
+        cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, 0, T, H, D, DV, SB)
+        row_off = bh.to(tl.int64) * T + rows
+        q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
+        do = tl.load(do_ptr + _offsets(tok, rows, H, DV), mask=rvalid[:, None], other=0.0).to(tl.float32)
+        den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
+        mx = tl.load(mx_ptr + row_off, mask=rvalid, other=0.0)
+        arg = tl.load(idx_ptr + row_off, mask=rvalid, other=-1)
+        dda = tl.load(dda_ptr + row_off, mask=rvalid, other=0.0)
+        dmx = tl.load(dmx_ptr + row_off, mask=rvalid, other=0.0)
+        gb = (do / den[:, None]).to(DT)
+        s, allowed = _sink_scores(q, kx, rows, cols, W, S, scale, PREC)
+        p, ds = _band_grads(s, allowed & rvalid[:, None], vx, gb, cols, mx, dda, dmx, arg, PREC)
+        dk = tl.dot(tl.trans(ds.to(DT)), q, input_precision=PREC) * scale
+        dv = tl.dot(tl.trans(p.to(DT)), gb, input_precision=PREC)
+        part = (bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * SB
+        slots = part + tl.arange(0, SB)[:, None]
+        tl.store(pdk_ptr + slots * D + tl.arange(0, D)[None, :], dk)
+        tl.store(pdv_ptr + slots * DV + tl.arange(0, DV)[None, :], dv)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -222,7 +279,7 @@ class _WindowBand(torch.autograd.Function):
     D [B * H, T - W] are the linear sums of rows W .. T - 1."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lin_num, lin_den, lin_weight, window, scale, eps):
+    def forward(ctx, q, k, v, lin_num, lin_den, lin_weight, window, scale, eps, sinks):
         B, T, H, d = q.shape
         dv = v.shape[-1]
         has_lin = T > window
@@ -232,10 +289,11 @@ class _WindowBand(torch.autograd.Function):
         idx = torch.empty(B * H, T, device=q.device, dtype=torch.int32)
         grid = (triton.cdiv(T, BLOCK), B * H)
         launch(_band_forward, grid, (q, k, v, lin_num if has_lin else o, lin_den if has_lin else mx, lin_weight, o, mx,
-                                     den, idx, T, H, window, scale, eps),
-               dict(D=d, DV=dv, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=_precision(q.dtype)), num_warps=4)
+                                     den, idx, T, H, window, sinks, scale, eps),
+               dict(D=d, DV=dv, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=_precision(q.dtype),
+                    SB=_sink_block(sinks, T, window)), num_warps=4)
         ctx.save_for_backward(q, k, v, lin_num, lin_den, lin_weight, o, mx, den, idx)
-        ctx.window, ctx.scale, ctx.eps = window, scale, eps
+        ctx.window, ctx.scale, ctx.eps, ctx.sinks = window, scale, eps, sinks
         return o
 
     @staticmethod
@@ -252,21 +310,39 @@ class _WindowBand(torch.autograd.Function):
         dda, dmx = torch.empty_like(mx), torch.empty_like(mx)
         grid = (triton.cdiv(T, BLOCK), B * H)
         prec = _precision(q.dtype)
+        sinks, sink_block = ctx.sinks, _sink_block(ctx.sinks, T, window)
         launch(_band_backward_dq, grid,
                (q, k, v, o, do, lin_num if has_lin else mx, lin_den if has_lin else mx, lin_weight, mx, den, idx,
                 dq, d_num if has_lin else dda, d_den if has_lin else dda, d_lw_rows, dda, dmx,
-                T, H, window, ctx.scale, ctx.eps),
-               dict(D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=prec), num_warps=4)
+                T, H, window, sinks, ctx.scale, ctx.eps),
+               dict(D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, HAS_LIN=has_lin, PREC=prec, SB=sink_block), num_warps=4)
         launch(_band_backward_dkdv, grid, (q, k, v, do, mx, den, idx, dda, dmx, dk, dv, T, H, window, ctx.scale),
                dict(D=d, DV=dv_dim, BM=BLOCK, BN=BLOCK, PREC=prec), num_warps=4)
+        if sink_block:
+            part_dk = torch.empty(B * H, grid[0], sink_block, d, device=q.device, dtype=torch.float32)
+            part_dv = torch.empty(B * H, grid[0], sink_block, dv_dim, device=q.device, dtype=torch.float32)
+            launch(_sink_backward_dkdv, grid, (q, k, v, do, mx, den, idx, dda, dmx, part_dk, part_dv, T, H, window,
+                                               sinks, ctx.scale),
+                   dict(D=d, DV=dv_dim, BM=BLOCK, SB=sink_block, PREC=prec), num_warps=4)
+            held = min(sinks, T)
+            for grad, part in ((dk, part_dk), (dv, part_dv)):
+                from_rows = part.sum(dim=1).view(B, H, sink_block, -1).transpose(1, 2)[:, :held]
+                grad[:, :held] = (grad[:, :held].float() + from_rows).to(grad.dtype)
         d_lw = d_lw_rows.view(B, H, T).sum(dim=(0, 2))
-        return dq, dk, dv, d_num, d_den, d_lw, None, None, None
+        return dq, dk, dv, d_num, d_den, d_lw, None, None, None, None
 
 
-def _final_state(k, v, k_last_feat, lin_state, window, m):
+def _sink_block(sinks: int, T: int, window: int) -> int:
+    """Keys in the sink block (0: no sink leaves the band in this call)."""
+    if not sinks or T <= window:
+        return 0
+    return max(16, triton.next_power_of_2(sinks))
+
+
+def _final_state(k, v, k_last_feat, lin_state, window, m, sinks=0):
     """The ``window_attention`` state after this call (no initial state): S from the linear call (its
     normaliser column included), the last ``window`` raw tokens (oldest first, zero-padded in front when
-    T < window)."""
+    T < window), and the sinks that have left the window (tokens 0 .. T - window - 1, at most ``sinks``)."""
     B, T, H, d = k.shape
     dv = v.shape[-1]
     S = k.new_zeros(B, H, m, dv + 1, dtype=torch.float32) if lin_state is None else lin_state
@@ -274,13 +350,20 @@ def _final_state(k, v, k_last_feat, lin_state, window, m):
     pad = window - kept
     mask = torch.zeros(B, window, dtype=torch.bool, device=k.device)
     mask[:, pad:] = True
-    return {
+    state = {
         "S": S,
         "k": F.pad(k[:, T - kept:], [0, 0, 0, 0, pad, 0]),
         "v": F.pad(v[:, T - kept:], [0, 0, 0, 0, pad, 0]),
         "kf": F.pad(k_last_feat, [0, 0, 0, 0, pad, 0]),
         "mask": mask,
     }
+    if sinks:
+        left = min(sinks, max(T - window, 0))
+        sink_mask = torch.zeros(B, sinks, dtype=torch.bool, device=k.device)
+        sink_mask[:, :left] = True
+        state.update(sink_k=F.pad(k[:, :left], [0, 0, 0, 0, 0, sinks - left]),
+                     sink_v=F.pad(v[:, :left], [0, 0, 0, 0, 0, sinks - left]), sink_mask=sink_mask)
+    return state
 
 
 def fused_window_attention(
@@ -299,6 +382,7 @@ def fused_window_attention(
     eps: float = 1e-6,
     q_lin: Tensor | None = None,
     k_lin: Tensor | None = None,
+    sinks: int = 0,
 ) -> tuple[Tensor, dict | None]:
     """Window hybrid with the DiJiang softmax feature map ``phi(x) = softmax(sqrt(feature_scale) x P + log_weight)``.
 
@@ -309,6 +393,7 @@ def fused_window_attention(
         scale: softmax scale (default ``d ** -0.5``); feature_scale: the feature map's (default the same).
         q_lin, k_lin: what the linear part's feature map sees, if not q, k (same shape; e.g. a learned
             per-head transform of them); the softmax band always uses q, k.
+        sinks: tokens 0 .. sinks - 1 stay softmax keys of every row once out of its band (at most 64).
 
     Returns ``(o [B, T, H, dv] in v.dtype, state dict or None)`` as ``window_attention``; gradients flow to
     q, k, v, log_weight, log_decay and lin_weight. CUDA (or the Triton interpreter) only.
@@ -320,6 +405,8 @@ def fused_window_attention(
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if not isinstance(sinks, int) or isinstance(sinks, bool) or not 0 <= sinks <= MAX_SINKS:
+        raise ValueError(f"sinks must be an int in [0, {MAX_SINKS}] on the fused path, got {sinks!r}")
     B, T, H, d = q.shape
     if lin_weight.shape != (H,):
         raise ValueError(f"lin_weight must have shape [H] = [{H}], got {tuple(lin_weight.shape)}")
@@ -343,9 +430,10 @@ def fused_window_attention(
     else:
         lin_num = v.new_zeros(B, 0, H, v.shape[-1], dtype=torch.float32)
         lin_den = v.new_zeros(B * H, 0, dtype=torch.float32)
-    o = _WindowBand.apply(q, k, v, lin_num, lin_den, lin_weight.float().contiguous(), window, scale, float(eps))
+    o = _WindowBand.apply(q, k, v, lin_num, lin_den, lin_weight.float().contiguous(), window, scale, float(eps),
+                          sinks)
     if not output_final_state:
         return o, None
     kept = k_lin[:, T - min(T, window):]
     k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
-    return o, _final_state(k, v, k_feat, lin_state, window, proj.shape[1])
+    return o, _final_state(k, v, k_feat, lin_state, window, proj.shape[1], sinks)
