@@ -4,6 +4,7 @@ import torch
 import transformers
 
 import dijiang
+import dijiang.attention  # noqa: F401  (the package imports its modules lazily)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

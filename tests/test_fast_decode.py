@@ -8,11 +8,12 @@ from helpers import VOCAB, left_padded, reference, tiny_model
 
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
             "norm": dict(stabiliser="norm", normalize=False),
-            "transform": dict(window=4, radius="chi", feature_transform=True)}  # recipes/smollm2-135m.yaml's kind
+            "transform": dict(window=4, radius="chi", feature_transform=True),
+            "sinks": dict(window=4, radius="chi", feature_transform=True, sinks=2)}  # recipes/smollm2-135m.yaml's kind
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("kind", ["pure", "window"])
+@pytest.mark.parametrize("kind", ["pure", "window", "sinks"])
 def test_greedy_equals_generate_batch2_left_padded(family, kind):
     model = dijiang.convert(tiny_model(family, seed=1), SETTINGS[kind])
     ids, mask = left_padded()
@@ -124,7 +125,7 @@ def test_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["pure", "window", "transform"])
+@pytest.mark.parametrize("kind", ["pure", "window", "transform", "sinks"])
 def test_cuda_graph_greedy_equals_generate(kind):
     model = dijiang.convert(tiny_model("llama", seed=1), SETTINGS[kind]).cuda()
     with torch.no_grad():

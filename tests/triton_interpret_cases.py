@@ -197,7 +197,7 @@ CASES = {
     "window B1 T200 W48 (linear part through a learned transform)": lambda: window_case(1, 200, 2, 16, 48, seed=5,
                                                                                        transform=True),
     "window B2 T300 W64 with 4 sinks": lambda: window_case(2, 300, 2, 16, 64, seed=6, sinks=4),
-    "window B1 T200 W48 with 20 loud sinks (they hold the max; a block of 32), transform":
+    "window B1 T200 W48 with 20 loud sinks (they hold the max), transform":
         lambda: window_case(1, 200, 2, 16, 48, seed=7, transform=True, sinks=20, loud_sinks=True),
     "window B1 T40 W48 with 4 sinks (none leaves the window)": lambda: window_case(1, 40, 2, 16, 48, seed=8, sinks=4),
     "dijiang T150 normalize": lambda: dijiang_case(1, 150, 2, 16, True, False),

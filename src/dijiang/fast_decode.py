@@ -14,7 +14,8 @@ so the step is launch-bound. This module:
 4. on CUDA captures that step in one ``torch.cuda.CUDAGraph`` (optionally with the per-layer function compiled
    by ``torch.compile`` first, which fuses the elementwise work) and replays it; on CPU runs it eagerly.
    Window-hybrid layers on CUDA run their attention in one Triton kernel over a ring buffer of the last W
-   tokens (``dijiang.ops.triton_window_decode``); elsewhere they shift the window in plain tensor code.
+   tokens (``dijiang.ops.triton_window_decode``); elsewhere, and with attention sinks, which that kernel does not
+   hold, they shift the window in plain tensor code.
 
 Supported families: llama, mistral, qwen2, qwen3 (pure, window-hybrid and partly-converted models, and
 unconverted ones, which then run with static KV buffers). Anything else falls back to ``model.generate`` with a
@@ -86,8 +87,6 @@ def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
         if isinstance(attn, DiJiangAttention):
             if not isinstance(attn.feature_map, (ProjectedFeatureMap, EluFeatureMap)):
                 return False, f"feature map {type(attn.feature_map).__name__} has no fast path"
-            if attn.settings.sinks:
-                return False, "attention sinks have no fast path (model.generate decodes them)"
         else:
             window = getattr(attn, "sliding_window", None)
             if window and max_len is not None and max_len > window:
@@ -215,7 +214,7 @@ def _window_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict
     q, k, v, qf, kf = (t.unsqueeze(1) for t in (q, k, v, qf, kf))  # [B, 1, H, .]
     o, new_state = window_attention(
         q, k, v, qf, kf, w["log_decay"], w["lin_weight"], window=c.window, scale=c.attn_scale,
-        mode="recurrent", initial_state=state, output_final_state=True, attention_mask=None,
+        mode="recurrent", initial_state=state, output_final_state=True, attention_mask=None, sinks=c.sinks,
     )
     for key, value in new_state.items():
         state[key].copy_(value)
@@ -292,6 +291,7 @@ class _Consts:
     use_gate: bool = False
     gn_eps: float = 1e-5
     window: int = 0
+    sinks: int = 0
 
 
 @dataclass
@@ -373,7 +373,7 @@ def _build_plan(layer, fused: bool, reduce_matmul: bool, kernel_window: bool = F
 
     settings, fm = attn.settings, attn.feature_map
     extra = dict(use_norm=attn.norm is not None, use_gate=attn.gate is not None, window=settings.window,
-                 num_features=fm.num_features, fm_scale=fm.scale, fm_sqrt_scale=math.sqrt(fm.scale))
+                 sinks=settings.sinks, num_features=fm.num_features, fm_scale=fm.scale, fm_sqrt_scale=math.sqrt(fm.scale))
     if isinstance(fm, EluFeatureMap):
         extra["feature_kind"] = "elu"
     else:
@@ -395,7 +395,7 @@ def _build_plan(layer, fused: bool, reduce_matmul: bool, kernel_window: bool = F
         w["log_decay"] = log_decay
         w["lin_weight"] = F.softplus(attn.window_mix.detach().float())
         consts = _Consts(kind="window", **common, **extra)
-        if kernel_window and _window_kernel_fits(consts, w):
+        if kernel_window and not settings.sinks and _window_kernel_fits(consts, w):  # the kernel has no sinks
             w["decay_flat"] = torch.exp(log_decay.float()).contiguous()
             return _LayerPlan(consts, w, fn=_KernelWindowStep())
         return _LayerPlan(consts, w, fn=_window_layer_step)

@@ -13,7 +13,7 @@ band part     one Triton program per block of 64 queries walks the <= window + 6
               A = sum_band exp(s_j - mx) v_j, Da = sum_band exp(s_j - mx), mx = the band's max score.
 
 Attention sinks (``sinks=S``): tokens 0 .. S - 1 are softmax keys of every row t once they are out of its band
-(j <= t - window). Each program walks their one block of SB keys (S <= SB, a power of two >= 16) before its band,
+(j <= t - window). Each program walks their one block of SB = 64 keys (S <= 64) before its band,
 inside the same online softmax (max, arg-max and denominator over band and sinks together); in the backward,
 dq takes the same block, and one more kernel sums the sinks' dk, dv over all query blocks (one partial per block,
 added up in torch: the sinks are the only keys every row sees).
@@ -333,10 +333,11 @@ class _WindowBand(torch.autograd.Function):
 
 
 def _sink_block(sinks: int, T: int, window: int) -> int:
-    """Keys in the sink block (0: no sink leaves the band in this call)."""
+    """Keys in the sink block (0: no sink leaves the band in this call). One block of 64 whatever S is: a
+    16-key block failed to compile on the H200 (Triton 3.6)."""
     if not sinks or T <= window:
         return 0
-    return max(16, triton.next_power_of_2(sinks))
+    return BLOCK
 
 
 def _final_state(k, v, k_last_feat, lin_state, window, m, sinks=0):
