@@ -22,10 +22,11 @@ from dijiang.evaluate import markdown_table, passkey_past  # noqa: E402
 WINDOWS = (512, 2048, 8192)
 TEXTS = {"pydoc": "pydoc", "austen-pride-and-prejudice.txt": "Austen", "python-stdlib.txt": "code"}
 ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k", "transform-at", "transform-at-8k",
-         "transform-8k-retrieval", "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m",
-         "layer-hybrid16-8k", "layer-choice", "layer-choice-at", "pure",
+         "transform-8k-retrieval", "transform-8k-performer", "transform-8k-m128", "transform-8k-sinks",
+         "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m", "layer-hybrid-8k-sinks",
+         "layer-hybrid8-8k", "layer-hybrid12-8k", "layer-hybrid16-8k", "layer-choice", "layer-choice-at", "pure",
          "map-dijiang-chi", "map-dijiang-normal", "map-performer", "map-pff", "map-hedgehog")  # lever by lever
-SOFTMAX_WINDOW = 128  # every student's window: needles farther back than this need the far context
+SOFTMAX_WINDOW = 128  # every student's softmax keys (window, or window 124 + 4 sinks): needles farther back need the far context
 
 
 def is_map_run(job: str) -> bool:
@@ -130,19 +131,19 @@ def gate_table(runs: dict[str, dict]) -> list[dict]:
     return table
 
 
-def plot_context(runs: dict[str, dict], out: Path, maps: bool = False) -> Path:
+def plot_context(runs: dict[str, dict], out: Path, maps: bool = False, only: list[str] | None = None) -> Path:
     """dijiang eval's plot over every run (maps: over the feature-map ablation's runs instead): ratio to the
     teacher against the evaluation window, one panel per text. Without the branch-off lines (the table has them)
-    and without pure DiJiang (5-19x), so that the hybrids' differences stay readable."""
+    and without pure DiJiang (5-19x), so that the hybrids' differences stay readable; ``only``: these runs alone."""
     from dijiang.plots import plot_context as draw
 
     rows = [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items()
-            if job != "pure" and is_map_run(job) == maps
+            if job != "pure" and is_map_run(job) == maps and (only is None or job in only)
             for r in run["eval"]["context"] if r["model"] in ("teacher", job)]
     return draw(rows, out)
 
 
-def plot_training(runs: dict[str, dict], out: Path) -> Path:
+def plot_training(runs: dict[str, dict], out: Path, only: list[str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +151,7 @@ def plot_training(runs: dict[str, dict], out: Path) -> Path:
 
     from dijiang.plots import palette, save_with_legend_below
 
-    jobs = [job for job in runs if job != "pure" and not is_map_run(job)]
+    jobs = [job for job in runs if job != "pure" and not is_map_run(job) and (only is None or job in only)]
     colours = palette(jobs)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for job in jobs:
@@ -175,8 +176,14 @@ def main(argv=None) -> int:
     parser.add_argument("runs", type=Path, help="folder of JOB/ folders (eval.json, log.jsonl)")
     parser.add_argument("--out", type=Path, help="write long_context.png, long_context_training.png and "
                         "long_context_maps.png here")
+    parser.add_argument("--plot", metavar="RUN,RUN,...", help="the runs the context and training plots draw (default: "
+                        "all; the tables always list every run)")
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
+    only = None if args.plot is None else [job for job in args.plot.split(",") if job]
+    unknown = sorted(set(only or ()) - set(runs))
+    if unknown:
+        parser.error(f"--plot: no such run {', '.join(unknown)} under {args.runs} (there: {', '.join(runs)})")
     columns = ["run", *(label for label in TEXTS.values()),
                *(f"{label} off" for label in TEXTS.values()), "passkey", "past window"]
     print("ratio to the teacher at 512 / 2048 / 8192; 'off': perplexity rise at 8192 with the DiJiang branch "
@@ -197,8 +204,8 @@ def main(argv=None) -> int:
     print("\nlinear weight min / mean / max and slowest decay per layer, at the last training eval\n")
     print(markdown_table(gate_table(runs), ["run", "mix", "slowest", "tokens"]))
     if args.out:
-        print(plot_context(runs, args.out / "long_context.png"))
-        print(plot_training(runs, args.out / "long_context_training.png"))
+        print(plot_context(runs, args.out / "long_context.png", only=only))
+        print(plot_training(runs, args.out / "long_context_training.png", only=only))
         if maps:
             print(plot_context(runs, args.out / "long_context_maps.png", maps=True))
     return 0

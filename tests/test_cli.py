@@ -23,10 +23,11 @@ def tiny_dir(tmp_path_factory):
 
 def test_convert_then_generate(tiny_dir, tmp_path, capsys):
     out = tmp_path / "converted"
-    assert main(["convert", "--model", str(tiny_dir), "--out", str(out), "--window", "4", "--layers", "0,1"]) == 0
+    assert main(["convert", "--model", str(tiny_dir), "--out", str(out), "--window", "4", "--sinks", "2",
+                 "--layers", "0,1"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "dijiang_llama" and config["dijiang_layers"] == [0, 1]
-    assert config["dijiang"]["window"] == 4
+    assert config["dijiang"]["window"] == 4 and config["dijiang"]["sinks"] == 2
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "6"]) == 0
     plain = capsys.readouterr().out
@@ -51,6 +52,8 @@ def test_bad_inputs_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
     assert "no such model directory" in capsys.readouterr().err
     assert main(["convert", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--feature-map", "nope"]) == 2
     assert "unknown feature map" in capsys.readouterr().err
+    assert main(["convert", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--sinks", "2"]) == 2
+    assert "needs a window" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--stabiliser", "bogus"])
 

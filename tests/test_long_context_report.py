@@ -49,6 +49,12 @@ def test_tables_and_plots(tmp_path, capsys):
     for name in ("long_context.png", "long_context_training.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| baseline |" in capsys.readouterr().out
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "some"), "--plot", "baseline"]) == 0
+    assert (tmp_path / "some" / "long_context.png").stat().st_size > 1000
+    assert "| pure |" in capsys.readouterr().out  # the tables list every run whatever --plot says
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path), "--plot", "baseline,nonesuch"])
+    assert "no such run nonesuch" in capsys.readouterr().err
 
 
 def test_no_runs_is_an_error(tmp_path):

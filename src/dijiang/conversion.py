@@ -261,6 +261,8 @@ def add_settings_arguments(parser) -> None:
     parser.add_argument("--stabiliser", default="softmax", choices=["softmax", "norm"],
                         help="softmax: divide by the feature sum (official); norm: ||x||^2/2 (unbiased)")
     parser.add_argument("--window", type=non_negative_int, default=0, help="exact-softmax window (0 = pure DiJiang)")
+    parser.add_argument("--sinks", type=non_negative_int, default=0,
+                        help="with --window: the first N tokens stay softmax keys of every query (attention sinks)")
     parser.add_argument("--layers", type=non_empty_int_list(non_negative_int), default=None,
                         help="comma-separated layer indices to convert (default all)")
     parser.add_argument("--official", action="store_true",
@@ -268,7 +270,7 @@ def add_settings_arguments(parser) -> None:
 
 
 def settings_from_args(args) -> tuple[DiJiangSettings, list[int] | None]:
-    overrides = dict(num_features=args.num_features, stabiliser=args.stabiliser, window=args.window)
+    overrides = dict(num_features=args.num_features, stabiliser=args.stabiliser, window=args.window, sinks=args.sinks)
     if args.feature_map is not None:
         overrides["feature_map"] = args.feature_map
     settings = DiJiangSettings.official(**overrides) if args.official else DiJiangSettings(**overrides)

@@ -129,7 +129,7 @@ def plot_context(rows: Sequence[dict], out_path: str | Path) -> Path:
         windows = sorted({r["window"] for r in rows if r["text"] == text})
         ax.set_xticks(windows, [str(w) for w in windows])
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
         ax.set_xlabel("evaluation window (tokens)")
         ax.set_ylabel("perplexity / teacher's (log scale)")
         ax.set_title(text)
