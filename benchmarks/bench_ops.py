@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dijiang.ops import triton_dijiang as tdj  # noqa: E402
 
-METHODS = ("sdpa", "fused", "torch", "quadratic", "window", "window-fused")
-VERSUS_SDPA = ("fused", "window-fused")  # methods that get a speed-up column against SDPA
+METHODS = ("sdpa", "fused", "torch", "quadratic", "window", "window-fused", "window-sinks")
+VERSUS_SDPA = ("fused", "window-fused", "window-sinks")  # methods that get a speed-up column against SDPA
+SINKS = 4  # window-sinks: a window of W - 4 tokens and the first 4 as sinks, the same W softmax keys
 DEFAULT_WINDOW = 64
 GRAPHS_NOTE = """
 Every op here, SDPA included, is replayed from CUDA graphs: the forward from one captured graph, forward+backward
@@ -92,21 +93,24 @@ def build(method, q, k, v, proj, lw, ld, scale, window=DEFAULT_WINDOW):
             q, k, v, lw, ld)
     if method == "quadratic":
         return (lambda: quadratic_form(q, k, v, proj, lw, ld, scale)), (q, k, v, lw, ld)
-    if method == "window-fused" and q.is_cuda:
+    sinks = SINKS if method == "window-sinks" else 0
+    band = window - sinks
+    if method in ("window-fused", "window-sinks") and q.is_cuda:
         from dijiang.ops.triton_window import fused_window_attention
 
         def fn():
-            return fused_window_attention(q, k, v, proj, lw, ld, torch.ones_like(ld), window=window, scale=scale)[0]
+            return fused_window_attention(q, k, v, proj, lw, ld, torch.ones_like(ld), window=band, scale=scale,
+                                          sinks=sinks)[0]
 
         return fn, (q, k, v, lw, ld)
-    if method in ("window", "window-fused"):  # CPU: the fused window op needs CUDA; time the torch op
+    if method in ("window", "window-fused", "window-sinks"):  # CPU: the fused op needs CUDA; time the torch op
         from dijiang.ops.window import window_attention
 
         def fn():
             fq = tdj.dijiang_feature_map(q, proj, lw, scale).to(q.dtype)
             fk = tdj.dijiang_feature_map(k, proj, lw, scale).to(k.dtype)
-            return window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=window, scale=scale,
-                                    mode="chunk")[0]
+            return window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=band, scale=scale,
+                                    mode="chunk", sinks=sinks)[0]
 
         return fn, (q, k, v, lw, ld)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -299,6 +303,8 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if "window-sinks" in methods and args.window <= SINKS:
+        ap.error(f"window-sinks needs --window > {SINKS} (a window of W - {SINKS} tokens beside {SINKS} sinks)")
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
     for H, D in shapes:
@@ -322,7 +328,8 @@ def main(argv=None):
     labels = {"sdpa": "SDPA causal" + (" (flash)" if cuda else ""), "fused": fused_label,
               "torch": "torch chunk + separate map", "quadratic": "official quadratic",
               "window": f"window-{args.window} hybrid (torch chunk + map)",
-              "window-fused": f"window-{args.window} hybrid ({'Triton' if cuda else 'CPU: torch op'})"}
+              "window-fused": f"window-{args.window} hybrid ({'Triton' if cuda else 'CPU: torch op'})",
+              "window-sinks": f"window-{args.window - SINKS} + {SINKS} sinks ({'Triton' if cuda else 'CPU: torch op'})"}
     versus = [m for m in VERSUS_SDPA if m in methods] if "sdpa" in methods else []
     head = "| H x D | T | " + " | ".join(f"{labels[m]} fwd / fwd+bwd" for m in methods)
     head += "".join(f" | {labels[m]} speed-up vs SDPA, fwd / fwd+bwd" for m in versus)
@@ -393,7 +400,7 @@ def plot(rows, methods, labels, path, dev_name):
     shapes = sorted({(r["H"], r["D"]) for r in rows})
     styles = ["-", "--", ":", "-."]
     colors = {"sdpa": "tab:red", "fused": "tab:blue", "torch": "tab:green", "quadratic": "tab:gray",
-              "window": "tab:purple", "window-fused": "tab:orange"}
+              "window": "tab:purple", "window-fused": "tab:orange", "window-sinks": "tab:brown"}
     for ax, idx, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
         for si, (H, D) in enumerate(shapes):
             for meth in methods:

@@ -43,6 +43,10 @@ def test_window_method_computes_the_window_hybrid(bench_ops):
     fk = bench_ops.tdj.dijiang_feature_map(k, proj, lw, 0.25)
     reference, _ = window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=8, scale=0.25, mode="parallel")
     torch.testing.assert_close(fn(), reference, rtol=1e-4, atol=1e-5)
+    fn, _ = bench_ops.build("window-sinks", q, k, v, proj, lw, ld, 0.25, window=8)  # 4 window keys + 4 sinks
+    reference, _ = window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=4, scale=0.25, mode="parallel",
+                                    sinks=4)
+    torch.testing.assert_close(fn(), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_method_is_refused(bench_ops, tmp_path):
@@ -58,7 +62,7 @@ def test_cuda_graphs_mode_refuses_cpu(bench_ops):
 def test_op_of_tensors_is_the_built_op(bench_ops):
     """--cuda-graphs captures op_of_tensors(...); it must compute what build() times."""
     q, k, v, proj, lw, ld = bench_ops.make(1, 40, 2, 16, 16, torch.float32, "cpu")
-    for method in ("fused", "window-fused"):
+    for method in ("fused", "window-fused", "window-sinks"):
         fn, _ = bench_ops.build(method, q, k, v, proj, lw, ld, 0.25, window=8)
         op = bench_ops.op_of_tensors(method, proj, 0.25, 8)
         assert torch.equal(op(q, k, v, lw, ld), fn())
