@@ -89,8 +89,9 @@ def test_convert_on_the_fly(saved, offline):
     from dijiang.lm_eval_adapter import DiJiangLM
 
     tiny, _, _, _ = saved
-    lm = DiJiangLM(pretrained=str(tiny), convert="true", window="4", batch_size=2)
+    lm = DiJiangLM(pretrained=str(tiny), convert="true", window="4", sinks="2", batch_size=2)
     assert lm.model.config.dijiang["window"] == 4 and lm.model.config.dijiang_layers == [0, 1]
+    assert lm.model.config.dijiang["sinks"] == 2
 
 
 @needs_lm_eval

@@ -7,7 +7,7 @@ A saved DiJiang folder needs nothing from here: it loads through transformers' r
 
 Model type "dijiang" is `HFLM` plus what `hf` cannot do: `pretrained` may be anything
 `dijiang.load_pretrained` takes (the embedded "smollm2", a .gguf file, a folder, a hub name), `convert=true`
-converts the loaded model on the fly (`window=W` for the hybrid), and the device defaults to CUDA when there
+converts the loaded model on the fly (`window=W` for the hybrid, `sinks=N` for its attention sinks), and the device defaults to CUDA when there
 is one, else the CPU. lm_eval discovers no plugins, so the type exists in processes that import this module:
 
     python -m dijiang.lm_eval_adapter --model dijiang --model_args pretrained=smollm2,convert=true,window=64 \\
@@ -44,8 +44,8 @@ def _as_bool(value) -> bool:  # model_args arrive as strings ("convert=true")
 class DiJiangLM(HFLM):
     """`HFLM` on a (converted) model that `dijiang.load_pretrained` can load; see the module docstring."""
 
-    def __init__(self, pretrained: str = "smollm2", convert=False, window: int = 0, device: str | None = None,
-                 **kwargs):
+    def __init__(self, pretrained: str = "smollm2", convert=False, window: int = 0, sinks: int = 0,
+                 device: str | None = None, **kwargs):
         from dijiang.loading import model_folder
 
         device = device or available_device()
@@ -58,7 +58,7 @@ class DiJiangLM(HFLM):
         dtype = kwargs.pop("dtype", "float32")
         model, tokenizer = dijiang.load_pretrained(folder, dtype=getattr(torch, "float32" if dtype == "auto" else dtype),
                                                    device=device)
-        dijiang.convert(model, settings={"window": int(window)} if int(window) else None)
+        dijiang.convert(model, settings={"window": int(window), "sinks": int(sinks)})
         super().__init__(pretrained=model.eval(), tokenizer=kwargs.pop("tokenizer", tokenizer), **kwargs)
 
 
