@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sinks", type=int, default=0, help="--proxy window: the first N tokens stay visible to "
                         "every layer (attention sinks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--passkey", default="", help="after each round, passkey accuracy at these lengths "
-                        "(evaluation only: the choice never sees it), e.g. 2048")
+    parser.add_argument("--passkey", default="", help="after each round and for each --compare set, passkey accuracy "
+                        "at these lengths (evaluation only: the choice never sees it), e.g. 2048")
     parser.add_argument("--passkey-trials", type=int, default=5)
     parser.add_argument("--settings", type=json.loads, default=DEFAULT_SETTINGS, help="DiJiang settings, JSON")
     parser.add_argument("--compare", action="append", default=[], metavar="I,J,...",
@@ -175,12 +175,25 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
+    def passkey_of(kept: list[int]) -> tuple[list[dict], str]:
+        from dijiang.evaluate import passkey_accuracy
+
+        lengths = [int(n) for n in args.passkey.split(",")]
+        rows = passkey_accuracy(model_keeping(teacher, proxy, args.settings, kept), tokenizer, lengths,
+                                trials=args.passkey_trials)
+        return rows, "  passkey " + " / ".join(f"{r['context']}: {100 * r['accuracy']:.0f} %" for r in rows)
+
     result["compared"] = {}
     for kept_set in args.compare:
         layers = [int(i) for i in kept_set.split(",")]
         result["compared"][kept_set] = score_of(model_keeping(teacher, proxy, args.settings, layers))
-        print(f"kept {layers}: log p {result['compared'][kept_set][0]:.3f}  {second} "
-              f"{result['compared'][kept_set][1]:.2f}", flush=True)
+        line = (f"kept {layers}: log p {result['compared'][kept_set][0]:.3f}  {second} "
+                f"{result['compared'][kept_set][1]:.2f}")
+        if args.passkey:
+            rows, text = passkey_of(layers)
+            result.setdefault("compared_passkey", {})[kept_set] = rows
+            line += text
+        print(line, flush=True)
     save()
     adding = args.direction == "add"
     kept = [] if adding else list(every_layer)
@@ -205,15 +218,12 @@ def main(argv=None) -> int:
         line = (f"round {round_index + 1}: {what}  log p {scores[best][0]:.3f}  {second} {scores[best][1]:.2f}  "
                 f"next best {ranking[1:4]}")
         if args.passkey:
-            from dijiang.evaluate import passkey_accuracy
-
-            lengths = [int(n) for n in args.passkey.split(",")]
-            rows = passkey_accuracy(model_keeping(teacher, proxy, args.settings, kept), tokenizer, lengths,
-                                    trials=args.passkey_trials)
+            rows, text = passkey_of(kept)
             result["rounds"][-1]["passkey"] = rows
-            line += "  passkey " + " / ".join(f"{r['context']}: {100 * r['accuracy']:.0f} %" for r in rows)
+            line += text
         print(f"{line}  ({time.time() - started:.0f} s)", flush=True)
         save()
+    save()  # no round asked for (--keep 0): the comparisons alone
     return 0
 
 

@@ -81,6 +81,13 @@ def test_main_adds_and_cuts_layers(tmp_path, monkeypatch):
         kept = [r["kept"] for r in json.loads(out.read_text())["rounds"]]
         layers = 2  # the tiny model's
         assert [len(k) for k in kept] == ([1, 2] if direction == "add" else [layers - 1, layers - 2])
+    out = tmp_path / "compare.json"
+    assert probe.main(["--model", str(folder), "--text", str(tmp_path / "filler.txt"), "--tokens", "400",
+                       "--prompts", "2", "--keep", "0", "--window", "8", "--compare", "1", "--passkey", "300",
+                       "--passkey-trials", "2", "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["compared"]) == {"1"} and result["rounds"] == []
+    assert [(r["context"], r["trials"]) for r in result["compared_passkey"]["1"]] == [(300, 2)]
 
 
 @torch.no_grad()
