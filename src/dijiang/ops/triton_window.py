@@ -333,8 +333,9 @@ class _WindowBand(torch.autograd.Function):
 
 
 def _sink_block(sinks: int, T: int, window: int) -> int:
-    """Keys in the sink block (0: no sink leaves the band in this call). One block of 64 whatever S is: a
-    16-key block failed to compile on the H200 (Triton 3.6)."""
+    """Keys in the sink block (0: no sink leaves the band in this call). One block of BLOCK keys whatever S is:
+    the band loop re-binds the sink block's ``cols``, and Triton's compiler refuses a loop-carried variable whose
+    shape changes (a 16-key block failed so on the H200; the interpreter does not check it)."""
     if not sinks or T <= window:
         return 0
     return BLOCK
