@@ -201,7 +201,8 @@ def default_max_windows(window: int) -> int:
 @contextlib.contextmanager
 def linear_branch_off(model):
     """Switch the DiJiang branch of every window-hybrid layer off (its weight softplus(-30) ~ 1e-13): the
-    model becomes a plain sliding-window softmax model. The ablation that tells what the branch is worth."""
+    model becomes a plain sliding-window softmax model (window + sinks where the layers keep sinks, StreamingLLM's
+    layer). The ablation that tells what the branch is worth."""
     saved = []
     for _, layer in iter_dijiang_layers(model):
         if layer.window_mix is not None:
@@ -548,7 +549,7 @@ def add_cli(subparsers) -> None:
                              "about 40k scored tokens (40 / 20 / 6)")
     parser.add_argument("--branch-off", action="store_true",
                         help="also score every window hybrid with its DiJiang branch switched off (a plain "
-                             "sliding window): what the linear part is worth")
+                             "sliding window, with its sinks if it has any): what the linear part is worth")
     parser.add_argument("--stride", type=positive_int, default=None, help="new tokens per window (default window-1)")
     parser.add_argument("--max-windows", type=positive_int, default=None,
                         help="windows per length (default 40 for --window; see --windows)")
