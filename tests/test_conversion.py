@@ -14,7 +14,8 @@ from dijiang.train import TrainConfig, build_optimizer, new_parameter_ids
 from helpers import FAMILIES, VOCAB, tiny_model
 
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
-            "hedgehog": dict(feature_map="hedgehog", window=4), "sinks": dict(window=4, sinks=2)}
+            "hedgehog": dict(feature_map="hedgehog", window=4), "sinks": dict(window=4, sinks=2),
+            "gate": dict(window=4, decay_gate=True)}
 
 
 def rel_err(a, b):
@@ -346,3 +347,31 @@ def test_sinks_round_trip(tmp_path):
         dijiang.convert(tiny_model("llama"), dict(sinks=2))
     with pytest.raises(ValueError, match="sinks"):
         dijiang.convert(tiny_model("llama"), dict(window=4, sinks=65))
+
+
+def test_decay_gate_starts_as_the_per_head_decay_trains_and_round_trips(tmp_path):
+    ids = torch.randint(3, VOCAB, (2, 20))
+    plain = dijiang.convert(tiny_model("llama", seed=4), dict(window=4)).eval()
+    gated = dijiang.convert(tiny_model("llama", seed=4), dict(window=4, decay_gate=True)).eval()
+    with torch.no_grad():
+        assert rel_err(gated(ids, use_cache=False).logits, plain(ids, use_cache=False).logits) < 1e-6  # u = 0
+    ok, why = supports_fast_decode(gated)
+    assert not ok and "decay_gate" in why
+    gated.train()
+    gated(ids, labels=ids, use_cache=False).loss.backward()
+    layers = [layer for _, layer in iter_dijiang_layers(gated)]
+    assert all(layer.decay_gate.grad is not None and layer.decay_gate.grad.abs().sum() > 0 for layer in layers)
+    assert all(any(p is layer.decay_gate for p in layer.new_parameters()) for layer in layers)
+    with torch.no_grad():
+        for layer in layers:
+            layer.decay_gate.normal_(std=0.5)
+        gated.eval()
+        logits = gated(ids, use_cache=False).logits
+        assert rel_err(logits, plain(ids, use_cache=False).logits) > 1e-4  # the gate now changes the decay
+        stepped, _ = incremental_logits(gated, ids, prefill=7)
+        assert rel_err(stepped, logits) < 1e-5
+        gated.save_pretrained(tmp_path)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(loaded(ids, use_cache=False).logits, logits)
+    with pytest.raises(ValueError, match="decay_gate needs a window"):
+        dijiang.convert(tiny_model("llama"), dict(decay_gate=True))

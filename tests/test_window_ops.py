@@ -41,7 +41,10 @@ def reference(q, k, v, qf, kf, log_decay, lin_weight, window, mask=None, eps=1e-
                 if j in in_window:
                     weight = torch.exp(scores[j] - row_max)
                 else:
-                    decay = torch.exp((t - window - j) * log_decay)
+                    if log_decay.dim() == 1:
+                        decay = torch.exp((t - window - j) * log_decay)
+                    else:  # per token: the steps after key j left the window (at step j + window), up to t
+                        decay = torch.exp(log_decay[b, j + window + 1 : t + 1].sum(0))
                     weight = lin_weight * decay * (qf[b, t] * kf[b, j]).sum(-1)
                     if j in sink_keys:
                         weight = weight + torch.exp(scores[j] - row_max)
@@ -330,3 +333,67 @@ def test_sinks_bad_input_raises_value_error():
             window_attention(*inputs, window=2, mode=mode, sinks=-1)
         with pytest.raises(ValueError, match="initial_state must be a dict with keys"):
             window_attention(*inputs, window=2, mode=mode, sinks=2, initial_state=plain_state)
+
+
+def token_decays(batch=2, seq_len=9, heads=3, seed=5):
+    """A per-token log decay [B, T, H] (a data-dependent gate's output), between log 0.5 and log 0.99."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.log(0.5 + 0.49 * torch.rand(batch, seq_len, heads, generator=gen))
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 0), (3, 0), (4, 2), (12, 0)])
+def test_token_decays_naive_matches_double_loop(window, sinks):
+    inputs = make_inputs(seq_len=15)
+    inputs[5] = token_decays(seq_len=15)
+    o, _ = naive_window_attention(*inputs, window=window, sinks=sinks)
+    assert rel(o, reference(*inputs, window, sinks=sinks)) < 1e-6
+
+
+def test_token_decays_equal_to_a_per_head_decay_repeated():
+    inputs = make_inputs(seq_len=23)
+    repeated = inputs[:5] + [inputs[5].expand(2, 23, -1).clone(), inputs[6]]
+    for mode in ["parallel"] + FORMS:
+        o, s = window_attention(*inputs, window=4, mode=mode, output_final_state=True)
+        o2, s2 = window_attention(*repeated, window=4, mode=mode, output_final_state=True)
+        assert rel(o2, o) < 1e-6 and rel(s2["S"], s["S"]) < 1e-6, mode
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 16, 37])
+@pytest.mark.parametrize("mode", FORMS)
+def test_token_decays_forms_match_naive_outputs_states_and_grads(mode, seq_len):
+    inputs = make_inputs(seq_len=seq_len)
+    inputs[5] = token_decays(seq_len=seq_len)
+    names = "q k v q_feat k_feat log_decay lin_weight".split()
+    for window, sinks in [(1, 0), (4, 2), (16, 0)]:
+        o_ref, s_ref, g_ref = run_with_grads(naive_window_attention, inputs, window=window, sinks=sinks)
+        o, s, grads = run_with_grads(window_attention, inputs, window=window, mode=mode, sinks=sinks)
+        assert rel(o, o_ref) < 1e-5, window
+        assert_states_close(s, s_ref)
+        for name, g, g0, x in zip(names, grads, g_ref, inputs):
+            g, g0 = (torch.zeros_like(x) if grad is None else grad for grad in (g, g0))
+            assert rel(g, g0, floor=1e-3) < 1e-5, (name, window)
+
+
+@pytest.mark.parametrize("pieces", [[(13, "chunk"), (7, "recurrent")], [(5, "parallel"), (1, "recurrent"), (14, "chunk")]])
+def test_token_decays_state_carrying_equals_one_long_call(pieces):
+    total = sum(n for n, _ in pieces)
+    inputs = make_inputs(seq_len=total)
+    inputs[5] = token_decays(seq_len=total)
+    o_full, s_full = naive_window_attention(*inputs, window=4, output_final_state=True)
+    outputs, state, start = [], None, 0
+    for length, mode in pieces:
+        part = [x[:, start : start + length] for x in inputs[:6]] + inputs[6:]
+        o, state = window_attention(*part, window=4, mode=mode, initial_state=state, output_final_state=True)
+        outputs.append(o)
+        start += length
+    assert rel(torch.cat(outputs, dim=1), o_full) < 1e-5
+    assert_states_close(state, s_full)
+
+
+def test_token_decays_bad_shape_or_sign_is_refused():
+    inputs = make_inputs(seq_len=6)
+    for mode in ["parallel"] + FORMS:
+        with pytest.raises(ValueError, match="per-token log_decay must have shape"):
+            window_attention(*inputs[:5], token_decays(seq_len=5), inputs[6], window=2, mode=mode)
+        with pytest.raises(ValueError, match="must be <= 0"):
+            window_attention(*inputs[:5], -token_decays(seq_len=6), inputs[6], window=2, mode=mode)

@@ -27,7 +27,7 @@ from dijiang.ops.triton_window import fused_window_attention
 MODES = ("chunk", "recurrent", "parallel")
 MAX_WINDOW = 65536
 BOOL_SETTINGS = ("normalize", "use_norm", "use_gate", "learn_decay", "checkpoint", "learn_projection",
-                 "feature_transform")
+                 "feature_transform", "decay_gate")
 CHOICES = {"stabiliser": STABILISERS, "qmc": QMC_KINDS, "radius": RADII}
 
 
@@ -59,6 +59,10 @@ class DiJiangSettings:
         window (StreamingLLM's attention sinks, inside the window's max and normaliser): a constant S more keys
         and values per layer. Pretrained models park much attention on the first tokens; a window without them
         loses it (``scripts/probe_layer_choice.py --sinks``).
+    decay_gate: with a window, a data-dependent decay of the linear state (GLA's gate, from an existing
+        projection): per token and head log gamma_t = logsigmoid(decay_logit_h + u_h . v_t), u zero at init (the
+        learned per-head decay), so that the state can keep what matters and forget filler. Trains on the torch
+        path: the fused kernels take one decay per head.
     checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
     backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
@@ -88,6 +92,7 @@ class DiJiangSettings:
     feature_transform: bool = False
     window_mix_init: float = 0.1
     sinks: int = 0
+    decay_gate: bool = False
 
     def __post_init__(self):
         from dijiang.arguments import Number, non_negative_int, parse_bool, positive_float, positive_int
@@ -117,6 +122,8 @@ class DiJiangSettings:
         self.sinks = Number(int, 0, 64).check("sinks (first tokens kept as softmax keys)", self.sinks)
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
+        if self.decay_gate and not self.window:
+            raise ValueError("decay_gate needs a window (the gated decay is the window hybrid's); got window=0")
         if len(self.decay_range) != 2:
             raise ValueError(f"decay_range must be two numbers (1 - gamma of the first and last head), got {self.decay_range}")
         low, high = self.decay_range
@@ -202,10 +209,19 @@ class DiJiangAttention(nn.Module):
         self.window_mix = nn.Parameter(torch.full((H,), mix, device=param.device)) if settings.window else None
         self.feature_transform = (nn.Parameter(torch.eye(d, **factory).repeat(H, 1, 1))
                                   if settings.feature_transform else None)
+        self.decay_gate = nn.Parameter(torch.zeros(H, d, **factory)) if settings.decay_gate else None
 
     @property
     def log_decay(self) -> torch.Tensor:
         return F.logsigmoid(self.decay_logit.float())
+
+    def step_log_decay(self, v: torch.Tensor) -> torch.Tensor:
+        """The linear state's log decay: per head [H], or with ``decay_gate`` per token [B, T, H] from v (heads
+        expanded), float32."""
+        if self.decay_gate is None:
+            return self.log_decay
+        gate = torch.einsum("bthd,hd->bth", v.float(), self.decay_gate.float())
+        return F.logsigmoid(self.decay_logit.float() + gate)
 
     def linear_inputs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The q, k the linear part's feature map sees: ``feature_transform`` applied per head, if any."""
@@ -285,7 +301,7 @@ class DiJiangAttention(nn.Module):
         if self.settings.window:
             lin_weight = F.softplus(self.window_mix.float())
             return window_attention(
-                q, k, v, qf, kf, self.log_decay, lin_weight, window=self.settings.window, scale=self.scale,
+                q, k, v, qf, kf, self.step_log_decay(v), lin_weight, window=self.settings.window, scale=self.scale,
                 mode=mode, initial_state=initial_state, output_final_state=output_final_state, attention_mask=mask,
                 sinks=self.settings.sinks,
             )
@@ -304,7 +320,7 @@ class DiJiangAttention(nn.Module):
     def _can_fuse(self, q: torch.Tensor, v: torch.Tensor, mode: str, mask, initial_state) -> bool:
         fm = self.feature_map
         common = (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
-                  and self.feature_map_fuses())
+                  and self.feature_map_fuses() and self.decay_gate is None)  # the kernels: one decay per head
         if not common:
             return False
         if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)

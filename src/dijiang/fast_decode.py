@@ -87,6 +87,8 @@ def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
         if isinstance(attn, DiJiangAttention):
             if not isinstance(attn.feature_map, (ProjectedFeatureMap, EluFeatureMap)):
                 return False, f"feature map {type(attn.feature_map).__name__} has no fast path"
+            if attn.decay_gate is not None:
+                return False, "a data-dependent decay (decay_gate) has no fast path (model.generate decodes it)"
         else:
             window = getattr(attn, "sliding_window", None)
             if window and max_len is not None and max_len > window:

@@ -6,7 +6,9 @@ For query t, window keys W_t = {j : t - window < j <= t}, linear keys L_t = {j :
     b_j = lin_weight_h * exp((t - window - j) * log_decay_h) * (q_feat_t . k_feat_j)  j in L_t
     o_t = (sum_W a_j v_j + sum_L b_j v_j) / (sum_W a_j + sum_L b_j + eps)
 
-The linear decay is counted from the window edge: a key that just left the window has weight 1.
+The linear decay is counted from the window edge: a key that just left the window has weight 1. A per-token
+decay (``log_decay`` [B, T, H], data-dependent gates as in GLA) replaces (t - window - j) log_decay_h by the sum
+of log_decay over the steps after key j left the window, up to t: step s (query s) decays what came before it.
 
 Attention sinks (``sinks=S > 0``, StreamingLLM's): the first S real tokens to leave the window stay softmax
 keys of every later query, inside the same max and normaliser as W_t (a_j over W_t and the sinks), so the
@@ -47,6 +49,18 @@ from .naive import (
     check_same_bth,
     finish_outputs,
 )
+
+
+def check_window_log_decay(log_decay, batch: int, seq_len: int, heads: int) -> None:
+    """[H] (one decay per head) or [B, T, H] (one per token and head, e.g. a data-dependent gate); all <= 0."""
+    if isinstance(log_decay, Tensor) and log_decay.dim() == 3:
+        if tuple(log_decay.shape) != (batch, seq_len, heads):
+            raise ValueError(f"a per-token log_decay must have shape [B, T, H] = [{batch}, {seq_len}, {heads}], "
+                             f"got {tuple(log_decay.shape)}")
+        if not _skip_value_checks() and bool(torch.any(log_decay > 0)):
+            raise ValueError("log_decay must be <= 0 (decay gamma = exp(log_decay) in (0, 1])")
+        return
+    check_log_decay(log_decay, heads)
 
 MODES = ("parallel", "chunk", "recurrent")
 
@@ -98,7 +112,7 @@ def validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, windo
         raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if q_feat.shape[-1] != k_feat.shape[-1]:
         raise ValueError(f"q_feat and k_feat feature dims differ: {q_feat.shape[-1]} vs {k_feat.shape[-1]}")
-    check_log_decay(log_decay, heads)
+    check_window_log_decay(log_decay, batch, seq_len, heads)
     check_lin_weight(lin_weight, heads)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
@@ -190,6 +204,7 @@ class Prepared(NamedTuple):
     state: Tensor  # "S", [B, H, m, dv + 1] float32
     mask: Tensor | None  # [B, T] bool
     sinks: Sinks | None  # the state's sinks (None without sinks)
+    log_decay: Tensor  # [B, T, H] float32: each step's decay (a per-head decay repeated over the tokens)
 
 
 def prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state,
@@ -211,8 +226,9 @@ def prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window
         if sinks:
             initial_state["sink_mask"] = zeros["sink_mask"].bool()
     buffer = _tokens(initial_state["k"], initial_state["kf"], initial_state["v"], initial_state["mask"].bool())
+    steps = log_decay.float() if log_decay.dim() == 3 else log_decay.float().expand(batch, seq_len, heads)
     return Prepared(q.float(), q_feat.float(), current, buffer, initial_state["S"].float(), mask,
-                    _state_sinks(initial_state, sinks))
+                    _state_sinks(initial_state, sinks), steps)
 
 
 def _pack_state(S: Tensor, last: Tokens, k: Tensor, v: Tensor, k_feat: Tensor,
@@ -235,11 +251,17 @@ def _final_state(p: Prepared, tokens: Tokens, log_decay: Tensor, k, v, k_feat,
     (``_select_sinks``), of which those that left the window by the last token stay."""
     seq_len = p.q.shape[1]
     window = tokens.k.shape[1] - seq_len
-    # tokens 0 .. T-1 of the extended sequence have left the window; decay them to the new edge
-    steps = torch.arange(seq_len - 1, -1, -1, device=p.q.device, dtype=torch.float32)
-    to_edge = torch.exp(steps[:, None] * log_decay.float())  # [T, H]
-    S = torch.exp(seq_len * log_decay.float())[:, None, None] * p.state
-    S = S + torch.einsum("bjhm,jh,bjhv->bhmv", tokens.kf[:, :seq_len], to_edge, tokens.v[:, :seq_len])
+    # tokens 0 .. T-1 of the extended sequence have left the window (token j at step j); decay each by the
+    # steps after it
+    if log_decay.dim() == 1:  # one decay per head: closed forms
+        steps = torch.arange(seq_len - 1, -1, -1, device=p.q.device, dtype=torch.float32)
+        after = (steps[:, None] * log_decay.float()).expand_as(p.log_decay)
+        total = seq_len * log_decay.float().expand(p.log_decay.shape[0], -1)
+    else:  # suffix sums, not differences of one long cumsum (no cancellation over long inputs)
+        after = torch.cat([p.log_decay.flip(1).cumsum(1).flip(1)[:, 1:], torch.zeros_like(p.log_decay[:, :1])], 1)
+        total = p.log_decay.sum(dim=1)
+    S = torch.exp(total)[:, :, None, None] * p.state
+    S = S + torch.einsum("bjhm,bjh,bjhv->bhmv", tokens.kf[:, :seq_len], torch.exp(after), tokens.v[:, :seq_len])
     last = Tokens(*(x[:, seq_len : seq_len + window] for x in tokens))
     if sinks is not None:
         left = sinks.mask & (sinks.pos < seq_len)  # buffer + current tokens 0 .. T - 1 have left the window
@@ -296,15 +318,22 @@ def _dense_window(p: Prepared, tokens: Tensor, log_decay, lin_weight, scale: flo
         sink_scores, sink_seen = _sink_scores(p.q.transpose(1, 2), sinks, scale, t[:, 0])
     a, a_sinks = _softmax_weights(scores, in_window, sink_scores, sink_seen)
 
-    ld = log_decay.float()[:, None, None]
-    lin_exponent = torch.where(j <= t, (t - j) * ld, float("-inf"))  # [H, T, keys]
+    # key j joins the linear part at step j; query t sees it decayed by steps j + 1 .. t
+    if log_decay.dim() == 1:  # one decay per head: closed forms (this form is the others' reference)
+        ld = log_decay.float()
+        lin_exponent = torch.where(j <= t, (t - j) * ld[:, None, None], float("-inf"))  # [H, T, keys]
+        done = ((t + 1) * ld).T[None]  # [1, H, T]: steps 0 .. t
+    else:
+        done = p.log_decay.cumsum(dim=1).transpose(1, 2)  # [B, H, T]
+        at_key = F.pad(done, [0, window])[..., empty_slots:]  # key j's own step (keys past T - 1 never join)
+        lin_exponent = torch.where(j <= t, done[..., :, None] - at_key[..., None, :], float("-inf"))  # [B, H, T, keys]
     b = torch.exp(lin_exponent) * torch.einsum("bthm,bjhm->bhtj", p.qf, keys.kf)
     lw = lin_weight.float()
     o = torch.einsum("bhtj,bjhv->bthv", a + lw[:, None, None] * b, keys.v)
     if sinks is not None:
         o = o + (a_sinks @ _sink_values(sinks, 0)).transpose(1, 2)
     from_state = torch.einsum("bthm,bhmv->bthv", p.qf, p.state)
-    return o + (lw * torch.exp((t + 1) * log_decay.float()))[..., None] * from_state
+    return o + (lw * torch.exp(done.transpose(1, 2)))[..., None] * from_state
 
 
 def _to_chunks(x: Tensor, window: int) -> Tensor:
@@ -316,10 +345,11 @@ def _to_chunks(x: Tensor, window: int) -> Tensor:
 
 
 def _edge_states(chunk_decay: Tensor, updates: Tensor, state: Tensor) -> Tensor:
-    """[state, after update 0, after update 1, ...] stacked on dim 2; updates [B, H, n, m, dv+1]."""
+    """[state, after update 0, after update 1, ...] stacked on dim 2; updates [B, H, n, m, dv+1], chunk_decay
+    [B, H, n, 1, 1] (what each chunk's steps leave of the state before it)."""
     states = [state]
-    for update in updates.unbind(dim=2):  # unbind: indexing in a loop makes backward O(n^2)
-        state = chunk_decay * state + update
+    for decay, update in zip(chunk_decay.unbind(dim=2), updates.unbind(dim=2)):  # unbind: indexing makes backward O(n^2)
+        state = decay * state + update
         states.append(state)
     return torch.stack(states, dim=2)
 
@@ -370,17 +400,18 @@ def chunk_window_attention(
     if chosen is not None:
         o = o + a_sinks @ _sink_values(chosen, 1)
 
-    ld = log_decay.float()[:, None, None, None]  # [H, 1, 1, 1]
-    lin_exponent = torch.where(j[:, :window] <= i, (i - j[:, :window]) * ld, float("-inf"))
+    # the steps of query chunk c - 1, cumulated within it: a key of chunk c - 1 at offset o joined at step o
+    done = _to_chunks(p.log_decay[..., None], window).cumsum(dim=-2)  # [B, H, N-1, window, 1]: steps 0 .. i
+    lin_exponent = torch.where(j[:, :window] <= i, done - done.transpose(-1, -2), float("-inf"))
     lin = (qfc @ kfc[:, :, :-1].transpose(-1, -2)) * torch.exp(lin_exponent)
     lin_o = lin @ vc[:, :, :-1]
 
-    to_chunk_end = torch.exp(torch.arange(window - 1, -1, -1, device=q.device) * log_decay.float()[:, None])
-    updates = (kfc[:, :, :-2] * to_chunk_end[:, None, :, None]).transpose(-1, -2) @ vc[:, :, :-2]
-    chunk_decay = torch.exp(window * log_decay.float())[:, None, None]
+    # chunk k's keys decayed to its last step; R_k from R_{k-1} by the whole chunk's steps
+    to_chunk_end = torch.exp(done[:, :, :-1, -1:] - done[:, :, :-1])  # [B, H, N-2, window, 1]
+    updates = (kfc[:, :, :-2] * to_chunk_end).transpose(-1, -2) @ vc[:, :, :-2]
+    chunk_decay = torch.exp(done[:, :, :-1, -1:])  # [B, H, N-2, 1, 1]
     states = _edge_states(chunk_decay, updates, p.state)  # R_{c-2} for c = 1 .. N-1
-    from_edge = torch.exp((i + 1) * ld)  # [H, 1, window, 1]
-    lin_o = lin_o + from_edge * (qfc @ states)
+    lin_o = lin_o + torch.exp(done) * (qfc @ states)
     o = o + lin_weight.float()[:, None, None, None] * lin_o
 
     batch, heads = o.shape[:2]
@@ -397,12 +428,12 @@ def recurrent_window_attention(
     p = prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state, attention_mask,
                               sinks)
     scale = _default_scale(q, scale)
-    decay = torch.exp(log_decay.float())[:, None, None]
     lw = lin_weight.float()[:, None]
     buffer, S, held = p.buffer, p.state, p.sinks
     outputs = []
-    for step in zip(p.q.unbind(dim=1), p.qf.unbind(dim=1), *(x.unbind(dim=1) for x in p.current)):
-        q_t, qf_t, *token = step
+    decays = torch.exp(p.log_decay)[..., None, None].unbind(dim=1)  # [B, H, 1, 1] a step
+    for step in zip(p.q.unbind(dim=1), p.qf.unbind(dim=1), decays, *(x.unbind(dim=1) for x in p.current)):
+        q_t, qf_t, decay, *token = step
         # the oldest buffered token leaves the window and is folded into S with weight 1
         S = decay * S + buffer.kf[:, 0, :, :, None] * buffer.v[:, 0, :, None, :]
         if held is not None:
@@ -455,7 +486,8 @@ def window_attention(
         q, k: ``[B, T, H, d]`` raw (post-RoPE) queries/keys for the softmax part.
         v: ``[B, T, H, dv]``.
         q_feat, k_feat: ``[B, T, H, m]`` feature-mapped queries/keys for the linear part.
-        log_decay: ``[H]``, <= 0. lin_weight: ``[H]``, > 0, scales the linear numerator and denominator.
+        log_decay: ``[H]`` or per token ``[B, T, H]`` (module docstring), <= 0. lin_weight: ``[H]``, > 0, scales
+            the linear numerator and denominator.
         window: softmax window length (also the chunk size of ``mode="chunk"``).
         scale: softmax scale, default ``d ** -0.5``.
         mode: ``"parallel"`` (reference), ``"chunk"`` (O(T * window)) or ``"recurrent"`` (decode).
