@@ -30,6 +30,10 @@ def check_log_decay(log_decay: Tensor, num_heads: int) -> None:
     if not isinstance(log_decay, Tensor) or log_decay.dim() != 1 or log_decay.shape[0] != num_heads:
         shape = tuple(log_decay.shape) if isinstance(log_decay, Tensor) else type(log_decay).__name__
         raise ValueError(f"log_decay must have shape [H] = [{num_heads}], got {shape}")
+    check_log_decay_sign(log_decay)
+
+
+def check_log_decay_sign(log_decay: Tensor) -> None:
     if not _skip_value_checks() and bool(torch.any(log_decay > 0)):
         raise ValueError("log_decay must be <= 0 (decay gamma = exp(log_decay) in (0, 1])")
 

@@ -45,6 +45,7 @@ from .naive import (
     _skip_value_checks,
     check_attention_mask,
     check_log_decay,
+    check_log_decay_sign,
     check_rank4,
     check_same_bth,
     finish_outputs,
@@ -57,8 +58,7 @@ def check_window_log_decay(log_decay, batch: int, seq_len: int, heads: int) -> N
         if tuple(log_decay.shape) != (batch, seq_len, heads):
             raise ValueError(f"a per-token log_decay must have shape [B, T, H] = [{batch}, {seq_len}, {heads}], "
                              f"got {tuple(log_decay.shape)}")
-        if not _skip_value_checks() and bool(torch.any(log_decay > 0)):
-            raise ValueError("log_decay must be <= 0 (decay gamma = exp(log_decay) in (0, 1])")
+        check_log_decay_sign(log_decay)
         return
     check_log_decay(log_decay, heads)
 
@@ -130,10 +130,14 @@ class Tokens(NamedTuple):
     mask: Tensor  # [B, L] bool
 
 
+def _with_ones(v: Tensor) -> Tensor:
+    """float32 v augmented with a ones column (the normaliser's)."""
+    return torch.cat([v.float(), v.new_ones(v.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)
+
+
 def _tokens(k: Tensor, kf: Tensor, v: Tensor, mask: Tensor) -> Tokens:
     real = mask[:, :, None, None].float()
-    v = torch.cat([v.float(), v.new_ones(v.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)
-    return Tokens(k.float() * real, kf.float() * real, v * real, mask)
+    return Tokens(k.float() * real, kf.float() * real, _with_ones(v) * real, mask)
 
 
 def _cat(a: Tokens, b: Tokens) -> Tokens:
@@ -154,9 +158,8 @@ def _state_sinks(state: dict, sinks: int) -> Sinks | None:
         return None
     mask = state["sink_mask"].bool()
     real = mask[:, :, None, None].float()
-    v = state["sink_v"].float()
-    v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
-    return Sinks(state["sink_k"].float() * real, v * real, mask, torch.full_like(mask, -1, dtype=torch.long))
+    return Sinks(state["sink_k"].float() * real, _with_ones(state["sink_v"]) * real, mask,
+                 torch.full_like(mask, -1, dtype=torch.long))
 
 
 def _select_sinks(state: Sinks, tokens: Tokens) -> Sinks:
@@ -204,7 +207,7 @@ class Prepared(NamedTuple):
     state: Tensor  # "S", [B, H, m, dv + 1] float32
     mask: Tensor | None  # [B, T] bool
     sinks: Sinks | None  # the state's sinks (None without sinks)
-    log_decay: Tensor  # [B, T, H] float32: each step's decay (a per-head decay repeated over the tokens)
+    log_decay: Tensor  # [B, T, H] float32: each step's decay ([1, T, H] for a per-head decay: it broadcasts)
 
 
 def prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window, initial_state,
@@ -226,7 +229,7 @@ def prepare_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, window
         if sinks:
             initial_state["sink_mask"] = zeros["sink_mask"].bool()
     buffer = _tokens(initial_state["k"], initial_state["kf"], initial_state["v"], initial_state["mask"].bool())
-    steps = log_decay.float() if log_decay.dim() == 3 else log_decay.float().expand(batch, seq_len, heads)
+    steps = log_decay.float() if log_decay.dim() == 3 else log_decay.float().expand(1, seq_len, heads)
     return Prepared(q.float(), q_feat.float(), current, buffer, initial_state["S"].float(), mask,
                     _state_sinks(initial_state, sinks), steps)
 
@@ -255,8 +258,8 @@ def _final_state(p: Prepared, tokens: Tokens, log_decay: Tensor, k, v, k_feat,
     # steps after it
     if log_decay.dim() == 1:  # one decay per head: closed forms
         steps = torch.arange(seq_len - 1, -1, -1, device=p.q.device, dtype=torch.float32)
-        after = (steps[:, None] * log_decay.float()).expand_as(p.log_decay)
-        total = seq_len * log_decay.float().expand(p.log_decay.shape[0], -1)
+        after = (steps[:, None] * log_decay.float())[None]  # [1, T, H]
+        total = seq_len * log_decay.float()[None]
     else:  # suffix sums, not differences of one long cumsum (no cancellation over long inputs)
         after = torch.cat([p.log_decay.flip(1).cumsum(1).flip(1)[:, 1:], torch.zeros_like(p.log_decay[:, :1])], 1)
         total = p.log_decay.sum(dim=1)
