@@ -92,6 +92,38 @@ def run_with_grads(fn, inputs, seed=1, **kwargs):
     return o, state, [x.grad for x in leaves]
 
 
+def assert_forms_match_naive(inputs, mode, cases):
+    """The form ``mode`` equals the parallel form in outputs, final state and every gradient, for each
+    (window, sinks) of ``cases``."""
+    names = "q k v q_feat k_feat log_decay lin_weight".split()
+    for window, sinks in cases:
+        o_ref, s_ref, g_ref = run_with_grads(naive_window_attention, inputs, window=window, sinks=sinks)
+        o, s, grads = run_with_grads(window_attention, inputs, window=window, mode=mode, sinks=sinks)
+        assert rel(o, o_ref) < 1e-5, window
+        assert_states_close(s, s_ref)
+        for name, g, g0, x in zip(names, grads, g_ref, inputs):
+            # a key that never reaches S or an output (T <= window) may get no grad at all
+            g, g0 = (torch.zeros_like(x) if grad is None else grad for grad in (g, g0))
+            assert rel(g, g0, floor=1e-3) < 1e-5, (name, window)
+
+
+def assert_carrying_equals_one_call(inputs, pieces, window, sinks=0):
+    """Calls over consecutive pieces ((length, mode) each), the state carried, equal one parallel call.
+    A per-token log_decay (inputs[5], 3-D) is cut into the same pieces; returns the last state."""
+    o_full, s_full = naive_window_attention(*inputs, window=window, output_final_state=True, sinks=sinks)
+    per_token = 6 if inputs[5].dim() == 3 else 5
+    outputs, state, start = [], None, 0
+    for length, mode in pieces:
+        part = [x[:, start : start + length] for x in inputs[:per_token]] + inputs[per_token:]
+        o, state = window_attention(*part, window=window, mode=mode, initial_state=state, output_final_state=True,
+                                    sinks=sinks)
+        outputs.append(o)
+        start += length
+    assert rel(torch.cat(outputs, dim=1), o_full) < 1e-5
+    assert_states_close(state, s_full)
+    return state
+
+
 @pytest.mark.parametrize("window", [1, 3, 4, 12])
 def test_naive_matches_double_loop(window):
     inputs = make_inputs(seq_len=9)
@@ -120,17 +152,7 @@ def test_scale_argument_is_used():
 @pytest.mark.parametrize("seq_len", [1, 7, 16, 37])
 @pytest.mark.parametrize("mode", FORMS)
 def test_forms_match_naive_outputs_states_and_grads(mode, seq_len):
-    inputs = make_inputs(seq_len=seq_len)
-    names = "q k v q_feat k_feat log_decay lin_weight".split()
-    for window in [1, 4, 16]:
-        o_ref, s_ref, g_ref = run_with_grads(naive_window_attention, inputs, window=window)
-        o, s, grads = run_with_grads(window_attention, inputs, window=window, mode=mode)
-        assert rel(o, o_ref) < 1e-5, window
-        assert_states_close(s, s_ref)
-        for name, g, g0, x in zip(names, grads, g_ref, inputs):
-            # a key that never reaches S or an output (T <= window) may get no grad at all
-            g, g0 = (torch.zeros_like(x) if grad is None else grad for grad in (g, g0))
-            assert rel(g, g0, floor=1e-3) < 1e-5, (name, window)
+    assert_forms_match_naive(make_inputs(seq_len=seq_len), mode, [(1, 0), (4, 0), (16, 0)])
 
 
 @pytest.mark.parametrize("mode", ["parallel"] + FORMS)
@@ -152,18 +174,7 @@ def test_bf16_inputs(mode):
     ],
 )
 def test_state_carrying_equals_one_long_call(pieces):
-    total = sum(n for n, _ in pieces)
-    inputs = make_inputs(seq_len=total)
-    window = 4
-    o_full, s_full = naive_window_attention(*inputs, window=window, output_final_state=True)
-    outputs, state, start = [], None, 0
-    for length, mode in pieces:
-        part = [x[:, start : start + length] for x in inputs[:5]] + inputs[5:]
-        o, state = window_attention(*part, window=window, mode=mode, initial_state=state, output_final_state=True)
-        outputs.append(o)
-        start += length
-    assert rel(torch.cat(outputs, dim=1), o_full) < 1e-5
-    assert_states_close(state, s_full)
+    assert_carrying_equals_one_call(make_inputs(seq_len=sum(n for n, _ in pieces)), pieces, window=4)
 
 
 @pytest.mark.parametrize("mode", ["parallel"] + FORMS)
@@ -270,16 +281,7 @@ def test_sinks_change_the_output_only_past_the_window():
 @pytest.mark.parametrize("seq_len", [1, 7, 16, 37])
 @pytest.mark.parametrize("mode", FORMS)
 def test_sinks_forms_match_naive_outputs_states_and_grads(mode, seq_len):
-    inputs = make_inputs(seq_len=seq_len)
-    names = "q k v q_feat k_feat log_decay lin_weight".split()
-    for window, sinks in [(1, 2), (4, 3), (16, 4)]:
-        o_ref, s_ref, g_ref = run_with_grads(naive_window_attention, inputs, window=window, sinks=sinks)
-        o, s, grads = run_with_grads(window_attention, inputs, window=window, mode=mode, sinks=sinks)
-        assert rel(o, o_ref) < 1e-5, window
-        assert_states_close(s, s_ref)
-        for name, g, g0, x in zip(names, grads, g_ref, inputs):
-            g, g0 = (torch.zeros_like(x) if grad is None else grad for grad in (g, g0))
-            assert rel(g, g0, floor=1e-3) < 1e-5, (name, window)
+    assert_forms_match_naive(make_inputs(seq_len=seq_len), mode, [(1, 2), (4, 3), (16, 4)])
 
 
 @pytest.mark.parametrize(
@@ -291,19 +293,8 @@ def test_sinks_forms_match_naive_outputs_states_and_grads(mode, seq_len):
     ],
 )
 def test_sinks_state_carrying_equals_one_long_call(pieces):
-    total = sum(n for n, _ in pieces)
-    inputs = make_inputs(seq_len=total)
-    window, sinks = 4, 3
-    o_full, s_full = naive_window_attention(*inputs, window=window, output_final_state=True, sinks=sinks)
-    outputs, state, start = [], None, 0
-    for length, mode in pieces:
-        part = [x[:, start : start + length] for x in inputs[:5]] + inputs[5:]
-        o, state = window_attention(*part, window=window, mode=mode, initial_state=state, output_final_state=True,
-                                    sinks=sinks)
-        outputs.append(o)
-        start += length
-    assert rel(torch.cat(outputs, dim=1), o_full) < 1e-5
-    assert_states_close(state, s_full)
+    inputs = make_inputs(seq_len=sum(n for n, _ in pieces))
+    state = assert_carrying_equals_one_call(inputs, pieces, window=4, sinks=3)
     assert state["sink_mask"].all()
 
 
@@ -363,15 +354,7 @@ def test_token_decays_equal_to_a_per_head_decay_repeated():
 def test_token_decays_forms_match_naive_outputs_states_and_grads(mode, seq_len):
     inputs = make_inputs(seq_len=seq_len)
     inputs[5] = token_decays(seq_len=seq_len)
-    names = "q k v q_feat k_feat log_decay lin_weight".split()
-    for window, sinks in [(1, 0), (4, 2), (16, 0)]:
-        o_ref, s_ref, g_ref = run_with_grads(naive_window_attention, inputs, window=window, sinks=sinks)
-        o, s, grads = run_with_grads(window_attention, inputs, window=window, mode=mode, sinks=sinks)
-        assert rel(o, o_ref) < 1e-5, window
-        assert_states_close(s, s_ref)
-        for name, g, g0, x in zip(names, grads, g_ref, inputs):
-            g, g0 = (torch.zeros_like(x) if grad is None else grad for grad in (g, g0))
-            assert rel(g, g0, floor=1e-3) < 1e-5, (name, window)
+    assert_forms_match_naive(inputs, mode, [(1, 0), (4, 2), (16, 0)])
 
 
 @pytest.mark.parametrize("pieces", [[(13, "chunk"), (7, "recurrent")], [(5, "parallel"), (1, "recurrent"), (14, "chunk")]])
@@ -379,15 +362,7 @@ def test_token_decays_state_carrying_equals_one_long_call(pieces):
     total = sum(n for n, _ in pieces)
     inputs = make_inputs(seq_len=total)
     inputs[5] = token_decays(seq_len=total)
-    o_full, s_full = naive_window_attention(*inputs, window=4, output_final_state=True)
-    outputs, state, start = [], None, 0
-    for length, mode in pieces:
-        part = [x[:, start : start + length] for x in inputs[:6]] + inputs[6:]
-        o, state = window_attention(*part, window=4, mode=mode, initial_state=state, output_final_state=True)
-        outputs.append(o)
-        start += length
-    assert rel(torch.cat(outputs, dim=1), o_full) < 1e-5
-    assert_states_close(state, s_full)
+    assert_carrying_equals_one_call(inputs, pieces, window=4)
 
 
 def test_token_decays_bad_shape_or_sign_is_refused():
