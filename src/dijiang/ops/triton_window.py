@@ -123,6 +123,21 @@ if HAS_TRITON:
         return p, ds
 
     @triton.jit
+    def _query_rows(q_ptr, do_ptr, mx_ptr, den_ptr, idx_ptr, dda_ptr, dmx_ptr, tok, bh, rows, rvalid, T, H,
+                    D: tl.constexpr, DV: tl.constexpr):
+        """A block of queries as the dk/dv kernels read it: q, do / den (float32) and the per-row max score, its
+        key, dDa and dL/dmx (the last two from the dq kernel); zeros past T."""
+        row_off = bh.to(tl.int64) * T + rows
+        q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
+        do = tl.load(do_ptr + _offsets(tok, rows, H, DV), mask=rvalid[:, None], other=0.0).to(tl.float32)
+        den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
+        mx = tl.load(mx_ptr + row_off, mask=rvalid, other=0.0)
+        arg = tl.load(idx_ptr + row_off, mask=rvalid, other=-1)
+        dda = tl.load(dda_ptr + row_off, mask=rvalid, other=0.0)
+        dmx = tl.load(dmx_ptr + row_off, mask=rvalid, other=0.0)
+        return q, do / den[:, None], mx, arg, dda, dmx
+
+    @triton.jit
     def _band_forward(
         q_ptr, k_ptr, v_ptr, n_ptr, d_ptr, lw_ptr, o_ptr, mx_ptr, den_ptr, idx_ptr,
         T, H, W, S, scale, eps,
@@ -224,16 +239,9 @@ if HAS_TRITON:
         hi = tl.minimum(js + BN - 1 + W, T)
         for ts in range(lo, hi, BM):
             rows = ts + tl.arange(0, BM)
-            rvalid = rows < T
-            row_off = bh.to(tl.int64) * T + rows
-            q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
-            do = tl.load(do_ptr + _offsets(tok, rows, H, DV), mask=rvalid[:, None], other=0.0).to(tl.float32)
-            den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
-            mx = tl.load(mx_ptr + row_off, mask=rvalid, other=0.0)
-            arg = tl.load(idx_ptr + row_off, mask=rvalid, other=-1)
-            dda = tl.load(dda_ptr + row_off, mask=rvalid, other=0.0)
-            dmx = tl.load(dmx_ptr + row_off, mask=rvalid, other=0.0)
-            gb = (do / den[:, None]).to(DT)
+            q, g, mx, arg, dda, dmx = _query_rows(q_ptr, do_ptr, mx_ptr, den_ptr, idx_ptr, dda_ptr, dmx_ptr, tok, bh,
+                                                  rows, rows < T, T, H, D, DV)
+            gb = g.to(DT)
             s, allowed = _scores(q, kx, rows, cols, T, W, scale, PREC)
             p, ds = _band_grads(s, allowed, vx, gb, cols, mx, dda, dmx, arg, PREC)
             dv += tl.dot(tl.trans(p.to(DT)), gb, input_precision=PREC)
@@ -251,15 +259,9 @@ if HAS_TRITON:
         b, h, bh, t0, rows, rvalid, tok = _program_block(H, T, BM)
         DT = v_ptr.dtype.element_ty
         cols, cvalid, kx, vx = _key_block(k_ptr, v_ptr, tok, 0, T, H, D, DV, SB)
-        row_off = bh.to(tl.int64) * T + rows
-        q = tl.load(q_ptr + _offsets(tok, rows, H, D), mask=rvalid[:, None], other=0.0)
-        do = tl.load(do_ptr + _offsets(tok, rows, H, DV), mask=rvalid[:, None], other=0.0).to(tl.float32)
-        den = tl.load(den_ptr + row_off, mask=rvalid, other=1.0)
-        mx = tl.load(mx_ptr + row_off, mask=rvalid, other=0.0)
-        arg = tl.load(idx_ptr + row_off, mask=rvalid, other=-1)
-        dda = tl.load(dda_ptr + row_off, mask=rvalid, other=0.0)
-        dmx = tl.load(dmx_ptr + row_off, mask=rvalid, other=0.0)
-        gb = (do / den[:, None]).to(DT)
+        q, g, mx, arg, dda, dmx = _query_rows(q_ptr, do_ptr, mx_ptr, den_ptr, idx_ptr, dda_ptr, dmx_ptr, tok, bh,
+                                              rows, rvalid, T, H, D, DV)
+        gb = g.to(DT)
         s, allowed = _sink_scores(q, kx, rows, cols, W, S, scale, PREC)
         p, ds = _band_grads(s, allowed & rvalid[:, None], vx, gb, cols, mx, dda, dmx, arg, PREC)
         dk = tl.dot(tl.trans(ds.to(DT)), q, input_precision=PREC) * scale
