@@ -311,6 +311,8 @@ def _linear_weights(linear) -> tuple[Tensor, Tensor | None]:
 def _window_kernel_fits(consts: "_Consts", w: dict) -> bool:
     from dijiang.ops.triton_window_decode import window_decode_supported
 
+    if consts.sinks:  # the ring-buffer kernel holds no sinks
+        return False
     m = w["projection"].shape[-1] if "projection" in w else consts.head_dim
     device = "cuda" if settings.window_decode_kernel() == "force" else w["w_o"].device
     return window_decode_supported(consts.head_dim, consts.head_dim, m, consts.window, device)
@@ -397,7 +399,7 @@ def _build_plan(layer, fused: bool, reduce_matmul: bool, kernel_window: bool = F
         w["log_decay"] = log_decay
         w["lin_weight"] = F.softplus(attn.window_mix.detach().float())
         consts = _Consts(kind="window", **common, **extra)
-        if kernel_window and not settings.sinks and _window_kernel_fits(consts, w):  # the kernel has no sinks
+        if kernel_window and _window_kernel_fits(consts, w):
             w["decay_flat"] = torch.exp(log_decay.float()).contiguous()
             return _LayerPlan(consts, w, fn=_KernelWindowStep())
         return _LayerPlan(consts, w, fn=_window_layer_step)
