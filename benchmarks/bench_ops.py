@@ -38,9 +38,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dijiang.ops import triton_dijiang as tdj  # noqa: E402
 
-METHODS = ("sdpa", "fused", "torch", "quadratic", "window", "window-fused", "window-sinks")
-VERSUS_SDPA = ("fused", "window-fused", "window-sinks")  # methods that get a speed-up column against SDPA
+METHODS = ("sdpa", "fused", "torch", "quadratic", "window", "window-fused", "window-sinks", "window-gated",
+           "window-gated-torch")
+VERSUS_SDPA = ("fused", "window-fused", "window-sinks", "window-gated")  # get a speed-up column against SDPA
 SINKS = 4  # window-sinks: a window of W - 4 tokens and the first 4 as sinks, the same W softmax keys
+# window-gated: window-sinks with a per-token decay [B, T, H] (what DiJiangSettings(decay_gate=True) feeds it):
+# the band kernel + the linear sums in torch; window-gated-torch: the same through the PyTorch window op
+WITH_SINKS = ("window-sinks", "window-gated", "window-gated-torch")
 DEFAULT_WINDOW = 64
 GRAPHS_NOTE = """
 Every op here, SDPA included, is replayed from CUDA graphs: the forward from one captured graph, forward+backward
@@ -93,23 +97,27 @@ def build(method, q, k, v, proj, lw, ld, scale, window=DEFAULT_WINDOW):
             q, k, v, lw, ld)
     if method == "quadratic":
         return (lambda: quadratic_form(q, k, v, proj, lw, ld, scale)), (q, k, v, lw, ld)
-    sinks = SINKS if method == "window-sinks" else 0
+    sinks = SINKS if method in WITH_SINKS else 0
     band = window - sinks
-    if method in ("window-fused", "window-sinks") and q.is_cuda:
+
+    def decay():  # per token for the gated methods (the gradient still reaches ld)
+        return ld[None, None].expand(*q.shape[:3]) if method.startswith("window-gated") else ld
+
+    if method in ("window-fused", "window-sinks", "window-gated") and q.is_cuda:
         from dijiang.ops.triton_window import fused_window_attention
 
         def fn():
-            return fused_window_attention(q, k, v, proj, lw, ld, torch.ones_like(ld), window=band, scale=scale,
+            return fused_window_attention(q, k, v, proj, lw, decay(), torch.ones_like(ld), window=band, scale=scale,
                                           sinks=sinks)[0]
 
         return fn, (q, k, v, lw, ld)
-    if method in ("window", "window-fused", "window-sinks"):  # CPU: the fused op needs CUDA; time the torch op
+    if method.startswith("window"):  # CPU: the fused op needs CUDA; time the torch op
         from dijiang.ops.window import window_attention
 
         def fn():
             fq = tdj.dijiang_feature_map(q, proj, lw, scale).to(q.dtype)
             fk = tdj.dijiang_feature_map(k, proj, lw, scale).to(k.dtype)
-            return window_attention(q, k, v, fq, fk, ld, torch.ones_like(ld), window=band, scale=scale,
+            return window_attention(q, k, v, fq, fk, decay(), torch.ones_like(ld), window=band, scale=scale,
                                     mode="chunk", sinks=sinks)[0]
 
         return fn, (q, k, v, lw, ld)
@@ -303,8 +311,9 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    if "window-sinks" in methods and args.window <= SINKS:
-        ap.error(f"window-sinks needs --window > {SINKS} (a window of W - {SINKS} tokens beside {SINKS} sinks)")
+    if any(m in WITH_SINKS for m in methods) and args.window <= SINKS:
+        ap.error(f"{', '.join(m for m in methods if m in WITH_SINKS)} need --window > {SINKS} (a window of "
+                 f"W - {SINKS} tokens beside {SINKS} sinks)")
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
     for H, D in shapes:
@@ -329,7 +338,10 @@ def main(argv=None):
               "torch": "torch chunk + separate map", "quadratic": "official quadratic",
               "window": f"window-{args.window} hybrid (torch chunk + map)",
               "window-fused": f"window-{args.window} hybrid ({'Triton' if cuda else 'CPU: torch op'})",
-              "window-sinks": f"window-{args.window - SINKS} + {SINKS} sinks ({'Triton' if cuda else 'CPU: torch op'})"}
+              "window-sinks": f"window-{args.window - SINKS} + {SINKS} sinks ({'Triton' if cuda else 'CPU: torch op'})",
+              "window-gated": f"window-{args.window - SINKS} + {SINKS} sinks, per-token decay "
+                              f"({'Triton band + torch linear' if cuda else 'CPU: torch op'})",
+              "window-gated-torch": f"window-{args.window - SINKS} + {SINKS} sinks, per-token decay (torch op)"}
     versus = [m for m in VERSUS_SDPA if m in methods] if "sdpa" in methods else []
     head = "| H x D | T | " + " | ".join(f"{labels[m]} fwd / fwd+bwd" for m in methods)
     head += "".join(f" | {labels[m]} speed-up vs SDPA, fwd / fwd+bwd" for m in versus)
@@ -400,7 +412,8 @@ def plot(rows, methods, labels, path, dev_name):
     shapes = sorted({(r["H"], r["D"]) for r in rows})
     styles = ["-", "--", ":", "-."]
     colors = {"sdpa": "tab:red", "fused": "tab:blue", "torch": "tab:green", "quadratic": "tab:gray",
-              "window": "tab:purple", "window-fused": "tab:orange", "window-sinks": "tab:brown"}
+              "window": "tab:purple", "window-fused": "tab:orange", "window-sinks": "tab:brown",
+              "window-gated": "tab:pink", "window-gated-torch": "tab:olive"}
     for ax, idx, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
         for si, (H, D) in enumerate(shapes):
             for meth in methods:

@@ -9,10 +9,10 @@ import dijiang.attention  # noqa: F401  (the package imports its modules lazily)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("window,sinks", [(0, 0), (64, 0), (60, 4)])
-def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, monkeypatch):
+@pytest.mark.parametrize("window,sinks,gate", [(0, 0, False), (64, 0, False), (60, 4, False), (60, 4, True)])
+def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, gate, monkeypatch):
     """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel; sinks: the
-    band kernel's sink block."""
+    band kernel's sink block; gate: a data-dependent decay (the band kernel + the linear sums in torch)."""
     calls = []
     name = "fused_window_attention" if window else "fused_dijiang_attention"
     real = getattr(dijiang.attention, name)
@@ -26,7 +26,11 @@ def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks,
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     base = transformers.LlamaForCausalLM(config).cuda()
-    fused = dijiang.convert(base, {"backend": "auto", "window": window, "sinks": sinks})
+    fused = dijiang.convert(base, {"backend": "auto", "window": window, "sinks": sinks, "decay_gate": gate})
+    if gate:
+        with torch.no_grad():
+            for _, layer in dijiang.conversion.iter_dijiang_layers(fused):
+                layer.decay_gate.normal_(std=0.1)  # u = 0 at init would be the per-head decay
     ids = torch.randint(0, 128, (2, 300), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_fused = fused(ids, use_cache=False).logits.float()

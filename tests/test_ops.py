@@ -15,10 +15,12 @@ FORMS = ["chunk", "recurrent"]
 
 
 def reference(q, k, v, log_decay, normalize=False, mask=None, initial_state=None, eps=1e-6):
-    """Explicit double loop in float64. A padded token contributes nothing and does not advance time."""
+    """Explicit double loop in float64. A padded token contributes nothing and does not advance time.
+    log_decay: [H], or [B, T, H] per token (step s decays what came before token s)."""
     q, k, v, log_decay = (x.double() for x in (q, k, v, log_decay))
     batch, seq_len, heads, dv = v.shape
     real = torch.ones(batch, seq_len, dtype=torch.bool) if mask is None else mask.bool()
+    steps = log_decay.expand(batch, seq_len, heads) * real[:, :, None]  # padded steps do not decay
     state = None if initial_state is None else initial_state.double()
     out = torch.zeros(batch, seq_len, heads, dv, dtype=torch.float64)
     for b in range(batch):
@@ -30,12 +32,11 @@ def reference(q, k, v, log_decay, normalize=False, mask=None, initial_state=None
             for j in range(t + 1):
                 if not real[b, j]:
                     continue
-                steps = int(real[b, j + 1 : t + 1].sum())
-                weight = torch.exp(steps * log_decay) * (q[b, t] * k[b, j]).sum(-1)  # [H]
+                weight = torch.exp(steps[b, j + 1 : t + 1].sum(0)) * (q[b, t] * k[b, j]).sum(-1)  # [H]
                 num += weight[:, None] * v[b, j]
                 den += weight
             if state is not None:
-                weight = torch.exp(int(real[b, : t + 1].sum()) * log_decay)[:, None]
+                weight = torch.exp(steps[b, : t + 1].sum(0))[:, None]
                 num += weight * torch.einsum("hm,hmv->hv", q[b, t], state[b, :, :, :dv])
                 if normalize:
                     den += weight[:, 0] * torch.einsum("hm,hm->h", q[b, t], state[b, :, :, dv])
@@ -253,3 +254,60 @@ def test_bad_input_raises_value_error(case):
     cases, base = _bad_calls()
     message, overrides = cases[case]
     assert_refused_in_every_mode(linear_attention, base, overrides, message, ["parallel"] + FORMS)
+
+
+def token_decays(batch=2, seq_len=9, heads=3, seed=5):
+    """A per-token log decay [B, T, H] (a data-dependent gate's output), between log 0.5 and log 0.99."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.log(0.5 + 0.49 * torch.rand(batch, seq_len, heads, generator=gen))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_token_decays_naive_matches_double_loop_with_mask_and_state(normalize):
+    q, k, v, _ = make_inputs(seq_len=11)
+    log_decay = token_decays(seq_len=11)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :3] = False
+    state = torch.rand(2, 3, 5, 4 + normalize)
+    o, _ = naive_linear_attention(q, k, v, log_decay, normalize=normalize, attention_mask=mask, initial_state=state)
+    assert rel(o, reference(q, k, v, log_decay, normalize, mask, state)) < 1e-6
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("seq_len", [1, 16, 37])
+@pytest.mark.parametrize("mode", FORMS)
+def test_token_decays_forms_match_naive_outputs_states_and_grads(mode, seq_len, normalize):
+    q, k, v, _ = make_inputs(seq_len=seq_len)
+    log_decay = token_decays(seq_len=seq_len)
+    o_ref, s_ref, g_ref = run_with_grads(naive_linear_attention, q, k, v, log_decay, normalize=normalize)
+    for chunk_size in ([1, 4, 64] if mode == "chunk" else [64]):
+        o, s, grads = run_with_grads(linear_attention, q, k, v, log_decay, mode=mode, chunk_size=chunk_size,
+                                     normalize=normalize)
+        assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+        for name, g, g0 in zip("q k v log_decay".split(), grads, g_ref):
+            assert g.shape == g0.shape and rel(g, g0, floor=0.1) < 1e-5, (name, chunk_size)
+
+
+def test_token_decays_equal_to_a_per_head_decay_repeated_and_carry_state():
+    q, k, v, log_decay = make_inputs(seq_len=20)
+    repeated = log_decay.expand(2, 20, -1).clone()
+    for mode in ["parallel"] + FORMS:
+        o, s = linear_attention(q, k, v, log_decay, mode=mode, chunk_size=4, output_final_state=True)
+        o2, s2 = linear_attention(q, k, v, repeated, mode=mode, chunk_size=4, output_final_state=True)
+        assert rel(o2, o) < 1e-6 and rel(s2, s) < 1e-6, mode
+    decays = token_decays(seq_len=20)
+    whole, final = naive_linear_attention(q, k, v, decays, output_final_state=True)
+    head, state = linear_attention(q[:, :13], k[:, :13], v[:, :13], decays[:, :13], mode="chunk", chunk_size=4,
+                                   output_final_state=True)
+    tail, state = linear_attention(q[:, 13:], k[:, 13:], v[:, 13:], decays[:, 13:], mode="recurrent",
+                                   initial_state=state, output_final_state=True)
+    assert rel(torch.cat([head, tail], dim=1), whole) < 1e-5 and rel(state, final) < 1e-5
+
+
+def test_token_decays_bad_shape_or_sign_is_refused():
+    q, k, v, _ = make_inputs(seq_len=6)
+    for mode in ["parallel"] + FORMS:
+        with pytest.raises(ValueError, match="per-token log_decay must have shape"):
+            linear_attention(q, k, v, token_decays(seq_len=5), mode=mode)
+        with pytest.raises(ValueError, match="must be <= 0"):
+            linear_attention(q, k, v, -token_decays(seq_len=6), mode=mode)

@@ -34,11 +34,13 @@ def make(B, T, H, d, dtype, seed=0):
     return q, k, v, proj, log_weight, decay_raw, mix_raw
 
 
-def run(fused, q, k, v, proj, log_weight, decay_raw, mix_raw, W, *, upcast=False, sinks=0):
-    leaves = [q, k, v, log_weight, decay_raw, mix_raw]
+def run(fused, q, k, v, proj, log_weight, decay_raw, mix_raw, W, *, upcast=False, sinks=0, gate=None):
+    """gate [H, d]: a per-token decay logsigmoid(decay_raw + gate . v_t) (the layer's decay_gate), a leaf too."""
+    leaves = [q, k, v, log_weight, decay_raw, mix_raw] + ([] if gate is None else [gate])
     xs = [x.float() for x in (q, k, v)] if upcast else [q, k, v]
     fs = q.shape[-1] ** -0.5
-    args = (F.logsigmoid(decay_raw), F.softplus(mix_raw))
+    decay = decay_raw if gate is None else decay_raw + torch.einsum("bthd,hd->bth", xs[2].float(), gate)
+    args = (F.logsigmoid(decay), F.softplus(mix_raw))
     if fused:
         o, state = fused_window_attention(*xs, proj, log_weight, *args, window=W, output_final_state=True,
                                           sinks=sinks)
@@ -66,6 +68,18 @@ def test_bf16_matches_float32_torch_op(T, W, sinks):
         assert rel(s1[key].float(), s2[key].float()) < 1e-2, key
     for key in ("mask", "sink_mask") if sinks else ("mask",):
         assert bool((s1[key] == s2[key]).all()), key
+
+
+@gpu
+def test_per_token_decay_bf16_matches_float32_torch_op():
+    """A data-dependent decay: the band kernel with the linear sums from the PyTorch chunk form."""
+    inputs = make(2, 2048, 3, 64, torch.bfloat16, seed=5)
+    gate = (0.1 * torch.randn(3, 64, generator=torch.Generator().manual_seed(6))).cuda().requires_grad_()
+    o1, s1, g1 = run(True, *inputs, 124, sinks=4, gate=gate)
+    o2, s2, g2 = run(False, *inputs, 124, upcast=True, sinks=4, gate=gate)
+    assert rel(o1, o2) < 1e-2 and rel(s1["S"], s2["S"]) < 1e-2
+    for name, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix", "gate"], g1, g2):
+        assert rel(a, b) < 3e-2, name
 
 
 @gpu

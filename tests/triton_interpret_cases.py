@@ -39,9 +39,10 @@ def grads_of(fn, leaves, seed):
     return o.detach(), state, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
 
-def window_case(B, T, H, d, W, seed=0, transform=False, sinks=0, loud_sinks=False) -> dict:
+def window_case(B, T, H, d, W, seed=0, transform=False, sinks=0, loud_sinks=False, token_decay=False) -> dict:
     """transform: the linear part sees q, k through a per-head d x d map (the layer's feature_transform);
-    sinks: the first tokens stay softmax keys; loud_sinks: their keys 3x as long, so that they hold the max."""
+    sinks: the first tokens stay softmax keys; loud_sinks: their keys 3x as long, so that they hold the max;
+    token_decay: a per-token decay logsigmoid(decay + u . v_t) (the layer's decay_gate), u a leaf too."""
     gen = torch.Generator().manual_seed(seed)
     q, k = leaf(B, T, H, d, scale=2.0, gen=gen), leaf(B, T, H, d, scale=2.0, gen=gen)
     v = leaf(B, T, H, d, gen=gen)
@@ -49,8 +50,10 @@ def window_case(B, T, H, d, W, seed=0, transform=False, sinks=0, loud_sinks=Fals
     log_weight = leaf(H, d, scale=0.3, gen=gen)
     decay_raw, mix_raw = leaf(H, gen=gen), leaf(H, gen=gen)
     leaves = [q, k, v, log_weight, decay_raw, mix_raw]
+    transform_map = leaf(H, d, d, scale=d**-0.5, gen=gen) if transform else None
     if transform:
-        leaves.append(leaf(H, d, d, scale=d**-0.5, gen=gen))
+        leaves.append(transform_map)
+    gate = leaf(H, d, scale=0.3, gen=gen) if token_decay else None
     fs = 0.2
     boost = torch.ones(1, T, 1, 1)
     if loud_sinks:
@@ -61,25 +64,33 @@ def window_case(B, T, H, d, W, seed=0, transform=False, sinks=0, loud_sinks=Fals
         k = k_leaf * boost
         if not transform:
             return q, k
-        return (torch.einsum("bthd,hde->bthe", x, leaves[-1]) for x in (q, k))
+        return (torch.einsum("bthd,hde->bthe", x, transform_map) for x in (q, k))
+
+    def log_decay():
+        if gate is None:
+            return F.logsigmoid(decay_raw)
+        return F.logsigmoid(decay_raw + torch.einsum("bthd,hd->bth", v, gate))
 
     def fused():
         q_lin, k_lin = linear_inputs()
-        return fused_window_attention(q, k_leaf * boost, v, proj, log_weight, F.logsigmoid(decay_raw), F.softplus(mix_raw),
+        return fused_window_attention(q, k_leaf * boost, v, proj, log_weight, log_decay(), F.softplus(mix_raw),
                                       window=W, scale=d**-0.5, feature_scale=fs, output_final_state=True,
                                       q_lin=q_lin if transform else None, k_lin=k_lin if transform else None,
                                       sinks=sinks)
 
     def reference():
         qf, kf = (dijiang_feature_map(x, proj, log_weight, fs) for x in linear_inputs())
-        return window_attention(q, k_leaf * boost, v, qf, kf, F.logsigmoid(decay_raw), F.softplus(mix_raw), window=W,
+        return window_attention(q, k_leaf * boost, v, qf, kf, log_decay(), F.softplus(mix_raw), window=W,
                                 scale=d**-0.5, mode="parallel", output_final_state=True, sinks=sinks)
 
+    names = ["q", "k", "v", "log_weight", "decay", "mix"] + (["transform"] if transform else [])
+    if gate is not None:
+        leaves.append(gate)
+        names.append("gate")
     o1, s1, g1 = grads_of(fused, leaves, seed + 1)
     o2, s2, g2 = grads_of(reference, leaves, seed + 1)
     out = {"o": rel(o1, o2)}
-    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix", "transform"],
-                                                         g1, g2)})
+    out.update({f"d_{n}": rel(a, b) for n, a, b in zip(names, g1, g2)})
     keys = ("S", "k", "v", "kf") + (("sink_k", "sink_v") if sinks else ())
     out.update({f"state_{key}": rel(s1[key].float(), s2[key].float()) for key in keys})
     masks = ("mask", "sink_mask") if sinks else ("mask",)
@@ -200,6 +211,8 @@ CASES = {
     "window B1 T200 W48 with 20 loud sinks (they hold the max), transform":
         lambda: window_case(1, 200, 2, 16, 48, seed=7, transform=True, sinks=20, loud_sinks=True),
     "window B1 T40 W48 with 4 sinks (none leaves the window)": lambda: window_case(1, 40, 2, 16, 48, seed=8, sinks=4),
+    "window B2 T300 W48 with a per-token decay, 4 sinks, transform (linear sums in torch)":
+        lambda: window_case(2, 300, 2, 16, 48, seed=9, transform=True, sinks=4, token_decay=True),
     "dijiang T150 normalize": lambda: dijiang_case(1, 150, 2, 16, True, False),
     "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
     "dijiang T90 normalize, frozen feature weights and decay": lambda: dijiang_case(1, 90, 2, 16, True, True, seed=6,

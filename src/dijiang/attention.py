@@ -61,8 +61,9 @@ class DiJiangSettings:
         loses it (``scripts/probe_layer_choice.py --sinks``).
     decay_gate: with a window, a data-dependent decay of the linear state (GLA's gate, from an existing
         projection): per token and head log gamma_t = logsigmoid(decay_logit_h + u_h . v_t), u zero at init (the
-        learned per-head decay), so that the state can keep what matters and forget filler. Trains on the torch
-        path: the fused kernels take one decay per head.
+        learned per-head decay), so that the state can keep what matters and forget filler. On CUDA the band
+        runs in its fused kernel and the linear sums in the PyTorch chunk form (the fused linear kernel takes
+        one decay per head).
     checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
     backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
@@ -259,7 +260,7 @@ class DiJiangAttention(nn.Module):
             q_lin, k_lin = self.linear_inputs(q_fused, k_fused)
             if self.settings.window:
                 o, state = fused_window_attention(
-                    q_fused, k_fused, v, fm.projection, fm.log_weight, self.log_decay,
+                    q_fused, k_fused, v, fm.projection, fm.log_weight, self.step_log_decay(v),
                     F.softplus(self.window_mix.float()), window=self.settings.window, scale=self.scale,
                     feature_scale=fm.scale, output_final_state=layer_cache is not None, q_lin=q_lin, k_lin=k_lin,
                     sinks=self.settings.sinks,
@@ -320,7 +321,7 @@ class DiJiangAttention(nn.Module):
     def _can_fuse(self, q: torch.Tensor, v: torch.Tensor, mode: str, mask, initial_state) -> bool:
         fm = self.feature_map
         common = (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
-                  and self.feature_map_fuses() and self.decay_gate is None)  # the kernels: one decay per head
+                  and self.feature_map_fuses())
         if not common:
             return False
         if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)

@@ -47,14 +47,17 @@ def linear_attention(
     attention_mask: Tensor | None = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor | None]:
-    """Causal linear attention with a per-head decay.
+    """Causal linear attention with a per-head (or per-token) decay.
 
         o_t = sum_{j<=t} exp((t - j) * log_decay_h) (q_t . k_j) v_j
+
+    A per-token decay (``log_decay`` [B, T, H], a data-dependent gate as in GLA) replaces (t - j) log_decay_h
+    by the sum of log_decay over steps j + 1 .. t: step s decays the state before token s is added.
 
     Args:
         q, k: ``[B, T, H, m]`` feature-mapped queries and keys.
         v: ``[B, T, H, dv]``.
-        log_decay: ``[H]``, all ``<= 0``; receives gradients in every mode.
+        log_decay: ``[H]`` or ``[B, T, H]``, all ``<= 0``; receives gradients in every mode.
         mode: ``"parallel"`` (quadratic reference), ``"chunk"`` (training/prefill) or
             ``"recurrent"`` (token by token, decode).
         chunk_size: chunk length for ``mode="chunk"``.

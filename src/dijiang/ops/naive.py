@@ -38,6 +38,17 @@ def check_log_decay_sign(log_decay: Tensor) -> None:
         raise ValueError("log_decay must be <= 0 (decay gamma = exp(log_decay) in (0, 1])")
 
 
+def check_head_or_token_log_decay(log_decay, batch: int, seq_len: int, heads: int) -> None:
+    """[H] (one decay per head) or [B, T, H] (one per token and head, e.g. a data-dependent gate); all <= 0."""
+    if isinstance(log_decay, Tensor) and log_decay.dim() == 3:
+        if tuple(log_decay.shape) != (batch, seq_len, heads):
+            raise ValueError(f"a per-token log_decay must have shape [B, T, H] = [{batch}, {seq_len}, {heads}], "
+                             f"got {tuple(log_decay.shape)}")
+        check_log_decay_sign(log_decay)
+        return
+    check_log_decay(log_decay, heads)
+
+
 def check_attention_mask(attention_mask: Tensor | None, batch: int, seq_len: int) -> None:
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq_len):
         raise ValueError(
@@ -69,7 +80,7 @@ def validate_inputs(q, k, v, log_decay, initial_state, normalize, attention_mask
     batch, seq_len, heads = check_same_bth(q=q, k=k, v=v)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k feature dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    check_log_decay(log_decay, heads)
+    check_head_or_token_log_decay(log_decay, batch, seq_len, heads)
     state_cols = v.shape[-1] + (1 if normalize else 0)
     expected_state = (batch, heads, k.shape[-1], state_cols)
     if initial_state is not None and tuple(initial_state.shape) != expected_state:

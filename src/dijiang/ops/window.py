@@ -44,23 +44,12 @@ from torch import Tensor
 from .naive import (
     _skip_value_checks,
     check_attention_mask,
-    check_log_decay,
-    check_log_decay_sign,
+    check_head_or_token_log_decay,
     check_rank4,
     check_same_bth,
     finish_outputs,
 )
 
-
-def check_window_log_decay(log_decay, batch: int, seq_len: int, heads: int) -> None:
-    """[H] (one decay per head) or [B, T, H] (one per token and head, e.g. a data-dependent gate); all <= 0."""
-    if isinstance(log_decay, Tensor) and log_decay.dim() == 3:
-        if tuple(log_decay.shape) != (batch, seq_len, heads):
-            raise ValueError(f"a per-token log_decay must have shape [B, T, H] = [{batch}, {seq_len}, {heads}], "
-                             f"got {tuple(log_decay.shape)}")
-        check_log_decay_sign(log_decay)
-        return
-    check_log_decay(log_decay, heads)
 
 MODES = ("parallel", "chunk", "recurrent")
 
@@ -112,7 +101,7 @@ def validate_window_inputs(q, k, v, q_feat, k_feat, log_decay, lin_weight, windo
         raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if q_feat.shape[-1] != k_feat.shape[-1]:
         raise ValueError(f"q_feat and k_feat feature dims differ: {q_feat.shape[-1]} vs {k_feat.shape[-1]}")
-    check_window_log_decay(log_decay, batch, seq_len, heads)
+    check_head_or_token_log_decay(log_decay, batch, seq_len, heads)
     check_lin_weight(lin_weight, heads)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
