@@ -64,8 +64,9 @@ class DiJiangSettings:
         learned per-head decay), so that the state can keep what matters and forget filler. On CUDA the band
         runs in its fused kernel and the linear sums in the PyTorch chunk form (the fused linear kernel takes
         one decay per head).
-    checkpoint: in training, recompute the attention op in the backward instead of keeping its chunk
-        intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100).
+    checkpoint: in training, recompute the PyTorch attention op in the backward instead of keeping its chunk
+        intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
+        fused path on CUDA is not recomputed.
     backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
         softmax-stabilised projection and no padding mask is present: pure DiJiang layers through the fused
         chunk kernel (feature map inside the attention kernel), window hybrids through the banded softmax
