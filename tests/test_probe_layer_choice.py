@@ -78,9 +78,12 @@ def test_main_adds_and_cuts_layers(tmp_path, monkeypatch):
         assert probe.main(["--model", str(folder), "--text", str(tmp_path / "filler.txt"), "--tokens", "400",
                            "--prompts", "2", "--keep", str(rounds), "--window", "8", "--direction", direction,
                            "--device", "cpu", "--json", str(out)]) == 0
-        kept = [r["kept"] for r in json.loads(out.read_text())["rounds"]]
+        result = json.loads(out.read_text())
+        kept = [r["kept"] for r in result["rounds"]]
         layers = 2  # the tiny model's
         assert [len(k) for k in kept] == ([1, 2] if direction == "add" else [layers - 1, layers - 2])
+        # what `dijiang train --layers` takes: every layer the last round does not keep
+        assert result["converted_layers"] == [i for i in range(layers) if i not in kept[-1]]
     out = tmp_path / "compare.json"
     assert probe.main(["--model", str(folder), "--text", str(tmp_path / "filler.txt"), "--tokens", "400",
                        "--prompts", "2", "--keep", "0", "--window", "8", "--compare", "1", "--passkey", "300",
