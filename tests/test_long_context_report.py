@@ -84,3 +84,16 @@ def test_map_runs_past_window_and_retrieval_tables(tmp_path, capsys):
     assert (tmp_path / "plots" / "long_context_maps.png").is_file()
     out = capsys.readouterr().out
     assert "feature-map ablation" in out and "| map-performer |" in out and "| teacher | 5 / 8 |" in out
+
+
+def test_docs_results_show_every_row_the_report_makes_of_the_stored_runs(capsys):
+    """docs/results.md describes the present: each table row the report prints from docs/bench_data/long_context is
+    in it verbatim (a new run's rows, or a changed figure, cannot be left out of the doc)."""
+    from script_loader import ROOT
+
+    assert report.main([str(ROOT / "docs" / "bench_data" / "long_context")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| run |", "| model |"))]
+    doc = (ROOT / "docs" / "results.md").read_text()
+    assert len(rows) > 50
+    assert [row for row in rows if row not in doc] == []
