@@ -26,7 +26,8 @@ maxima, this kernel gives it to the first; they do not happen with real-valued a
 A per-token decay (``log_decay`` [B, T, H], a data-dependent gate): the fused DiJiang kernel takes one decay per
 head, so the linear sums N, D come from the PyTorch chunk form of ``linear_attention`` over the same shifted
 rows (feature map in torch, step s of the shifted rows = token s + window, whose step decays what left the window
-before it); the band kernel is the same. Slower than the fused linear kernel, far faster than the PyTorch window op.
+before it); the band kernel is the same. The PyTorch linear part is the cost: forward+backward no faster than the
+PyTorch window op's at 8k on the H200 (docs/bench_ops_window.md).
 
 Scope: no padding mask and no initial state (training and a first prefill); the layer sends those calls
 to the PyTorch op. The final state (for generation after a prefill) is assembled from the two linear
@@ -40,7 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunk import chunk_linear_attention
-from .naive import check_head_or_token_log_decay
 from .triton_dijiang import (HAS_TRITON, dijiang_feature_map, fused_dijiang_with_denominator, launch, triton,
                             triton_supported)
 
@@ -423,10 +423,12 @@ def fused_window_attention(
     B, T, H, d = q.shape
     if lin_weight.shape != (H,):
         raise ValueError(f"lin_weight must have shape [H] = [{H}], got {tuple(lin_weight.shape)}")
+    if tuple(log_decay.shape) not in ((H,), (B, T, H)):  # shapes only: a value check would sync every call
+        raise ValueError(f"log_decay must have shape [H] = [{H}] or [B, T, H] = [{B}, {T}, {H}], got "
+                         f"{tuple(log_decay.shape)}")
     ok, why = triton_supported(q, k, v, proj)
     if not ok:
         raise ValueError(f"fused window attention cannot run: {why}")
-    check_head_or_token_log_decay(log_decay, B, T, H)
     scale = d**-0.5 if scale is None else float(scale)
     feature_scale = scale if feature_scale is None else float(feature_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
