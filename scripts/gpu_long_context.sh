@@ -9,12 +9,15 @@
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
 # .gpu_corpus/part-000.jsonl.xz: a slice of the training corpus (scripts/build_corpus.py) that fits a call.
-# JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget; PARALLEL=5 jobs train at once (each
+# JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget; PASSKEY=1024,... and
+# PASSKEY_TRIALS=10 the passkey lengths and trials a length; PARALLEL=5 jobs train at once (each
 # takes ~21 GiB at 8192-token blocks), the rest wait in a queue that outlives the call. A recipe named layer-choice*
 # trains with the softmax layers that scripts/probe_layer_choice.py picks on the GPU first (the 4 best for
 # needle retrieval, greedily), not with its own `layers`. map-* jobs (the feature-map ablation) skip passkey; every
 # other job is also scored on retrieval documents of facts no run trains on (scripts/check_retrieval_data.py --seed 1;
-# the teacher once in `start`, when a *-retrieval job is asked for). TEST_FILES picks the test files of `tests`.
+# the teacher once in `start`, when a *-retrieval job is asked for). TEST_FILES picks the test files of `tests`
+# (they share the GPU with training: the sixth batch's jobs ran at 11-12k tokens/s each beside them and a fifth job,
+# 14k with four jobs after them).
 set -uo pipefail
 WORK=~/long_context
 RUNS=$WORK/runs
@@ -69,7 +72,7 @@ queue)
     while [ "$(for j in $JOBS; do [ -f $RUNS/$j.launched ] && [ ! -f $RUNS/$j.done ] && echo; done | wc -l)" -ge "$PARALLEL" ]; do
       sleep 10
     done
-    passkey="--passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials 10"
+    passkey="--passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials ${PASSKEY_TRIALS:-10}"
     [[ $job == map-* ]] && passkey=""
     train="python3 -m dijiang train --recipe recipes/long-context/$job.yaml --model $HOME/model/hf \
 --data $WORK/corpus/part-000.jsonl.xz --out $RUNS/$job --no-progress ${TOKENS:+--tokens $TOKENS}"
