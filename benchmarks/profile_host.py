@@ -87,8 +87,8 @@ def launch_cost_us(n=2000):
     E, bh, nseg = 4096, 16, 4
     seg = torch.zeros(bh, nseg, E, device="cuda")
     ld = torch.full((16,), -0.01, device="cuda")
-    args = (seg, seg, seg, ld, nseg * 64, 16, nseg, E, 64)
-    kw = dict(BLK=256, REVERSE=False, HAS_INIT=False, STORE_FINAL=False, num_warps=4)
+    args = (seg, seg, seg, ld, ld, nseg * 64, 16, nseg, E, 64)  # ld twice: the per-token totals' slot, unread
+    kw = dict(BLK=256, REVERSE=False, HAS_INIT=False, STORE_FINAL=False, TOK=False, num_warps=4)
     grid = (E // 256, bh)
     for _ in range(10):
         tdj._scan_segments[grid](*args, **kw)

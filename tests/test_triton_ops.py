@@ -225,3 +225,47 @@ def test_launch_keys_tell_triton_specialisations_apart():
     assert spec != tdj._call_spec(cfg, q.dtype, q, q, q, proj, lw, torch.zeros(3)[1:])
     assert spec != tdj._call_spec(cfg, q.dtype, q, q, q.half(), proj, lw, ld)
     assert spec != tdj._call_spec(cfg, torch.float32, q, q, q, proj, lw, ld)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,normalize,init,final,segment", [(1000, True, False, False, None),
+                                                             (2500, False, True, True, 3),
+                                                             (4097, True, False, True, None)])
+def test_fused_per_token_decay(T, normalize, init, final, segment):
+    """A per-token decay [B, T, H] (the layer's decay_gate) against linear_attention in float64: output, state and
+    every gradient, the per-token decay's included."""
+    import torch.nn.functional as F
+
+    from dijiang.ops import linear_attention
+
+    q, k, v, proj, lw, ld, st = make_inputs(2, T, 2, 64, 64, 64, torch.bfloat16, "cuda", normalize=normalize,
+                                            init=init, seed=T)
+    gate = 0.5 * torch.randn(2, T, 2, generator=torch.Generator().manual_seed(T)).cuda()
+    token_decay = F.logsigmoid(torch.logit(ld.exp()) + gate)  # around the per-head decays, per token
+    leaves = [x.detach().clone().requires_grad_(True) for x in [q, k, v, lw, token_decay] + ([st] if init else [])]
+    old = tdj.SEGMENT_CHUNKS_OVERRIDE
+    tdj.SEGMENT_CHUNKS_OVERRIDE = segment
+    try:
+        o, fs = tdj.fused_dijiang_attention(*leaves[:3], proj, leaves[3], leaves[4], normalize=normalize,
+                                            initial_state=leaves[5] if init else None, output_final_state=final,
+                                            backend="triton")
+    finally:
+        tdj.SEGMENT_CHUNKS_OVERRIDE = old
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+    scale = 64**-0.25
+    qf, kf = (torch.softmax(x * scale @ proj.double() + ref[3], -1) for x in ref[:2])
+    ro, rfs = linear_attention(qf, kf, ref[2], ref[4], mode="chunk", normalize=normalize,
+                               initial_state=ref[5] if init else None, output_final_state=final)
+    do = torch.randn_like(ro)
+    loss, loss_ref = (o.double() * do).sum(), (ro * do).sum()
+    if final:
+        dS = torch.randn_like(rfs)
+        loss, loss_ref = loss + (fs.double() * dS).sum(), loss_ref + (rfs * dS).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    grads_ref = torch.autograd.grad(loss_ref, ref)
+    assert rel_err(o, ro) < 2e-2
+    if final:
+        assert rel_err(fs, rfs) < 2e-2
+    for name, g, g0 in zip(["q", "k", "v", "log_weight", "token_decay", "init"], grads, grads_ref):
+        assert rel_err(g, g0) < 5e-2, name

@@ -98,9 +98,10 @@ def window_case(B, T, H, d, W, seed=0, transform=False, sinks=0, loud_sinks=Fals
     return out
 
 
-def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, final=True) -> dict:
+def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, final=True, token_decay=False) -> dict:
     """frozen_map: log_weight and the decay need no gradient (the kernel then skips their reductions).
-    with_state=False, final=False: no state in or out, so F3/B3 carry the segment states themselves (inline)."""
+    with_state=False, final=False: no state in or out, so F3/B3 carry the segment states themselves (inline).
+    token_decay: a per-token decay [B, T, H], logsigmoid(decay + a per-token leaf) (the layer's decay_gate)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (leaf(B, T, H, d, gen=gen) for _ in range(3))
     proj = torch.randn(d, d, generator=gen)
@@ -111,16 +112,21 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, fi
     if frozen_map:
         log_weight.requires_grad_(False)
         decay_raw.requires_grad_(False)
+    gate = leaf(B, T, H, gen=gen) if token_decay else None
     leaves = [q, k, v] + ([] if frozen_map else [log_weight, decay_raw]) + ([init] if with_state else [])
+    leaves += [] if gate is None else [gate]
     common = dict(normalize=normalize, initial_state=init, output_final_state=final, chunk_size=16)
 
+    def log_decay(raw):
+        return F.logsigmoid(raw if gate is None else raw + gate.to(raw.dtype))
+
     def fused():
-        return fused_dijiang_attention(q, k, v, proj, log_weight, F.logsigmoid(decay_raw), backend="triton", **common)
+        return fused_dijiang_attention(q, k, v, proj, log_weight, log_decay(decay_raw), backend="triton", **common)
 
     def reference():  # float64: the decay gradient cancels ~10x, so a float32 reference is no yardstick for it
         qf, kf = (torch.softmax(x.double() * d**-0.25 @ proj.double() + log_weight.double(), -1) for x in (q, k))
         state = dict(common, initial_state=None if init is None else init.double())
-        o, final = linear_attention(qf, kf, v.double(), F.logsigmoid(decay_raw.double()), mode="parallel", **state)
+        o, final = linear_attention(qf, kf, v.double(), log_decay(decay_raw.double()), mode="parallel", **state)
         return o.float(), None if final is None else final.float()
 
     scans = []
@@ -136,7 +142,8 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, fi
         out["state"] = rel(s1, s2)
     # the scan kernels (forward, backward) run only where a state goes in or out
     out["scan_launches_unexpected"] = float(len(scans) != (2 if with_state or final else 0))
-    names = ["q", "k", "v"] + ([] if frozen_map else ["log_weight", "decay"]) + ["init"]
+    names = ["q", "k", "v"] + ([] if frozen_map else ["log_weight", "decay"]) + (["init"] if with_state else [])
+    names += [] if gate is None else ["gate"]
     out.update({f"d_{n}": rel(a, b) for n, a, b in zip(names, g1, g2)})
     return out
 
@@ -211,7 +218,7 @@ CASES = {
     "window B1 T200 W48 with 20 loud sinks (they hold the max), transform":
         lambda: window_case(1, 200, 2, 16, 48, seed=7, transform=True, sinks=20, loud_sinks=True),
     "window B1 T40 W48 with 4 sinks (none leaves the window)": lambda: window_case(1, 40, 2, 16, 48, seed=8, sinks=4),
-    "window B2 T300 W48 with a per-token decay, 4 sinks, transform (linear sums in torch)":
+    "window B2 T300 W48 with a per-token decay, 4 sinks, transform":
         lambda: window_case(2, 300, 2, 16, 48, seed=9, transform=True, sinks=4, token_decay=True),
     "dijiang T150 normalize": lambda: dijiang_case(1, 150, 2, 16, True, False),
     "dijiang T70 state in/out": lambda: dijiang_case(2, 70, 2, 16, False, True, seed=5),
@@ -221,6 +228,12 @@ CASES = {
                                                                                             seed=7, final=False),
     "dijiang B2 T300 no state (in-kernel carry, 4 segments)": lambda: dijiang_case(2, 300, 2, 16, False, False,
                                                                                     seed=8, final=False),
+    "dijiang B2 T150 per-token decay, state in and out (scan)": lambda: dijiang_case(2, 150, 2, 16, False, True, seed=9,
+                                                                                      token_decay=True),
+    "dijiang T150 normalize, per-token decay, no state (in-kernel carry)":
+        lambda: dijiang_case(1, 150, 2, 16, True, False, seed=10, final=False, token_decay=True),
+    "dijiang T200 normalize, per-token decay, final state out": lambda: dijiang_case(1, 200, 2, 16, True, False,
+                                                                                      seed=11, token_decay=True),
     "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
     "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
                                                                                                        13, seed=1),

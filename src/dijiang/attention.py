@@ -61,9 +61,8 @@ class DiJiangSettings:
         loses it (``scripts/probe_layer_choice.py --sinks``).
     decay_gate: with a window, a data-dependent decay of the linear state (GLA's gate, from an existing
         projection): per token and head log gamma_t = logsigmoid(decay_logit_h + u_h . v_t), u zero at init (the
-        learned per-head decay), so that the state can keep what matters and forget filler. On CUDA the band
-        runs in its fused kernel and the linear sums in the PyTorch chunk form (the fused linear kernel takes
-        one decay per head).
+        learned per-head decay), so that the state can keep what matters and forget filler. On CUDA it runs
+        through the fused kernels (the chunk kernel takes per-token decays).
     checkpoint: in training, recompute the PyTorch attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
         fused path on CUDA is not recomputed.

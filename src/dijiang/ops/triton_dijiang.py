@@ -36,6 +36,13 @@ o_t = intra(g) + g^{i+1} Q_t S_{c-1}, the chain rule through the chunk recurrenc
  + n_c g^{n_c} <dL/dS_c, S_{c-1}> + sum_j (n_c-1-j) K_j . dK_inter_j   (the state update)
 where every quantity is already in the backward kernel. Summed over chunks and batch in B3.
 
+Per-token decay (``log_decay`` [B, T, H], a data-dependent gate; constexpr TOK): every factor g^n above becomes
+exp of a sum of the steps it spans, read from one float32 buffer made in torch (``_token_decays``: in-chunk
+cumulative sums, and per chunk and segment the sums over whole chunks), so no factor is a difference of two long
+sums. Each factor is exp(G_i) on a query's side and exp(-G_j) on a key's (G: the cumulative log decay), so
+   dL/dG_t = phi(q_t) . dL/dphi(q_t) - phi(k_t) . dL/dphi(k_t)  (+ <dL/dS_T, S_T> at t = T - 1)
+which B3 writes per row; d log_decay is its reverse cumulative sum over t (in torch).
+
 Numbers: bf16 (or fp16/fp32) inputs, fp32 accumulation; the feature-map product x @ P is a tf32
 dot with P kept in float32; states are float32 in memory.
 """
@@ -45,6 +52,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dijiang import settings
@@ -111,17 +119,39 @@ if HAS_TRITON:
         return tl.where(valid[:, None], f, 0.0)
 
     @triton.jit
+    def _tok_rows(tok_ptr, bh, c, NC, C: tl.constexpr, ar_c):
+        """Per-token decay (TOK): chunk c's in-chunk cumulative log decays, steps 0 .. i for row i (rows past
+        T repeat the last: their steps are 0)."""
+        return tl.load(tok_ptr + (bh.to(tl.int64) * NC + c) * C + ar_c)
+
+    @triton.jit
+    def _tok_chunk(tok_ptr, part: tl.constexpr, bh, c, NC, C: tl.constexpr):
+        """TOK: chunk c's log decay over all its steps (part 1), over the chunks before it in its segment (2),
+        over those after it (3). The buffer (``_token_decays``): rows, then parts 1-3, then segment totals."""
+        n_bh = tl.num_programs(1).to(tl.int64)
+        return tl.load(tok_ptr + n_bh * NC * C + (part - 1) * n_bh * NC + bh.to(tl.int64) * NC + c)
+
+    @triton.jit
+    def _tok_segments(tok_ptr, NC, C: tl.constexpr):
+        """TOK: where the segments' total log decays ([B*H, NSEG]) start in the buffer."""
+        n_bh = tl.num_programs(1).to(tl.int64)
+        return tok_ptr + n_bh * NC * C + 3 * n_bh * NC
+
+    @triton.jit
     def _carried_state(seg_ptr, row0, first, count, step, lam, SEGLEN, ar_m, ar_v,
-                       M: tl.constexpr, DV: tl.constexpr, NORM: tl.constexpr):
+                       M: tl.constexpr, DV: tl.constexpr, NORM: tl.constexpr, st_ptr, TOK: tl.constexpr):
         """What the scan kernel would leave in seg[first - step]: the segment-local states seg[first],
         seg[first + step], ... (``count`` of them, full segments) carried across one another with the decay,
-        the last one undecayed. INLINE mode: F3/B3 call it instead of a scan launch."""
+        the last one undecayed (TOK: each segment's own total decay, st_ptr[row0 + segment]). INLINE mode:
+        F3/B3 call it instead of a scan launch."""
         E = M * DV + M * NORM
         dec = tl.exp((SEGLEN * 1.0) * lam)
         S = tl.zeros([M, DV], dtype=tl.float32)
         z = tl.zeros([M], dtype=tl.float32)
         for i in range(0, count):
             sb = seg_ptr + (row0 + first + step * i) * E
+            if TOK:
+                dec = tl.exp(tl.load(st_ptr + row0 + first + step * i))
             S = S * dec + tl.load(sb + ar_m[:, None] * DV + ar_v[None, :])
             if NORM:
                 z = z * dec + tl.load(sb + M * DV + ar_m)
@@ -129,7 +159,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _entering_state(seg_ptr, bh, NSEG, sg, lam, SEGLEN, ar_m, ar_v, M: tl.constexpr, DV: tl.constexpr,
-                        NORM: tl.constexpr, INLINE: tl.constexpr, REVERSE: tl.constexpr):
+                        NORM: tl.constexpr, INLINE: tl.constexpr, REVERSE: tl.constexpr, st_ptr, TOK: tl.constexpr):
         """The state entering segment sg (REVERSE: dL/dS at its end) and its normaliser part: read from the
         scanned seg buffer, or (INLINE) carried here over the segment-local states of the segments before it
         (REVERSE: after it)."""
@@ -137,9 +167,9 @@ if HAS_TRITON:
         if INLINE:
             if REVERSE:
                 S, z = _carried_state(seg_ptr, row0, NSEG - 1, NSEG - 1 - sg, -1, lam, SEGLEN, ar_m, ar_v, M, DV,
-                                      NORM)
+                                      NORM, st_ptr, TOK)
             else:
-                S, z = _carried_state(seg_ptr, row0, 0, sg, 1, lam, SEGLEN, ar_m, ar_v, M, DV, NORM)
+                S, z = _carried_state(seg_ptr, row0, 0, sg, 1, lam, SEGLEN, ar_m, ar_v, M, DV, NORM, st_ptr, TOK)
         else:
             E = M * DV + M * NORM
             sb = seg_ptr + (row0 + sg) * E
@@ -158,10 +188,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _f1_segment_states(
-        k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr,
+        k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, tok_ptr, hloc_ptr,
         T, H, NC, NSEG, s,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-        NORM: tl.constexpr,
+        NORM: tl.constexpr, TOK: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
         bh = tl.program_id(1)
@@ -194,9 +224,14 @@ if HAS_TRITON:
                 kx = tl.load(kb + rows[:, None] * H * D + ar_d[None, :], mask=valid[:, None], other=0.0)
                 K = _phi(kx, P, w, s, valid)
                 vx = tl.load(vb + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None], other=0.0)
-                wk = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
+                if TOK:  # steps after each key to the chunk's end; the chunk's steps
+                    total = _tok_chunk(tok_ptr, 1, bh, c, NC, C)
+                    wk = tl.where(valid, tl.exp(total - _tok_rows(tok_ptr, bh, c, NC, C, ar_c)), 0.0)
+                    dec = tl.exp(total)
+                else:
+                    wk = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
+                    dec = tl.exp((n * 1.0) * lam)
                 Kw = K * wk[:, None]
-                dec = tl.exp((n * 1.0) * lam)
                 # tf32 with the weighted features unrounded: their bf16 rounding was the largest single source of
                 # the d log_decay error (scripts/kernel_emulation.py; docs/kernel_notes.md, accuracy of d log_decay)
                 S = S * dec + tl.dot(tl.trans(Kw), vx.to(tl.float32), input_precision="tf32")
@@ -209,10 +244,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _scan_segments(
-        seg_ptr, init_ptr, final_ptr, ld_ptr, T, H, NSEG, E, SEGLEN,
+        seg_ptr, init_ptr, final_ptr, ld_ptr, st_ptr, T, H, NSEG, E, SEGLEN,
         BLK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+        TOK: tl.constexpr,
     ):
-        """seg[s] <- state entering segment s (REVERSE: dL/dS at the end of segment s)."""
+        """seg[s] <- state entering segment s (REVERSE: dL/dS at the end of segment s). TOK: st_ptr holds each
+        segment's total log decay [B*H, NSEG]."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         h = bh % H
@@ -241,18 +278,21 @@ if HAS_TRITON:
             next_limit = tl.where((i + 1) < NSEG, E, 0)
             u_next = tl.load(seg_ptr + (bh.to(tl.int64) * NSEG + nxt) * E + offs, mask=offs < next_limit, other=0.0)
             tl.store(seg_ptr + (bh.to(tl.int64) * NSEG + si) * E + offs, S, mask=msk)
-            n = tl.minimum(SEGLEN, T - si * SEGLEN)
-            S = S * tl.exp((n * 1.0) * lam) + u
+            if TOK:
+                S = S * tl.exp(tl.load(st_ptr + bh.to(tl.int64) * NSEG + si)) + u
+            else:
+                n = tl.minimum(SEGLEN, T - si * SEGLEN)
+                S = S * tl.exp((n * 1.0) * lam) + u
             u = u_next
         if STORE_FINAL:
             tl.store(final_ptr + bh.to(tl.int64) * E + offs, S, mask=msk)
 
     @triton.jit
     def _f3_output(
-        q_ptr, k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, hloc_ptr, o_ptr, den_ptr,
+        q_ptr, k_ptr, v_ptr, p_ptr, w_ptr, ld_ptr, tok_ptr, hloc_ptr, o_ptr, den_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-        NORM: tl.constexpr, INLINE: tl.constexpr,
+        NORM: tl.constexpr, INLINE: tl.constexpr, TOK: tl.constexpr,
     ):
         c = tl.program_id(0)
         bh = tl.program_id(1)
@@ -270,7 +310,7 @@ if HAS_TRITON:
         rows = t0 + ar_c
         valid = rows < T
         S_in, z_in = _entering_state(_segment_region(hloc_ptr, NC, E), bh, NSEG, sg, lam, L * C, ar_m, ar_v, M, DV,
-                                     NORM, INLINE, False)
+                                     NORM, INLINE, False, _tok_segments(tok_ptr, NC, C), TOK)
         P = tl.load(p_ptr + ar_d[:, None] * M + ar_m[None, :])
         w = tl.load(w_ptr + h * M + ar_m)
         tok = (b.to(tl.int64) * T * H + h)
@@ -281,12 +321,18 @@ if HAS_TRITON:
         K = _phi(kx, P, w, s, valid)
         ii = ar_c[:, None]
         jj = ar_c[None, :]
-        Dm = tl.where(ii >= jj, tl.exp((ii - jj).to(tl.float32) * lam), 0.0)
+        if TOK:
+            cum = _tok_rows(tok_ptr, bh, c, NC, C, ar_c)
+            Dm = tl.exp(tl.where(ii >= jj, cum[:, None] - cum[None, :], float("-inf")))
+            g_in = tl.exp(cum)
+            fs = tl.exp(_tok_chunk(tok_ptr, 2, bh, c, NC, C))
+        else:
+            Dm = tl.where(ii >= jj, tl.exp((ii - jj).to(tl.float32) * lam), 0.0)
+            g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
+            fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
         A = tl.dot(Q.to(DT), tl.trans(K.to(DT))) * Dm
         o = tl.dot(A.to(DT), vx)
-        g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
         base = bh.to(tl.int64) * NC + c
-        fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
         hs = tl.load(hloc_ptr + base * E + ar_m[:, None] * DV + ar_v[None, :]) + fs * S_in
         Qg = Q * g_in[:, None]
         o += tl.dot(Qg.to(DT), hs.to(DT))
@@ -300,10 +346,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _b1_segment_dstates(
-        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, dden_in_ptr, p_ptr, w_ptr, ld_ptr, dloc_ptr,
+        q_ptr, do_ptr, o_ptr, den_ptr, dden_ptr, dden_in_ptr, p_ptr, w_ptr, ld_ptr, tok_ptr, dloc_ptr,
         T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-        NORM: tl.constexpr, DDEN_IN: tl.constexpr,
+        NORM: tl.constexpr, DDEN_IN: tl.constexpr, TOK: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
         bh = tl.program_id(1)
@@ -336,9 +382,13 @@ if HAS_TRITON:
                 Q = _phi(qx, P, w, s, valid)
                 dox = tl.load(do_ptr + tok * DV + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None],
                               other=0.0).to(tl.float32)
-                g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
+                if TOK:
+                    g_in = tl.exp(_tok_rows(tok_ptr, bh, c, NC, C, ar_c))
+                    dec = tl.exp(_tok_chunk(tok_ptr, 1, bh, c, NC, C))
+                else:
+                    g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
+                    dec = tl.exp((n * 1.0) * lam)
                 Qg = Q * g_in[:, None]
-                dec = tl.exp((n * 1.0) * lam)
                 if NORM:
                     ox = tl.load(o_ptr + tok * DV + rows[:, None] * H * DV + ar_v[None, :], mask=valid[:, None],
                                  other=0.0).to(tl.float32)
@@ -359,11 +409,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _b3_grads(
-        q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, dden_ptr, p_ptr, w_ptr, ld_ptr,
-        hloc_ptr, dloc_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, dlam_ptr, count_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, dden_ptr, p_ptr, w_ptr, ld_ptr, tok_ptr,
+        hloc_ptr, dloc_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, dlam_ptr, count_ptr, dtok_ptr,
         B, T, H, NC, NSEG, s, eps,
         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-        NORM: tl.constexpr, INLINE: tl.constexpr, REDUCE: tl.constexpr,
+        NORM: tl.constexpr, INLINE: tl.constexpr, REDUCE: tl.constexpr, TOK: tl.constexpr,
     ):
         c = tl.program_id(0)
         bh = tl.program_id(1)
@@ -403,7 +453,11 @@ if HAS_TRITON:
         ii = ar_c[:, None]
         jj = ar_c[None, :]
         dist = (ii - jj).to(tl.float32)
-        Dm = tl.where(ii >= jj, tl.exp(dist * lam), 0.0)
+        if TOK:
+            cum = _tok_rows(tok_ptr, bh, c, NC, C, ar_c)
+            Dm = tl.exp(tl.where(ii >= jj, cum[:, None] - cum[None, :], float("-inf")))
+        else:
+            Dm = tl.where(ii >= jj, tl.exp(dist * lam), 0.0)
         A = tl.dot(Qb, tl.trans(Kb)) * Dm
         Mx = tl.dot(dn, tl.trans(vx))
         if NORM:
@@ -413,20 +467,32 @@ if HAS_TRITON:
         # states: forward entering chunk c, backward dL/dS after chunk c
         base = bh.to(tl.int64) * NC + c
         segb_ptr = _segment_region(dloc_ptr, NC, E)
+        st_ptr = _tok_segments(tok_ptr, NC, C)
         S_in, z_in = _entering_state(_segment_region(hloc_ptr, NC, E), bh, NSEG, sg, lam, L * C, ar_m, ar_v, M, DV,
-                                     NORM, INLINE, False)
-        G_in, g_in_b = _entering_state(segb_ptr, bh, NSEG, sg, lam, L * C, ar_m, ar_v, M, DV, NORM, INLINE, True)
-        fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
-        seg_end = tl.minimum((sg + 1) * L * C, T)
-        fb = tl.exp((seg_end - (t0 + n)).to(tl.float32) * lam)
+                                     NORM, INLINE, False, st_ptr, TOK)
+        G_in, g_in_b = _entering_state(segb_ptr, bh, NSEG, sg, lam, L * C, ar_m, ar_v, M, DV, NORM, INLINE, True,
+                                       st_ptr, TOK)
+        if TOK:  # what the steps before this chunk in its segment, and after it, leave
+            fs = tl.exp(_tok_chunk(tok_ptr, 2, bh, c, NC, C))
+            fb = tl.exp(_tok_chunk(tok_ptr, 3, bh, c, NC, C))
+        else:
+            fs = tl.exp((t0 - sg * L * C).to(tl.float32) * lam)
+            seg_end = tl.minimum((sg + 1) * L * C, T)
+            fb = tl.exp((seg_end - (t0 + n)).to(tl.float32) * lam)
         moff = ar_m[:, None] * DV + ar_v[None, :]
         hs = tl.load(hloc_ptr + base * E + moff) + fs * S_in
         dhs = tl.load(dloc_ptr + base * E + moff) + fb * G_in
-        g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
-        g_out = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
+        if TOK:
+            total = _tok_chunk(tok_ptr, 1, bh, c, NC, C)
+            g_in = tl.exp(cum)
+            g_out = tl.where(valid, tl.exp(total - cum), 0.0)
+            dec = tl.exp(total)
+        else:
+            g_in = tl.exp((ar_c + 1).to(tl.float32) * lam)
+            g_out = tl.where(valid, tl.exp((n - 1 - ar_c).to(tl.float32) * lam), 0.0)
+            dec = tl.exp((n * 1.0) * lam)
         dQi = tl.dot(dn, tl.trans(hs.to(DT)))
         dKi = tl.dot(vx, tl.trans(dhs.to(DT)))
-        dec = tl.exp((n * 1.0) * lam)
         st = tl.sum(tl.sum(dhs * hs, axis=1), axis=0)
         if NORM:
             zs = tl.load(hloc_ptr + base * E + M * DV + ar_m) + fs * z_in
@@ -442,6 +508,12 @@ if HAS_TRITON:
         Mdb = Md.to(DT)
         dQ = tl.dot(Mdb, Kb) + dQi
         dK = tl.dot(tl.trans(Mdb), Qb) + dKi
+        if TOK:
+            # every decay factor is exp(G_i) on a query's side and exp(-G_j) on a key's (G: the cumulative log
+            # decay), so dL/dG_t = phi(q_t).dL/dphi(q_t) - phi(k_t).dL/dphi(k_t); d log_decay is its reverse
+            # cumulative sum over t, taken in torch
+            tl.store(dtok_ptr + bh.to(tl.int64) * T + rows, tl.sum(Q * dQ, axis=1) - tl.sum(K * dK, axis=1),
+                     mask=valid)
         dV = tl.dot(tl.trans(A.to(DT)), dn) + g_out[:, None] * tl.dot(Kb, dhs.to(DT))
         # softmax backward (invalid rows have Q = K = 0, so their gradients vanish)
         dXq = Q * (dQ - tl.sum(Q * dQ, axis=1)[:, None])
@@ -634,11 +706,14 @@ class _Cfg:
         self.eps = float(eps)
         self.warps = _warps(self.M, self.DV, self.D)
         self.ints = int_spec(self.B, self.T, self.H, self.NC, self.NSEG, self.E, self.L * self.C)
-        # the kernels' constexprs, built once
-        self.consts = dict(C=self.C, D=self.D, M=self.M, DV=self.DV, L=self.L, NORM=self.norm)
+        # the kernels' constexprs, built once (TOK: the per-token decay's, see _token_decays)
+        self.consts = dict(C=self.C, D=self.D, M=self.M, DV=self.DV, L=self.L, NORM=self.norm, TOK=False)
         self.consts_out = dict(self.consts, INLINE=self.inline)
         self.consts_grads = dict(self.consts_out, REDUCE=True)
         self.consts_grads_no_reduce = dict(self.consts_out, REDUCE=False)
+
+    def with_tok(self, consts: dict, tok: bool) -> dict:
+        return dict(consts, TOK=True) if tok else consts
 
 
 _CFGS: dict = {}
@@ -698,41 +773,69 @@ def _segments_of(states: Tensor, cfg: _Cfg) -> Tensor:
     return states[start : start + bh * cfg.NSEG * cfg.E].view(bh, cfg.NSEG, cfg.E)
 
 
-def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool, out_dtype: torch.dtype, spec):
-    """Launches F1, the forward scan (unless inline) and F3: (o, den or None, states, final or None)."""
+def _token_decays(log_decay: Tensor, cfg: _Cfg) -> Tensor:
+    """A per-token log decay [B, T, H] as the kernels read it (TOK), one float32 buffer: for every b*h row, the
+    in-chunk cumulative log decays [B*H, NC, C] (steps 0 .. i of each chunk; 0 past T); then per chunk [B*H, NC]
+    its total, the total of the chunks before it in its segment and of those after it; then per segment its total
+    [B*H, NSEG]. Sums of few steps each, so no decay factor is a difference of two long sums."""
+    bh, C, NC, L, NSEG = cfg.B * cfg.H, cfg.C, cfg.NC, cfg.L, cfg.NSEG
+    steps = log_decay.float().permute(0, 2, 1).reshape(bh, cfg.T)
+    rows = F.pad(steps, [0, NC * C - cfg.T]).view(bh, NC, C).cumsum(-1)
+    chunk = F.pad(rows[..., -1], [0, NSEG * L - NC]).view(bh, NSEG, L)
+    before = F.pad(chunk.cumsum(-1)[..., :-1], [1, 0])
+    after = F.pad(chunk.flip(-1).cumsum(-1)[..., :-1], [1, 0]).flip(-1)
+    per_chunk = [x.reshape(bh, NSEG * L)[:, :NC] for x in (chunk, before, after)]
+    return torch.cat([rows.reshape(-1)] + [x.reshape(-1) for x in per_chunk] + [chunk.sum(-1).reshape(-1)])
+
+
+def _segment_totals(tok: Tensor, cfg: _Cfg) -> Tensor:
+    """The per-segment part of a _token_decays buffer (the scan's st_ptr)."""
+    bh = cfg.B * cfg.H
+    return tok[bh * cfg.NC * (cfg.C + 3):]
+
+
+def _forward(q, k, v, P, w, ld, init_flat, cfg: _Cfg, want_final: bool, out_dtype: torch.dtype, spec, tok=None):
+    """Launches F1, the forward scan (unless inline) and F3: (o, den or None, states, final or None).
+    tok: a per-token decay's _token_decays buffer (ld is then not read)."""
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
+    is_tok = tok is not None
+    tok_or_any = ld if tok is None else tok
     states = _state_buffer(cfg, dev)  # per chunk: S (m x dv), then z (m) if NORM; then per segment
-    launch(_f1_segment_states, (cfg.NSEG, BH), (k, v, P, w, ld, states, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s),
-           cfg.consts, num_warps=4, spec=spec)
+    launch(_f1_segment_states, (cfg.NSEG, BH), (k, v, P, w, ld, tok_or_any, states, cfg.T, cfg.H, cfg.NC, cfg.NSEG,
+                                                 cfg.s), cfg.with_tok(cfg.consts, is_tok), num_warps=4, spec=spec)
     final = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_final else None
     if not cfg.inline:
-        _scan(_segments_of(states, cfg), init_flat, final, ld, cfg, False, spec)
+        _scan(_segments_of(states, cfg), init_flat, final, ld, cfg, False, spec, tok)
     o = torch.empty_like(v, dtype=out_dtype)
     den = torch.empty(BH, cfg.T, device=dev, dtype=f32) if cfg.norm else None
-    launch(_f3_output, (cfg.NC, BH), (q, k, v, P, w, ld, states, o, states if den is None else den, cfg.T, cfg.H,
-                                      cfg.NC, cfg.NSEG, cfg.s, cfg.eps), cfg.consts_out,
+    launch(_f3_output, (cfg.NC, BH), (q, k, v, P, w, ld, tok_or_any, states, o, states if den is None else den, cfg.T,
+                                      cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps), cfg.with_tok(cfg.consts_out, is_tok),
            num_warps=cfg.warps, **_stages(), spec=spec)
     return o, den, states, final
 
 
-def _scan(seg, init_flat, final, ld, cfg: _Cfg, reverse: bool, spec):
+def _scan(seg, init_flat, final, ld, cfg: _Cfg, reverse: bool, spec, tok=None):
     blk = 256
     launch(_scan_segments, (-(-cfg.E // blk), cfg.B * cfg.H),
-           (seg, seg if init_flat is None else init_flat, seg if final is None else final, ld, cfg.T, cfg.H, cfg.NSEG,
-            cfg.E, cfg.L * cfg.C),
-           dict(BLK=blk, REVERSE=reverse, HAS_INIT=init_flat is not None, STORE_FINAL=final is not None), num_warps=4,
-           spec=spec)
+           (seg, seg if init_flat is None else init_flat, seg if final is None else final, ld,
+            ld if tok is None else _segment_totals(tok, cfg), cfg.T, cfg.H, cfg.NSEG, cfg.E, cfg.L * cfg.C),
+           dict(BLK=blk, REVERSE=reverse, HAS_INIT=init_flat is not None, STORE_FINAL=final is not None,
+                TOK=tok is not None), num_warps=4, spec=spec)
 
 
 def _backward(q, k, v, P, w, ld, o, den, states, do, dfinal_flat, dden_in, cfg: _Cfg, want_dinit: bool, spec,
-              want_dw=True, want_dlam=True):
+              want_dw=True, want_dlam=True, tok=None):
     """Launches B1, the reverse scan (unless inline) and B3: (dq, dk, dv, d log_weight [H, m], d log_decay [H],
-    dinit), the last three None where not wanted. ``states``: the forward's _state_buffer."""
+    dinit), the last three None where not wanted. ``states``: the forward's _state_buffer. tok: a per-token
+    decay's _token_decays buffer; d log_decay is then dL/dG [B*H, T], G the cumulative log decay (the caller
+    turns it into d log_decay)."""
     dev = q.device
     BH = cfg.B * cfg.H
     f32 = torch.float32
+    is_tok = tok is not None
+    tok_or_any = ld if tok is None else tok
     reduce = want_dw or want_dlam
     # B3's per-chunk partial sums of d log_weight [B, H, NC, M] then d log_decay [B, H, NC] ride at the end of the
     # backward state buffer; B3's last program per head sums them into dw and dlam
@@ -741,12 +844,12 @@ def _backward(q, k, v, P, w, ld, o, den, states, do, dfinal_flat, dden_in, cfg: 
     o_or_any = q if o is None else o  # o and den are read only when NORM
     den_or_any = dstates if den is None else den
     launch(_b1_segment_dstates, (cfg.NSEG, BH),
-           (q, do, o_or_any, den_or_any, dden, dden if dden_in is None else dden_in, P, w, ld, dstates, cfg.T,
-            cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps), dict(cfg.consts, DDEN_IN=dden_in is not None), num_warps=4,
-           spec=spec)
+           (q, do, o_or_any, den_or_any, dden, dden if dden_in is None else dden_in, P, w, ld, tok_or_any, dstates,
+            cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps),
+           dict(cfg.with_tok(cfg.consts, is_tok), DDEN_IN=dden_in is not None), num_warps=4, spec=spec)
     dinit = torch.empty(BH, cfg.E, device=dev, dtype=f32) if want_dinit else None
     if not cfg.inline:
-        _scan(_segments_of(dstates, cfg), dfinal_flat, dinit, ld, cfg, True, spec)
+        _scan(_segments_of(dstates, cfg), dfinal_flat, dinit, ld, cfg, True, spec, tok)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -756,9 +859,13 @@ def _backward(q, k, v, P, w, ld, o, den, states, do, dfinal_flat, dden_in, cfg: 
         counts = _head_counters(q, cfg.H)
     else:
         dw = dlam = counts = dstates
-    launch(_b3_grads, (cfg.NC, BH), (q, k, v, do, den_or_any, dden, P, w, ld, states, dstates, dq, dk, dv, dw, dlam,
-                                     counts, cfg.B, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps),
-           cfg.consts_grads if reduce else cfg.consts_grads_no_reduce, num_warps=cfg.warps, **_stages(), spec=spec)
+    dG = torch.empty(BH, cfg.T, device=dev, dtype=f32) if is_tok else dstates
+    launch(_b3_grads, (cfg.NC, BH), (q, k, v, do, den_or_any, dden, P, w, ld, tok_or_any, states, dstates, dq, dk, dv,
+                                     dw, dlam, counts, dG, cfg.B, cfg.T, cfg.H, cfg.NC, cfg.NSEG, cfg.s, cfg.eps),
+           cfg.with_tok(cfg.consts_grads if reduce else cfg.consts_grads_no_reduce, is_tok), num_warps=cfg.warps,
+           **_stages(), spec=spec)
+    if is_tok:
+        dlam = dG
     return dq, dk, dv, dw if want_dw else None, dlam if want_dlam else None, dinit
 
 
@@ -785,12 +892,14 @@ class _FusedDiJiang(torch.autograd.Function):
         P = proj.float().contiguous()
         w = log_weight.float().contiguous()
         ld = log_decay.float().contiguous()
+        tok = _token_decays(ld, cfg) if ld.dim() == 3 else None  # a per-token decay [B, T, H]
         init_flat = _flat_state(initial_state, cfg)
         spec = _call_spec(cfg, out_dtype, q, k, v, P, w, ld)
-        o, den, states, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final, out_dtype, spec)
+        o, den, states, final = _forward(q, k, v, P, w, ld, init_flat, cfg, want_final, out_dtype, spec, tok)
         ctx.cfg, ctx.spec = cfg, spec
         ctx.save_for_backward(q, k, v, P, w, ld, o if cfg.norm else None, den)
         ctx.states = states  # an intermediate, never an output: no reference cycle on ctx
+        ctx.tok, ctx.final = tok, (final if tok is not None else None)  # dL/dG at T - 1 has a final-state term
         final_state = _unflat_state(final, cfg) if want_final else None
         # the normaliser sum per row [B*H, T] (normalize=True only), without eps
         return o, final_state, (den if want_den else None)
@@ -806,9 +915,16 @@ class _FusedDiJiang(torch.autograd.Function):
         dden_in = None if dden is None else dden.contiguous()
         spec = ctx.spec + tensor_spec(do, dden_in)
         need = ctx.needs_input_grad
+        tok = ctx.tok
         dq, dk, dv, dw, dlam, dinit = _backward(q, k, v, P, w, ld, o, den, ctx.states, do, dfinal_flat, dden_in,
-                                                cfg, need[6], spec, want_dw=need[4], want_dlam=need[5])
+                                                cfg, need[6], spec, want_dw=need[4], want_dlam=need[5], tok=tok)
         dinit_state = _unflat_state(dinit, cfg) if dinit is not None else None
+        if tok is not None and dlam is not None:
+            # the final state is exp(G_{T-1}) times G-free sums: <dL/dS_T, S_T> joins dL/dG_{T-1}; then step s
+            # decays every G_t with t >= s
+            if dfinal_flat is not None:
+                dlam[:, -1] += (dfinal_flat * ctx.final).sum(-1)
+            dlam = dlam.flip(-1).cumsum(-1).flip(-1).view(cfg.B, cfg.H, cfg.T).permute(0, 2, 1)
         return dq, dk, dv, None, dw, dlam, dinit_state, None
 
 
@@ -861,7 +977,7 @@ def fused_dijiang_attention(
         v: ``[B, T, H, dv]``.
         proj: ``[d, m]`` frozen projection P (no gradient is computed for it).
         log_weight: ``[H, m]`` learnable log feature weights, or None (zeros).
-        log_decay: ``[H]``, ``<= 0``.
+        log_decay: ``[H]``, or per token ``[B, T, H]`` (as :func:`dijiang.ops.linear_attention`), ``<= 0``.
         scale: attention scale, default ``d ** -0.5``; the logits use ``sqrt(scale)``.
         normalize, initial_state, output_final_state, eps, attention_mask: as
             :func:`dijiang.ops.linear_attention`.
@@ -903,8 +1019,9 @@ def fused_dijiang_attention(
     m = proj.shape[1]
     if log_weight is not None and tuple(log_weight.shape) != (H, m):
         raise ValueError(f"log_weight must be [H, m] = [{H}, {m}], got {tuple(log_weight.shape)}")
-    if log_decay.dim() != 1 or log_decay.shape[0] != H:
-        raise ValueError(f"log_decay must have shape [H] = [{H}], got {tuple(log_decay.shape)}")
+    if tuple(log_decay.shape) not in ((H,), (B, T, H)):
+        raise ValueError(f"log_decay must have shape [H] = [{H}] or [B, T, H] = [{B}, {T}, {H}], got "
+                         f"{tuple(log_decay.shape)}")
     if initial_state is not None:
         want = (B, H, m, v.shape[-1] + int(normalize))
         if tuple(initial_state.shape) != want:

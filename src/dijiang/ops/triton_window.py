@@ -23,11 +23,8 @@ max, so it is part of the function: dL/dmx = lw (g.N + dDa D) + eps dDa (g = do 
 goes to the score of the arg-max key, whose index the forward stores. (Ties: torch splits among equal
 maxima, this kernel gives it to the first; they do not happen with real-valued activations.)
 
-A per-token decay (``log_decay`` [B, T, H], a data-dependent gate): the fused DiJiang kernel takes one decay per
-head, so the linear sums N, D come from the PyTorch chunk form of ``linear_attention`` over the same shifted
-rows (feature map in torch, step s of the shifted rows = token s + window, whose step decays what left the window
-before it); the band kernel is the same. The PyTorch linear part is the cost: forward+backward no faster than the
-PyTorch window op's at 8k on the H200 (docs/bench_ops_window.md).
+A per-token decay (``log_decay`` [B, T, H], a data-dependent gate) goes to the fused DiJiang kernel as the
+shifted rows' steps: row r of the linear part is query r + window, whose step decays what left the window before it.
 
 Scope: no padding mask and no initial state (training and a first prefill); the layer sends those calls
 to the PyTorch op. The final state (for generation after a prefill) is assembled from the two linear
@@ -40,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunk import chunk_linear_attention
 from .triton_dijiang import (HAS_TRITON, dijiang_feature_map, fused_dijiang_with_denominator, launch, triton,
                             triton_supported)
 
@@ -52,7 +48,6 @@ __all__ = ["fused_window_attention"]
 BLOCK = 64  # queries per program and keys per step
 MAX_SINKS = 64
 LIN_EPS = 1e-6  # the linear call's own eps; N = o * (D + eps) undoes it exactly
-TOKEN_DECAY_CHUNK = 128  # chunk of the PyTorch linear sums under a per-token decay: fewer state steps than 64
 
 
 if HAS_TRITON:
@@ -437,13 +432,12 @@ def fused_window_attention(
     if q_lin.shape != q.shape or k_lin.shape != k.shape:
         raise ValueError(f"q_lin {tuple(q_lin.shape)} / k_lin {tuple(k_lin.shape)} must match q {tuple(q.shape)}")
     lin_state = None
-    if T > window and log_decay.dim() == 3:
-        lin_num, lin_den, lin_state = _token_decay_linear_sums(q_lin, k_lin, v, proj, log_weight, log_decay, window,
-                                                               feature_scale, output_final_state)
-    elif T > window:
-        # one normalised call that also returns its denominator D; N = o * (D + eps) recovers the numerator
+    if T > window:
+        # one normalised call that also returns its denominator D; N = o * (D + eps) recovers the numerator. A
+        # per-token decay: row r is query r + window, whose step decays what left the window before it
+        lin_decay = log_decay[:, window:].contiguous() if log_decay.dim() == 3 else log_decay
         lin_o, lin_den, lin_state = fused_dijiang_with_denominator(
-            q_lin[:, window:], k_lin[:, : T - window], v[:, : T - window], proj, log_weight, log_decay,
+            q_lin[:, window:], k_lin[:, : T - window], v[:, : T - window], proj, log_weight, lin_decay,
             scale=feature_scale, output_final_state=output_final_state, eps=LIN_EPS)
         lin_num = lin_o * (lin_den.view(B, H, T - window).transpose(1, 2) + LIN_EPS).unsqueeze(-1)
     else:
@@ -456,21 +450,3 @@ def fused_window_attention(
     kept = k_lin[:, T - min(T, window):]
     k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
     return o, _final_state(k, v, k_feat, lin_state, window, proj.shape[1], sinks)
-
-
-def _token_decay_linear_sums(q_lin, k_lin, v, proj, log_weight, log_decay, window, feature_scale, want_state):
-    """N [B, T - W, H, dv] and D [B * H, T - W] (float32) of the linear part under a per-token decay, and its
-    final state [B, H, m, dv + 1] or None: the PyTorch chunk form over the shifted rows, v with a ones column."""
-    B, T, H, dv = v.shape
-    rows = T - window
-    q_feat = dijiang_feature_map(q_lin[:, window:], proj, log_weight, feature_scale)
-    k_feat = dijiang_feature_map(k_lin[:, :rows], proj, log_weight, feature_scale)
-    ones = v.new_ones(B, rows, H, 1, dtype=torch.float32)
-    values = torch.cat([v[:, :rows].float(), ones], dim=-1)
-    # row r (query r + W) sees keys j <= r decayed by the steps of queries j + W + 1 .. r + W
-    sums, state = chunk_linear_attention(q_feat, k_feat, values, log_decay[:, window:].float(),
-                                         chunk_size=TOKEN_DECAY_CHUNK, output_final_state=want_state)
-    # the band kernel reads both as dense row-major arrays
-    lin_den = sums[..., dv].transpose(1, 2).reshape(B * H, rows).contiguous()
-    return sums[..., :dv].contiguous(), lin_den, state
-
