@@ -98,10 +98,12 @@ def window_case(B, T, H, d, W, seed=0, transform=False, sinks=0, loud_sinks=Fals
     return out
 
 
-def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, final=True, token_decay=False) -> dict:
+def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, final=True, token_decay=False,
+                 segment=None) -> dict:
     """frozen_map: log_weight and the decay need no gradient (the kernel then skips their reductions).
     with_state=False, final=False: no state in or out, so F3/B3 carry the segment states themselves (inline).
-    token_decay: a per-token decay [B, T, H], logsigmoid(decay + a per-token leaf) (the layer's decay_gate)."""
+    token_decay: a per-token decay [B, T, H], logsigmoid(decay + a per-token leaf) (the layer's decay_gate).
+    segment: chunks per segment (the scan path with several chunks a segment, as long sequences take)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (leaf(B, T, H, d, gen=gen) for _ in range(3))
     proj = torch.randn(d, d, generator=gen)
@@ -132,10 +134,12 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, fi
     scans = []
     real_scan = triton_dijiang._scan
     triton_dijiang._scan = lambda *args: scans.append(args) or real_scan(*args)
+    triton_dijiang.SEGMENT_CHUNKS_OVERRIDE = segment
     try:
         o1, s1, g1 = grads_of(fused, leaves, seed + 1)
     finally:
         triton_dijiang._scan = real_scan
+        triton_dijiang.SEGMENT_CHUNKS_OVERRIDE = None
     o2, s2, g2 = grads_of(reference, leaves, seed + 1)
     out = {"o": rel(o1, o2)}
     if final:
@@ -234,6 +238,8 @@ CASES = {
         lambda: dijiang_case(1, 150, 2, 16, True, False, seed=10, final=False, token_decay=True),
     "dijiang T200 normalize, per-token decay, final state out": lambda: dijiang_case(1, 200, 2, 16, True, False,
                                                                                       seed=11, token_decay=True),
+    "dijiang B2 T207 per-token decay, state in and out, segments of 3 chunks":
+        lambda: dijiang_case(2, 207, 2, 16, False, True, seed=12, token_decay=True, segment=3),
     "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
     "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
                                                                                                        13, seed=1),
