@@ -43,7 +43,7 @@ METHODS = ("sdpa", "fused", "torch", "quadratic", "window", "window-fused", "win
 VERSUS_SDPA = ("fused", "window-fused", "window-sinks", "window-gated")  # get a speed-up column against SDPA
 SINKS = 4  # window-sinks: a window of W - 4 tokens and the first 4 as sinks, the same W softmax keys
 # window-gated: window-sinks with a per-token decay [B, T, H] (what DiJiangSettings(decay_gate=True) feeds it):
-# the band kernel + the linear sums in torch; window-gated-torch: the same through the PyTorch window op
+# the fused kernels (the chunk kernel's per-token mode); window-gated-torch: the same through the PyTorch window op
 WITH_SINKS = ("window-sinks", "window-gated", "window-gated-torch")
 DEFAULT_WINDOW = 64
 GRAPHS_NOTE = """
@@ -340,7 +340,7 @@ def main(argv=None):
               "window-fused": f"window-{args.window} hybrid ({'Triton' if cuda else 'CPU: torch op'})",
               "window-sinks": f"window-{args.window - SINKS} + {SINKS} sinks ({'Triton' if cuda else 'CPU: torch op'})",
               "window-gated": f"window-{args.window - SINKS} + {SINKS} sinks, per-token decay "
-                              f"({'Triton band + torch linear' if cuda else 'CPU: torch op'})",
+                              f"({'Triton' if cuda else 'CPU: torch op'})",
               "window-gated-torch": f"window-{args.window - SINKS} + {SINKS} sinks, per-token decay (torch op)"}
     versus = [m for m in VERSUS_SDPA if m in methods] if "sdpa" in methods else []
     head = "| H x D | T | " + " | ".join(f"{labels[m]} fwd / fwd+bwd" for m in methods)
