@@ -33,23 +33,23 @@ def check_outputs(result):
         assert demo.WINDOW_MARK in row["sample"] and f"- {row['model']}: " in written
     assert (result.out_dir / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((result.out_dir / "results.json").read_text())
-    assert len(saved["rows"]) == 4 and saved["settings"]["window"] == 8
+    assert len(saved["rows"]) == 4 and saved["settings"]["window"] == 8 and saved["settings"]["sinks"] == 4
 
 
 def test_demo_wiring_with_injected_pieces(tmp_path):
     calls = []
 
-    def fake_convert(model, window):
-        calls.append(("convert", window))
+    def fake_convert(model, window, sinks):
+        calls.append(("convert", window, sinks))
         return model
 
-    def fake_train(source, *, window, tokens, out_dir, seed, block_size, train_file, convert_fn):
-        calls.append(("train", window, tokens, block_size, train_file.read_text() == TEXT))
+    def fake_train(source, *, window, sinks, tokens, out_dir, seed, block_size, train_file, convert_fn):
+        calls.append(("train", window, sinks, tokens, block_size, train_file.read_text() == TEXT))
         model, _ = dijiang.load_pretrained(source)  # the demo saved the model it was given
         return model, [{"step": 1, "tokens": tokens, "loss": 3.0}]
 
     result = run_tiny_demo(tmp_path, convert_fn=fake_convert, train_fn=fake_train)
-    assert calls == [("convert", 0), ("convert", 8), ("train", 8, 512, 32, True)]
+    assert calls == [("convert", 0, 0), ("convert", 8, 4), ("train", 8, 4, 512, 32, True)]
     check_outputs(result)
     # nothing was really converted or trained: every perplexity equals the teacher's
     assert all(row["ratio"] == pytest.approx(1.0) for row in result.rows)
@@ -72,16 +72,21 @@ def test_demo_bad_arguments(tmp_path):
         run_tiny_demo(tmp_path, window=0)
     with pytest.raises(ValueError, match="tokens"):
         run_tiny_demo(tmp_path, tokens=0)
+    with pytest.raises(ValueError, match="sinks"):
+        run_tiny_demo(tmp_path, sinks=65)
 
 
 def test_demo_cli_and_counts():
     parser = argparse.ArgumentParser()
     demo.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo", "--tokens", "120K", "--window", "32", "--seed", "3", "--out", "x"])
-    assert (args.tokens, args.window, args.seed, args.out) == (120_000, 32, 3, "x")
+    assert (args.tokens, args.window, args.seed, args.out, args.sinks) == (120_000, 32, 3, "x", 4)
+    assert parser.parse_args(["demo", "--sinks", "0"]).sinks == 0
     for bad in ("lots", "0"):
         with pytest.raises(SystemExit):
             parser.parse_args(["demo", "--tokens", bad])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--sinks", "65"])
 
 
 def test_stdlib_training_text_is_offline_and_sized():

@@ -1,6 +1,7 @@
 """`dijiang demo`: the whole pipeline on a CPU (most of its time is the fine-tune; see README.md for timings).
 
-teacher -> convert (pure DiJiang, and DiJiang + an exact in-layer softmax window) -> short fine-tune
+teacher -> convert (pure DiJiang, and DiJiang + an exact in-layer softmax window with attention sinks, the
+shipped recipe's layer kind) -> short fine-tune
 of the hybrid -> for each: perplexity on the default text and a greedy sample -> one markdown table,
 a plot (perplexity bars + fine-tune loss) and the table in the output folder.
 
@@ -89,13 +90,20 @@ def stdlib_training_text(num_chars: int, seed: int = 0) -> str:
     return "\n\n".join(parts)
 
 
-def default_convert(model, window: int = 0):
+def hybrid_settings(window: int, sinks: int) -> dict | None:
+    """The converted layers' settings: pure DiJiang (window 0), or the window hybrid with its sinks."""
+    if not window:
+        return None
+    return {"window": window, "sinks": sinks} if sinks else {"window": window}
+
+
+def default_convert(model, window: int = 0, sinks: int = 0):
     import dijiang
 
-    return dijiang.convert(model, settings={"window": window} if window else None)
+    return dijiang.convert(model, settings=hybrid_settings(window, sinks))
 
 
-def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed: int, block_size: int,
+def default_train(source: str, *, window: int, sinks: int, tokens: int, out_dir: Path, seed: int, block_size: int,
                   train_file: Path, convert_fn: Callable | None = None, progress: bool = True):
     """Convert and fine-tune `source` (a name or folder `load_pretrained` takes) through `dijiang.train`.
 
@@ -106,9 +114,10 @@ def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed:
     from dijiang.train import TrainConfig, train
 
     config = TrainConfig(model=str(source), out=str(out_dir), data=[str(train_file)], eval_data=[],
-                         tokens=str(tokens), block_size=block_size, batch_size=4, attention={"window": window},
+                         tokens=str(tokens), block_size=block_size, batch_size=4,
+                         attention=hybrid_settings(window, sinks),
                          save_every=0, keep_checkpoints=1, seed=seed, progress=progress)
-    train_convert = None if convert_fn is None else (lambda model, _settings, _layers: convert_fn(model, window))
+    train_convert = None if convert_fn is None else (lambda model, _settings, _layers: convert_fn(model, window, sinks))
     summary = train(config, convert_fn=train_convert)
     if not summary.get("final"):
         raise RuntimeError(f"training did not save a final model in {out_dir}")
@@ -122,7 +131,7 @@ def default_train(source: str, *, window: int, tokens: int, out_dir: Path, seed:
 
 
 def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens: int = 16_000,
-             out: str | Path = "runs/demo", window: int = 64, seed: int = 0, block_size: int = 256,
+             out: str | Path = "runs/demo", window: int = 64, sinks: int = 4, seed: int = 0, block_size: int = 256,
              eval_window: int = 512, eval_windows: int = 8, sample_tokens: int = 100,
              prompt: str = DEFAULT_PROMPT, eval_text: str | None = None, train_text: str | None = None,
              convert_fn: Callable | None = None, train_fn: Callable | None = None, overwrite: bool = False,
@@ -137,6 +146,8 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
     if window < 1:
         raise ValueError(f"the demo's hybrid needs a window >= 1 token, got {window}")
+    if not 0 <= sinks <= 64:
+        raise ValueError(f"sinks must be in [0, 64], got {sinks}")
     start = time.perf_counter()
     out_dir = Path(out)
     refuse_to_replace(out_dir, overwrite, "demo output folder")
@@ -173,8 +184,9 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
             f"({result.near_perplexity:.4g} with < {window} tokens of context, {result.far_perplexity:.4g} beyond)")
 
     measure("teacher (softmax)", model)
-    for name, model_window in (("DiJiang, converted", 0), (f"DiJiang + {window}-token window, converted", window)):
-        converted = (convert_fn or default_convert)(copy.deepcopy(model), model_window)
+    hybrid = f"DiJiang + {window}-token window" + (f" + {sinks} sinks" if sinks else "")
+    for name, model_window, model_sinks in (("DiJiang, converted", 0, 0), (f"{hybrid}, converted", window, sinks)):
+        converted = (convert_fn or default_convert)(copy.deepcopy(model), model_window, model_sinks)
         measure(name, converted)
         del converted
 
@@ -182,9 +194,9 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
     train_file.write_text(train_text if train_text is not None else stdlib_training_text(tokens * 6, seed))
     log(f"{elapsed()} fine-tuning the hybrid on {tokens:,} tokens of {train_file} (block {block_size})")
     fine_tuned, train_log = (train_fn or default_train)(
-        source, window=window, tokens=tokens, out_dir=out_dir / "train", seed=seed, block_size=block_size,
-        train_file=train_file, convert_fn=convert_fn)
-    measure(f"DiJiang + {window}-token window, fine-tuned {_short_count(tokens)} tokens", fine_tuned)
+        source, window=window, sinks=sinks, tokens=tokens, out_dir=out_dir / "train", seed=seed,
+        block_size=block_size, train_file=train_file, convert_fn=convert_fn)
+    measure(f"{hybrid}, fine-tuned {_short_count(tokens)} tokens", fine_tuned)
 
     teacher_ppl = rows[0]["perplexity"]
     for row in rows:
@@ -193,7 +205,8 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
                                   ("near", f"context < {window}"), ("far", f"context >= {window}")])
     samples = sample_list(rows, prompt, sample_tokens)
     _write_outputs(out_dir, rows, table, samples, train_log, settings={
-        "model": str(source), "tokens": tokens, "window": window, "seed": seed, "block_size": block_size,
+        "model": str(source), "tokens": tokens, "window": window, "sinks": sinks, "seed": seed,
+        "block_size": block_size,
         "eval_window": eval_window, "eval_windows": eval_windows, "prompt": prompt, "sample_tokens": sample_tokens})
     seconds = time.perf_counter() - start
     log("")
@@ -234,7 +247,8 @@ def _write_outputs(out_dir: Path, rows: list[dict], table: str, samples: str, tr
 
 
 def _run_demo_cli(args) -> int:
-    run_demo(model_name=args.model, tokens=args.tokens, out=args.out, window=args.window, seed=args.seed,
+    run_demo(model_name=args.model, tokens=args.tokens, out=args.out, window=args.window, sinks=args.sinks,
+             seed=args.seed,
              block_size=args.block_size, eval_window=args.eval_window, eval_windows=args.eval_windows,
              prompt=args.prompt, sample_tokens=args.sample_tokens, overwrite=args.overwrite)
     return 0
@@ -250,6 +264,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (new or empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
     parser.add_argument("--window", type=positive_int, default=64, help="exact-softmax window of the hybrid, in tokens")
+    parser.add_argument("--sinks", type=Number(int, 0, 64), default=4,
+                        help="first tokens that stay softmax keys of every query of the hybrid (attention sinks; 0: none)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the training-text selection and the fine-tune")
     parser.add_argument("--block-size", type=positive_int, default=256, help="fine-tuning sequence length")
