@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .chunk import chunk_states
 from .naive import (
     _skip_value_checks,
     check_attention_mask,
@@ -49,7 +50,6 @@ from .naive import (
     check_same_bth,
     finish_outputs,
 )
-
 
 MODES = ("parallel", "chunk", "recurrent")
 
@@ -336,16 +336,6 @@ def _to_chunks(x: Tensor, window: int) -> Tensor:
     return x.reshape(batch, num_chunks, window, heads, x.shape[-1]).movedim(3, 1)
 
 
-def _edge_states(chunk_decay: Tensor, updates: Tensor, state: Tensor) -> Tensor:
-    """[state, after update 0, after update 1, ...] stacked on dim 2; updates [B, H, n, m, dv+1], chunk_decay
-    [B, H, n, 1, 1] (what each chunk's steps leave of the state before it)."""
-    states = [state]
-    for decay, update in zip(chunk_decay.unbind(dim=2), updates.unbind(dim=2)):  # unbind: indexing makes backward O(n^2)
-        state = decay * state + update
-        states.append(state)
-    return torch.stack(states, dim=2)
-
-
 def chunk_window_attention(
     q, k, v, q_feat, k_feat, log_decay, lin_weight, *, window=64, scale=None,
     initial_state=None, output_final_state=False, attention_mask=None, eps=1e-6, sinks=0,
@@ -401,8 +391,8 @@ def chunk_window_attention(
     # chunk k's keys decayed to its last step; R_k from R_{k-1} by the whole chunk's steps
     to_chunk_end = torch.exp(done[:, :, :-1, -1:] - done[:, :, :-1])  # [B, H, N-2, window, 1]
     updates = (kfc[:, :, :-2] * to_chunk_end).transpose(-1, -2) @ vc[:, :, :-2]
-    chunk_decay = torch.exp(done[:, :, :-1, -1:])  # [B, H, N-2, 1, 1]
-    states = _edge_states(chunk_decay, updates, p.state)  # R_{c-2} for c = 1 .. N-1
+    entering, last = chunk_states(torch.exp(done[:, :, :-1, -1, 0]), updates, p.state)  # decays [B, H, N-2]
+    states = torch.cat([entering, last[:, :, None]], dim=2)  # R_{c-2} for c = 1 .. N-1
     lin_o = lin_o + torch.exp(done) * (qfc @ states)
     o = o + lin_weight.float()[:, None, None, None] * lin_o
 
