@@ -22,7 +22,7 @@ from dijiang.feature_maps import FEATURE_MAPS, QMC_KINDS, RADII, STABILISERS, Pr
 from dijiang.hf_compat import DecodeWithoutStateError, find_cache
 from dijiang.ops import linear_attention, window_attention
 from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
-from dijiang.ops.triton_window import fused_window_attention
+from dijiang.ops.triton_window import MAX_SINKS, fused_window_attention
 
 MODES = ("chunk", "recurrent", "parallel")
 MAX_WINDOW = 65536
@@ -120,7 +120,7 @@ class DiJiangSettings:
                              f"got {self.backend!r}")
         self.window_mix_init = positive_float.check("window_mix_init (the linear part's weight at init)",
                                                     self.window_mix_init)
-        self.sinks = Number(int, 0, 64).check("sinks (first tokens kept as softmax keys)", self.sinks)
+        self.sinks = Number(int, 0, MAX_SINKS).check("sinks (first tokens kept as softmax keys)", self.sinks)
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
         if self.decay_gate and not self.window:

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from dijiang.evaluate import format_cell, load_text, markdown_table, perplexity
+from dijiang.ops.triton_window import MAX_SINKS
 
 DEFAULT_PROMPT = "In Python, a list comprehension"
 WINDOW_MARK = " [window ends] "  # where prompt + sample pass the hybrid's softmax window
@@ -146,8 +147,8 @@ def run_demo(model=None, tokenizer=None, *, model_name: str = "smollm2", tokens:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
     if window < 1:
         raise ValueError(f"the demo's hybrid needs a window >= 1 token, got {window}")
-    if not 0 <= sinks <= 64:
-        raise ValueError(f"sinks must be in [0, 64], got {sinks}")
+    if not 0 <= sinks <= MAX_SINKS:
+        raise ValueError(f"sinks must be in [0, {MAX_SINKS}], got {sinks}")
     start = time.perf_counter()
     out_dir = Path(out)
     refuse_to_replace(out_dir, overwrite, "demo output folder")
@@ -264,7 +265,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (new or empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
     parser.add_argument("--window", type=positive_int, default=64, help="exact-softmax window of the hybrid, in tokens")
-    parser.add_argument("--sinks", type=Number(int, 0, 64), default=4,
+    parser.add_argument("--sinks", type=Number(int, 0, MAX_SINKS), default=4,
                         help="first tokens that stay softmax keys of every query of the hybrid (attention sinks; 0: none)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the training-text selection and the fine-tune")

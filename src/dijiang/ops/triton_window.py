@@ -46,7 +46,7 @@ if HAS_TRITON:
 __all__ = ["fused_window_attention"]
 
 BLOCK = 64  # queries per program and keys per step
-MAX_SINKS = 64
+MAX_SINKS = 64  # the sinks fit the kernels' one key block (BLOCK); DiJiangSettings and the demo take this bound
 LIN_EPS = 1e-6  # the linear call's own eps; N = o * (D + eps) undoes it exactly
 
 
