@@ -25,12 +25,13 @@ ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k",
          "transform-8k-retrieval", "transform-8k-performer", "transform-8k-m128", "transform-8k-sinks",
          "transform-8k-sinks-20m", "transform-8k-sinks-performer",
          "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m", "layer-hybrid-8k-sinks",
-         "layer-hybrid-8k-sinks-20m", "layer-hybrid-8k-sinks-ppl",
-         "layer-hybrid-8k-sinks-ppl-20m", "layer-hybrid8-8k", "layer-hybrid12-8k", "layer-hybrid16-8k", "layer-choice", "layer-choice-at", "pure",
+         "layer-hybrid-8k-sinks-20m", "layer-hybrid-8k-sinks-ppl", "layer-hybrid-8k-sinks-ppl-20m", "layer-hybrid8-8k",
+         "layer-hybrid12-8k", "layer-hybrid16-8k", "layer-choice", "layer-choice-at", "pure",
          "map-dijiang-chi", "map-dijiang-normal", "map-performer", "map-pff", "map-hedgehog",
          "map-sinks-dijiang-chi", "map-sinks-dijiang-normal", "map-sinks-performer", "map-sinks-pff",
          "map-sinks-hedgehog")  # lever by lever
-SOFTMAX_WINDOW = 128  # every student's softmax keys (window, or window 124 + 4 sinks): needles farther back need the far context
+# every student's softmax keys (window, or window 124 + 4 sinks): needles farther back need the far context
+SOFTMAX_WINDOW = 128
 
 
 def is_map_run(job: str) -> bool:

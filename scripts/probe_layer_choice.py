@@ -223,11 +223,11 @@ def main(argv=None) -> int:
             line += text
         print(f"{line}  ({time.time() - started:.0f} s)", flush=True)
         save()
-    save()  # no round asked for (--keep 0): the comparisons alone
     if result["rounds"]:
         converted = [layer for layer in every_layer if layer not in kept]
         result["converted_layers"] = converted
-        save()
+    save()  # with --keep 0: the comparisons alone
+    if result["rounds"]:
         print(f"to keep {sorted(kept)} as softmax and convert the rest: dijiang train ... --layers "
               f"{' '.join(map(str, converted))}  (or `layers: {converted}` in a recipe)", flush=True)
     return 0
