@@ -145,3 +145,9 @@ def assert_refused_in_every_mode(op, base: dict, overrides: dict, message: str, 
             kwargs["mode"] = mode
         with pytest.raises(ValueError, match=message):
             op(**kwargs)
+
+
+def token_decays(batch=2, seq_len=9, heads=3, seed=5):
+    """A per-token log decay [B, T, H] (a data-dependent gate's output), between log 0.5 and log 0.99."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.log(0.5 + 0.49 * torch.rand(batch, seq_len, heads, generator=gen))

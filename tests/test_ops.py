@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_refused_in_every_mode
+from helpers import assert_refused_in_every_mode, token_decays
 
 from dijiang.ops import (
     chunk_linear_attention,
@@ -254,12 +254,6 @@ def test_bad_input_raises_value_error(case):
     cases, base = _bad_calls()
     message, overrides = cases[case]
     assert_refused_in_every_mode(linear_attention, base, overrides, message, ["parallel"] + FORMS)
-
-
-def token_decays(batch=2, seq_len=9, heads=3, seed=5):
-    """A per-token log decay [B, T, H] (a data-dependent gate's output), between log 0.5 and log 0.99."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.log(0.5 + 0.49 * torch.rand(batch, seq_len, heads, generator=gen))
 
 
 @pytest.mark.parametrize("normalize", [False, True])

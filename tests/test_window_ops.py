@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_refused_in_every_mode
+from helpers import assert_refused_in_every_mode, token_decays
 
 from dijiang.ops import (
     chunk_window_attention,
@@ -324,12 +324,6 @@ def test_sinks_bad_input_raises_value_error():
             window_attention(*inputs, window=2, mode=mode, sinks=-1)
         with pytest.raises(ValueError, match="initial_state must be a dict with keys"):
             window_attention(*inputs, window=2, mode=mode, sinks=2, initial_state=plain_state)
-
-
-def token_decays(batch=2, seq_len=9, heads=3, seed=5):
-    """A per-token log decay [B, T, H] (a data-dependent gate's output), between log 0.5 and log 0.99."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.log(0.5 + 0.49 * torch.rand(batch, seq_len, heads, generator=gen))
 
 
 @pytest.mark.parametrize("window,sinks", [(1, 0), (3, 0), (4, 2), (12, 0)])
