@@ -71,9 +71,11 @@ def test_bf16_matches_float32_torch_op(T, W, sinks):
 
 
 @gpu
-def test_per_token_decay_bf16_matches_float32_torch_op():
-    """A data-dependent decay: the band kernel with the linear sums from the PyTorch chunk form."""
-    inputs = make(2, 2048, 3, 64, torch.bfloat16, seed=5)
+@pytest.mark.parametrize("T", [2048, 8192])
+def test_per_token_decay_bf16_matches_float32_torch_op(T):
+    """A data-dependent decay (the chunk kernel's TOK mode): its gradient, per-head decay included, must not drift
+    with T in bf16 (heads from fast to slow decay)."""
+    inputs = make(1, T, 3, 64, torch.bfloat16, seed=5)
     gate = (0.1 * torch.randn(3, 64, generator=torch.Generator().manual_seed(6))).cuda().requires_grad_()
     o1, s1, g1 = run(True, *inputs, 124, sinks=4, gate=gate)
     o2, s2, g2 = run(False, *inputs, 124, upcast=True, sinks=4, gate=gate)
