@@ -5,6 +5,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import dijiang
+from dijiang.attention import gate_summary
 from dijiang.cache import DiJiangCache, DiJiangStateLayer
 from dijiang.conversion import iter_dijiang_layers
 from dijiang.fast_decode import supports_fast_decode
@@ -362,9 +363,12 @@ def test_decay_gate_starts_as_the_per_head_decay_trains_and_round_trips(tmp_path
     layers = [layer for _, layer in iter_dijiang_layers(gated)]
     assert all(layer.decay_gate.grad is not None and layer.decay_gate.grad.abs().sum() > 0 for layer in layers)
     assert all(any(p is layer.decay_gate for p in layer.new_parameters()) for layer in layers)
+    assert gate_summary(layers)["gate_norm_max"] == 0.0  # logged in training: does the gate move at all
     with torch.no_grad():
         for layer in layers:
             layer.decay_gate.normal_(std=0.5)
+        norms = torch.stack([layer.decay_gate.norm(dim=-1).max() for layer in layers])
+        assert gate_summary(layers)["gate_norm_max"] == pytest.approx(norms.max().item())
         gated.eval()
         logits = gated(ids, use_cache=False).logits
         assert rel_err(logits, plain(ids, use_cache=False).logits) > 1e-4  # the gate now changes the decay

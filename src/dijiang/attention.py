@@ -342,7 +342,8 @@ class DiJiangAttention(nn.Module):
 
 def gate_summary(layers) -> dict:
     """Where the learned gates stand across converted layers (logged during training, to see them move):
-    the linear part's weight softplus(window_mix) and each layer's slowest decay gamma."""
+    the linear part's weight softplus(window_mix), each layer's slowest decay gamma and, with decay_gate, how large
+    the gate vectors u have grown (their largest L2 norm over heads and layers; 0 at init)."""
     layers = list(layers)
     if not layers:
         return {}
@@ -352,6 +353,9 @@ def gate_summary(layers) -> dict:
     if mixes:
         mix = torch.cat(mixes)
         summary.update(mix_min=mix.min().item(), mix_mean=mix.mean().item(), mix_max=mix.max().item())
+    gates = [layer.decay_gate.detach().float().norm(dim=-1) for layer in layers if layer.decay_gate is not None]
+    if gates:
+        summary["gate_norm_max"] = torch.cat(gates).max().item()
     return summary
 
 
