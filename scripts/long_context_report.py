@@ -145,7 +145,8 @@ def plot_context(runs: dict[str, dict], out: Path, maps: bool = False, only: lis
     rows = [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items()
             if job != "pure" and is_map_run(job) == maps and (only is None or job in only)
             for r in run["eval"]["context"] if r["model"] in ("teacher", job)]
-    return draw(rows, out)
+    # a map with sinks in the colour of the same map without them
+    return draw(rows, out, family=(lambda job: job.replace("map-sinks-", "map-")) if maps else None)
 
 
 def plot_training(runs: dict[str, dict], out: Path, only: list[str] | None = None) -> Path:

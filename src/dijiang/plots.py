@@ -108,21 +108,23 @@ def plot_demo(perplexity_rows: Sequence[dict], log: str | Path | Sequence[dict] 
     return _save(fig, out_path)
 
 
-def plot_context(rows: Sequence[dict], out_path: str | Path) -> Path:
+def plot_context(rows: Sequence[dict], out_path: str | Path, family=None) -> Path:
     """Ratio of perplexity to the teacher's against the evaluation window, one panel per text, one line per
     model (a model with its DiJiang branch switched off dashed, in its model's colour); one legend below the
-    panels, so that a dozen models stay readable."""
+    panels, so that a dozen models stay readable. ``family(model)``: models of one family share a colour, those
+    not named as the family drawn with square markers (e.g. one ablation with and without a change)."""
     texts = list(dict.fromkeys(r["text"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows if r["model"] != "teacher"))
-    colours = palette(list(dict.fromkeys(model.removesuffix(", branch off") for model in models)))
+    family = family or (lambda model: model)
+    colours = palette(list(dict.fromkeys(family(model.removesuffix(", branch off")) for model in models)))
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4), squeeze=False)
     for ax, text in zip(axes[0], texts):
         for model in models:
             base = model.removesuffix(", branch off")
             points = sorted((r["window"], r["ratio"]) for r in rows if r["text"] == text and r["model"] == model)
             if points:
-                ax.plot(*zip(*points), marker="o", lw=1.5, label=model, color=colours[base],
-                        ls="--" if model != base else "-")
+                ax.plot(*zip(*points), marker="o" if family(base) == base else "s", lw=1.5, label=model,
+                        color=colours[family(base)], ls="--" if model != base else "-")
         ax.axhline(1.0, color="k", lw=0.8, label="teacher")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")  # a pure model at 10x beside hybrids at 1.1x
