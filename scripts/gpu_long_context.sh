@@ -8,6 +8,8 @@
 #   bash scripts/gpu_long_context.sh status    # later calls: one line per job
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
+#   STOP="job ..." bash scripts/gpu_long_context.sh stop   # end those jobs (training or evaluation); the queue
+#                                              # gives their slots to the next jobs
 # .gpu_corpus/part-000.jsonl.xz: a slice of the training corpus (scripts/build_corpus.py) that fits a call.
 # JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget; PASSKEY=1024,... and
 # PASSKEY_TRIALS=10 the passkey lengths and trials a length; PARALLEL=5 jobs train at once (each
@@ -102,6 +104,16 @@ status)
   done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   ;;
+stop)
+  # match the jobs' own command lines (recipe path, student path), never this call's, which names them only in STOP
+  for job in ${STOP:?STOP="job ..." names the jobs to stop}; do
+    pkill -f "recipes/long-context/$job\.yaml|$RUNS/$job/final" && echo "stopped $job" || echo "$job: nothing running"
+  done
+  sleep 2
+  for job in $STOP; do  # the job's shell may be gone before it wrote its .done: the queue waits for that file
+    [ -f $RUNS/$job.launched ] && [ ! -f $RUNS/$job.done ] && echo stopped > $RUNS/$job.done
+  done
+  ;;
 collect)
   cd $RUNS
   tar czf "$OUT/long_context.tar.gz" --exclude='final' --exclude='checkpoints' --exclude='*.pt' \
@@ -113,5 +125,5 @@ tests)
   PYTHONPATH=~/site:$PWD/src timeout 400 python3 -m pytest -q -m gpu $files 2>&1 | tail -n 40 > "$OUT/gpu_tests.txt"
   tail -n 5 "$OUT/gpu_tests.txt"
   ;;
-*) echo "usage: $0 stash|start|status|collect|tests" >&2; exit 2 ;;
+*) echo "usage: $0 stash|start|status|stop|collect|tests" >&2; exit 2 ;;
 esac
