@@ -960,6 +960,13 @@ def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: 
 _PLANS: dict = {}  # checked call signatures that take the fused path -> (_Cfg, out dtype)
 
 
+def check_decay_shape(log_decay: Tensor, B: int, T: int, H: int) -> None:
+    """A fused op's log_decay: [H] or per token [B, T, H]. Shapes only: a value check would sync every call."""
+    if tuple(log_decay.shape) not in ((H,), (B, T, H)):
+        raise ValueError(f"log_decay must have shape [H] = [{H}] or [B, T, H] = [{B}, {T}, {H}], got "
+                         f"{tuple(log_decay.shape)}")
+
+
 def fused_dijiang_attention(
     q: Tensor,
     k: Tensor,
@@ -1027,9 +1034,7 @@ def fused_dijiang_attention(
     m = proj.shape[1]
     if log_weight is not None and tuple(log_weight.shape) != (H, m):
         raise ValueError(f"log_weight must be [H, m] = [{H}, {m}], got {tuple(log_weight.shape)}")
-    if tuple(log_decay.shape) not in ((H,), (B, T, H)):
-        raise ValueError(f"log_decay must have shape [H] = [{H}] or [B, T, H] = [{B}, {T}, {H}], got "
-                         f"{tuple(log_decay.shape)}")
+    check_decay_shape(log_decay, B, T, H)
     if initial_state is not None:
         want = (B, H, m, v.shape[-1] + int(normalize))
         if tuple(initial_state.shape) != want:

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .triton_dijiang import (HAS_TRITON, dijiang_feature_map, fused_dijiang_with_denominator, launch, triton,
-                            triton_supported)
+from .triton_dijiang import (HAS_TRITON, check_decay_shape, dijiang_feature_map, fused_dijiang_with_denominator,
+                             launch, triton, triton_supported)
 
 if HAS_TRITON:
     from .triton_dijiang import tl
@@ -418,9 +418,7 @@ def fused_window_attention(
     B, T, H, d = q.shape
     if lin_weight.shape != (H,):
         raise ValueError(f"lin_weight must have shape [H] = [{H}], got {tuple(lin_weight.shape)}")
-    if tuple(log_decay.shape) not in ((H,), (B, T, H)):  # shapes only: a value check would sync every call
-        raise ValueError(f"log_decay must have shape [H] = [{H}] or [B, T, H] = [{B}, {T}, {H}], got "
-                         f"{tuple(log_decay.shape)}")
+    check_decay_shape(log_decay, B, T, H)  # before it is sliced for the linear part
     ok, why = triton_supported(q, k, v, proj)
     if not ok:
         raise ValueError(f"fused window attention cannot run: {why}")
