@@ -9,10 +9,11 @@ import dijiang.attention  # noqa: F401  (the package imports its modules lazily)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("window,sinks,gate", [(0, 0, False), (64, 0, False), (60, 4, False), (60, 4, True)])
+@pytest.mark.parametrize("window,sinks,gate", [(0, 0, False), (0, 0, True), (64, 0, False), (60, 4, False),
+                                                     (60, 4, True)])
 def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, gate, monkeypatch):
     """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel; sinks: the
-    band kernel's sink block; gate: a data-dependent decay (the band kernel + the linear sums in torch)."""
+    band kernel's sink block; gate: a data-dependent decay (per-token decays into the chunk kernel)."""
     calls = []
     name = "fused_window_attention" if window else "fused_dijiang_attention"
     real = getattr(dijiang.attention, name)

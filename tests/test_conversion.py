@@ -350,10 +350,12 @@ def test_sinks_round_trip(tmp_path):
         dijiang.convert(tiny_model("llama"), dict(window=4, sinks=65))
 
 
-def test_decay_gate_starts_as_the_per_head_decay_trains_and_round_trips(tmp_path):
+@pytest.mark.parametrize("window", [4, 0])
+def test_decay_gate_starts_as_the_per_head_decay_trains_and_round_trips(tmp_path, window):
+    """window 0: the gate in pure DiJiang layers (no softmax part)."""
     ids = torch.randint(3, VOCAB, (2, 20))
-    plain = dijiang.convert(tiny_model("llama", seed=4), dict(window=4)).eval()
-    gated = dijiang.convert(tiny_model("llama", seed=4), dict(window=4, decay_gate=True)).eval()
+    plain = dijiang.convert(tiny_model("llama", seed=4), dict(window=window)).eval()
+    gated = dijiang.convert(tiny_model("llama", seed=4), dict(window=window, decay_gate=True)).eval()
     with torch.no_grad():
         assert rel_err(gated(ids, use_cache=False).logits, plain(ids, use_cache=False).logits) < 1e-6  # u = 0
     ok, why = supports_fast_decode(gated)
@@ -377,5 +379,3 @@ def test_decay_gate_starts_as_the_per_head_decay_trains_and_round_trips(tmp_path
         gated.save_pretrained(tmp_path)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         assert torch.equal(loaded(ids, use_cache=False).logits, logits)
-    with pytest.raises(ValueError, match="decay_gate needs a window"):
-        dijiang.convert(tiny_model("llama"), dict(decay_gate=True))

@@ -59,10 +59,10 @@ class DiJiangSettings:
         window (StreamingLLM's attention sinks, inside the window's max and normaliser): a constant S more keys
         and values per layer. Pretrained models park much attention on the first tokens; a window without them
         loses it (``scripts/probe_layer_choice.py --sinks``).
-    decay_gate: with a window, a data-dependent decay of the linear state (GLA's gate, from an existing
-        projection): per token and head log gamma_t = logsigmoid(decay_logit_h + u_h . v_t), u zero at init (the
-        learned per-head decay), so that the state can keep what matters and forget filler. On CUDA it runs
-        through the fused kernels (the chunk kernel takes per-token decays).
+    decay_gate: a data-dependent decay of the linear state (GLA's gate, from an existing projection): per token
+        and head log gamma_t = logsigmoid(decay_logit_h + u_h . v_t), u zero at init (the learned per-head
+        decay), so that the state can keep what matters and forget filler; in pure and window layers alike. On
+        CUDA it runs through the fused kernels (the chunk kernel takes per-token decays).
     checkpoint: in training, recompute the PyTorch attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
         fused path on CUDA is not recomputed.
@@ -123,8 +123,6 @@ class DiJiangSettings:
         self.sinks = Number(int, 0, MAX_SINKS).check("sinks (first tokens kept as softmax keys)", self.sinks)
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
-        if self.decay_gate and not self.window:
-            raise ValueError("decay_gate needs a window (the gated decay is the window hybrid's); got window=0")
         if len(self.decay_range) != 2:
             raise ValueError(f"decay_range must be two numbers (1 - gamma of the first and last head), got {self.decay_range}")
         low, high = self.decay_range
@@ -267,7 +265,7 @@ class DiJiangAttention(nn.Module):
                 )
             else:
                 o, state = fused_dijiang_attention(
-                    q_lin, k_lin, v, fm.projection, fm.log_weight, self.log_decay, scale=fm.scale,
+                    q_lin, k_lin, v, fm.projection, fm.log_weight, self.step_log_decay(v), scale=fm.scale,
                     normalize=self.settings.normalize, initial_state=initial_state,
                     output_final_state=layer_cache is not None, chunk_size=self.settings.chunk_size,
                 )
@@ -307,8 +305,8 @@ class DiJiangAttention(nn.Module):
                 sinks=self.settings.sinks,
             )
         return linear_attention(
-            qf, kf, v, self.log_decay, mode=mode, chunk_size=self.settings.chunk_size, initial_state=initial_state,
-            output_final_state=output_final_state, normalize=self.settings.normalize, attention_mask=mask,
+            qf, kf, v, self.step_log_decay(v), mode=mode, chunk_size=self.settings.chunk_size,
+            initial_state=initial_state, output_final_state=output_final_state, normalize=self.settings.normalize, attention_mask=mask,
         )
 
     def feature_map_fuses(self) -> bool:
