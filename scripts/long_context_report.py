@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k",
          "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m", "layer-hybrid-8k-sinks",
          "layer-hybrid-8k-sinks-20m", "layer-hybrid-8k-sinks-ppl", "layer-hybrid-8k-sinks-ppl-20m", "layer-hybrid8-8k",
          "layer-hybrid12-8k", "layer-hybrid16-8k", "layer-choice", "layer-choice-at", "pure",
+         "pure-8k", "pure-gate-8k", "pure-lr3-8k", "pure-at-8k", "pure-hedgehog-at-8k",
          "map-dijiang-chi", "map-dijiang-normal", "map-performer", "map-pff", "map-hedgehog",
          "map-sinks-dijiang-chi", "map-sinks-dijiang-normal", "map-sinks-performer", "map-sinks-pff",
          "map-sinks-hedgehog")  # lever by lever
@@ -37,6 +39,12 @@ SOFTMAX_WINDOW = 128
 def is_map_run(job: str) -> bool:
     """The feature-map ablation (recipes/long-context/map-*.yaml: 2M tokens) gets its own table and plot."""
     return job.startswith("map-")
+
+
+def is_pure_run(job: str) -> bool:
+    """Pure DiJiang (no window, no softmax layer: 3-19x the teacher) gets plots of its own, so that the hybrids'
+    differences stay readable in theirs."""
+    return job == "pure" or job.startswith("pure-")
 
 
 def load_runs(root: Path) -> dict[str, dict]:
@@ -136,20 +144,23 @@ def gate_table(runs: dict[str, dict]) -> list[dict]:
     return table
 
 
-def plot_context(runs: dict[str, dict], out: Path, maps: bool = False, only: list[str] | None = None) -> Path:
-    """dijiang eval's plot over every run (maps: over the feature-map ablation's runs instead): ratio to the
-    teacher against the evaluation window, one panel per text. Without the branch-off lines (the table has them)
-    and without pure DiJiang (5-19x), so that the hybrids' differences stay readable; ``only``: these runs alone."""
+def plot_context(runs: dict[str, dict], out: Path, maps: bool = False, pure: bool = False,
+                 only: list[str] | None = None) -> Path:
+    """dijiang eval's plot over the hybrid runs (maps: over the feature-map ablation's runs; pure: over the pure
+    DiJiang runs): ratio to the teacher against the evaluation window, one panel per text, without the branch-off
+    lines (the table has them); ``only``: these runs alone."""
     from dijiang.plots import plot_context as draw
 
     rows = [dict(r, text=TEXTS.get(r["text"], r["text"])) for job, run in evaluated(runs).items()
-            if job != "pure" and is_map_run(job) == maps and (only is None or job in only)
+            if is_pure_run(job) == pure and is_map_run(job) == maps and (only is None or job in only)
             for r in run["eval"]["context"] if r["model"] in ("teacher", job)]
     # a map with sinks in the colour of the same map without them
     return draw(rows, out, family=(lambda job: job.replace("map-sinks-", "map-")) if maps else None)
 
 
-def plot_training(runs: dict[str, dict], out: Path, only: list[str] | None = None) -> Path:
+def plot_training(runs: dict[str, dict], out: Path, pure: bool = False, only: list[str] | None = None) -> Path:
+    """Block-eval perplexity on pydoc, the mean linear weight and the slowest decay against training tokens, for
+    the hybrid runs (pure: the pure DiJiang runs, which have no mix)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,19 +168,26 @@ def plot_training(runs: dict[str, dict], out: Path, only: list[str] | None = Non
 
     from dijiang.plots import palette, save_with_legend_below
 
-    jobs = [job for job in runs if job != "pure" and not is_map_run(job) and (only is None or job in only)]
+    jobs = [job for job in runs if is_pure_run(job) == pure and not is_map_run(job) and (only is None or job in only)]
     colours = palette(jobs)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # pure runs have no mix: their second panel is Austen's block-eval perplexity instead
+    second = ("eval_austen-pride-and-prejudice.txt_ppl", "block-eval perplexity, Austen") if pure else (
+        "mix_mean", "mean linear weight (mix)")
     for job in jobs:
         evals = [r for r in runs[job]["log"] if "eval_pydoc_ppl" in r]
         tokens = [r["tokens"] / 1e6 for r in evals]
         axes[0].plot(tokens, [r["eval_pydoc_ppl"] for r in evals], marker="o", color=colours[job], label=job)
-        axes[1].plot(tokens, [r.get("mix_mean", float("nan")) for r in evals], marker="o", color=colours[job])
+        axes[1].plot(tokens, [r.get(second[0], float("nan")) for r in evals], marker="o", color=colours[job])
         axes[2].plot(tokens, [r["slowest_gamma_max"] for r in evals], marker="o", color=colours[job])
-    titles = ("block-eval perplexity, pydoc (4 blocks of the run's size)", "mean linear weight (mix)",
+    titles = ("block-eval perplexity, pydoc (4 blocks of the run's size)", second[1],
               "slowest decay gamma (largest over layers)")
-    low = min((line.get_ydata().min() for line in axes[0].get_lines()), default=1.0)
-    axes[0].set_ylim(0.95 * low, 1.6 * low)  # stage 1 of attention transfer starts far above: cut off
+    for ax in axes[:2 if pure else 1]:
+        low = min((y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)), default=1.0)
+        # stage 1 of attention transfer starts far above: cut off (pure runs, 3-10x apart: a log scale)
+        ax.set_ylim(0.9 * low, 3 * low) if pure else ax.set_ylim(0.95 * low, 1.6 * low)
+        if pure:
+            ax.set_yscale("log")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training tokens (M)")
@@ -180,10 +198,10 @@ def plot_training(runs: dict[str, dict], out: Path, only: list[str] | None = Non
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="folder of JOB/ folders (eval.json, log.jsonl)")
-    parser.add_argument("--out", type=Path, help="write long_context.png, long_context_training.png and "
-                        "long_context_maps.png here")
-    parser.add_argument("--plot", metavar="RUN,RUN,...", help="the runs the context and training plots draw (default: "
-                        "all; the tables always list every run)")
+    parser.add_argument("--out", type=Path, help="write long_context.png, long_context_training.png, "
+                        "long_context_maps.png, long_context_pure.png and long_context_pure_training.png here")
+    parser.add_argument("--plot", metavar="RUN,RUN,...", help="the hybrid runs the context and training plots draw "
+                        "(default: all; the tables always list every run, the map and pure plots all of theirs)")
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
     only = None if args.plot is None else [job for job in args.plot.split(",") if job]
@@ -214,6 +232,9 @@ def main(argv=None) -> int:
         print(plot_training(runs, args.out / "long_context_training.png", only=only))
         if maps:
             print(plot_context(runs, args.out / "long_context_maps.png", maps=True))
+        if any(is_pure_run(job) for job in evaluated(runs)):
+            print(plot_context(runs, args.out / "long_context_pure.png", pure=True))
+            print(plot_training(runs, args.out / "long_context_pure_training.png", pure=True))
     return 0
 
 

@@ -46,7 +46,8 @@ def test_tables_and_plots(tmp_path, capsys):
     gates = {r["run"]: r for r in report.gate_table(runs)}
     assert gates["baseline"]["mix"] == "0.100 / 0.200 / 0.300" and gates["pure"]["mix"] == "-"
     assert report.main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
-    for name in ("long_context.png", "long_context_training.png"):
+    for name in ("long_context.png", "long_context_training.png", "long_context_pure.png",
+                 "long_context_pure_training.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| baseline |" in capsys.readouterr().out
     assert report.main([str(tmp_path), "--out", str(tmp_path / "some"), "--plot", "baseline"]) == 0
