@@ -9,11 +9,14 @@ import dijiang.attention  # noqa: F401  (the package imports its modules lazily)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("window,sinks,gate", [(0, 0, False), (0, 0, True), (64, 0, False), (60, 4, False),
-                                                     (60, 4, True)])
-def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, gate, monkeypatch):
+@pytest.mark.parametrize("window,sinks,gate,feature_map", [(0, 0, False, "dijiang"), (0, 0, True, "dijiang"),
+                                                                 (0, 0, False, "hedgehog"), (0, 0, True, "hedgehog"),
+                                                                 (64, 0, False, "dijiang"), (60, 4, False, "dijiang"),
+                                                                 (60, 4, True, "dijiang")])
+def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, gate, feature_map, monkeypatch):
     """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel; sinks: the
-    band kernel's sink block; gate: a data-dependent decay (per-token decays into the chunk kernel)."""
+    band kernel's sink block; gate: a data-dependent decay (per-token decays into the chunk kernel); hedgehog: the
+    chunk kernel on the learned map's log-features (m = 128 = d here)."""
     calls = []
     name = "fused_window_attention" if window else "fused_dijiang_attention"
     real = getattr(dijiang.attention, name)
@@ -27,7 +30,13 @@ def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks,
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     base = transformers.LlamaForCausalLM(config).cuda()
-    fused = dijiang.convert(base, {"backend": "auto", "window": window, "sinks": sinks, "decay_gate": gate})
+    fused = dijiang.convert(base, {"backend": "auto", "window": window, "sinks": sinks, "decay_gate": gate,
+                                   "feature_map": feature_map})
+    if feature_map == "hedgehog":
+        with torch.no_grad():  # away from the identity init
+            for _, layer in dijiang.conversion.iter_dijiang_layers(fused):
+                for fm in (layer.feature_map, layer.key_map):
+                    fm.weight.add_(0.1 * torch.randn_like(fm.weight))
     if gate:
         with torch.no_grad():
             for _, layer in dijiang.conversion.iter_dijiang_layers(fused):
@@ -51,3 +60,35 @@ def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks,
     # parameter gradient was 5.7% off on the H100
     for a, b in zip(grads_fused, grads_torch):
         assert ((a - b).norm() / (b.norm() + 1e-12)).item() < 1e-1
+
+
+def test_hedgehog_prefill_on_the_fused_kernel_then_decode_equals_one_forward():
+    """The fused kernel's state for Hedgehog's map is the torch path's / feature_sum: scaled back, it equals the
+    torch path's state, and the recurrent decode steps after a fused prefill continue it (float32 model)."""
+    from dijiang.hf_compat import cache_keyword, output_cache
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model = dijiang.convert(transformers.LlamaForCausalLM(config), {"feature_map": "hedgehog"}).cuda().eval()
+    layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(model)]
+    with torch.no_grad():
+        for layer in layers:
+            for fm in (layer.feature_map, layer.key_map):
+                fm.weight.add_(0.1 * torch.randn_like(fm.weight))
+        ids = torch.randint(0, 128, (2, 260), device="cuda")
+        whole = model(ids, use_cache=False).logits
+        out = model(ids[:, :256], use_cache=True)
+        logits, cache = [out.logits], output_cache(out)
+        fused_states = [cache.layers[i].state.clone() for i in range(len(layers))]
+        for t in range(256, 260):
+            out = model(ids[:, t:t + 1], use_cache=True, **{cache_keyword(model.forward): cache})
+            logits.append(out.logits)
+            cache = output_cache(out)
+        for layer in layers:
+            layer.settings.backend = "torch"
+        torch_states = [output_cache(model(ids[:, :256], use_cache=True)).layers[i].state for i in range(len(layers))]
+    for fused_state, torch_state in zip(fused_states, torch_states):
+        assert ((fused_state - torch_state).norm() / torch_state.norm()).item() < 1e-2  # a missed scale: 0.5
+    stepped = torch.cat(logits, dim=1)
+    assert ((stepped - whole).norm() / whole.norm()).item() < 1e-2

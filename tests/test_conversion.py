@@ -291,7 +291,7 @@ def test_hedgehog_layer_forms_agree_in_outputs_and_map_gradients(window):
         assert all(rel_err(g, g0) < 1e-5 for g, g0 in zip(grads, grads_ref)), mode
 
 
-def test_hedgehog_maps_are_new_parameters_and_never_fused():
+def test_hedgehog_maps_are_new_parameters_and_fuse_in_pure_layers_only():
     model = dijiang.convert(tiny_model("llama"), dict(feature_map="hedgehog"))
     new_ids = new_parameter_ids(model)
     optimizer = build_optimizer(model.named_parameters(), new_ids, TrainConfig(lr=1e-5, new_lr=3e-2))
@@ -302,7 +302,11 @@ def test_hedgehog_maps_are_new_parameters_and_never_fused():
         assert query_map.num_features == 2 * 16 and query_map.weight is not key_map.weight
         assert torch.equal(query_map.weight, key_map.weight)  # one init, trained apart
         assert {id(query_map.weight), id(key_map.weight)} <= new_ids
-        assert not layer.feature_map_fuses()
+        assert layer.feature_map_fuses()  # pure and normalised: the chunk kernel on its log-features
+    for settings in (dict(window=4), dict(normalize=False)):  # the window kernel and an unnormalised sum do not
+        settings.update(feature_map="hedgehog")
+        assert not any(layer.feature_map_fuses() for _, layer in iter_dijiang_layers(
+            dijiang.convert(tiny_model("llama"), settings)))
     plain = next(layer for _, layer in iter_dijiang_layers(dijiang.convert(tiny_model("llama"))))
     assert plain.feature_map_fuses() and plain.key_feature_map is None
     ok, why = supports_fast_decode(model)  # fast_generate then falls back to generate

@@ -18,6 +18,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 from dijiang.ops import linear_attention, window_attention  # noqa: E402
 from dijiang.ops import triton_dijiang  # noqa: E402
 from dijiang.ops.triton_dijiang import dijiang_feature_map, fused_dijiang_attention  # noqa: E402
+from dijiang.ops.triton_dijiang import torch_dijiang_attention as _torch_dijiang_attention  # noqa: E402
 from dijiang.ops.triton_window import fused_window_attention  # noqa: E402
 from dijiang.ops.triton_window_decode import window_decode_step  # noqa: E402
 
@@ -152,6 +153,45 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, fi
     return out
 
 
+def hedgehog_layer_case(B, T, seed=0, with_state=False, gate=False) -> dict:
+    """A pure layer with Hedgehog's map through the fused chunk kernel (its log-features, an identity projection:
+    ``DiJiangAttention._fused_hedgehog``) against the layer's torch path: output, final state and the gradients
+    of q, k, v, both maps' weights, the decay (and the gate); with_state: a state carried in."""
+    import dijiang
+    from dijiang.conversion import iter_dijiang_layers
+    from helpers import tiny_model
+
+    torch.manual_seed(seed)
+    model = dijiang.convert(tiny_model("llama", seed=seed), dict(feature_map="hedgehog", decay_gate=gate))
+    layer = next(layer for _, layer in iter_dijiang_layers(model))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # away from the identity init, so the two halves and the two maps differ
+        for fm in (layer.feature_map, layer.key_map):
+            fm.weight.add_(0.3 * torch.randn(fm.weight.shape, generator=gen))
+        if gate:
+            layer.decay_gate.normal_(std=0.3, generator=gen)
+    H, d, m = layer.num_heads, layer.head_dim, layer.feature_map.num_features
+    q, k, v = (leaf(B, T, H, d, gen=gen) for _ in range(3))
+    init = torch.rand(B, H, m, d + 1, generator=gen).requires_grad_() if with_state else None
+    params = [layer.feature_map.weight, layer.key_map.weight, layer.decay_logit] + ([layer.decay_gate] if gate else [])
+    leaves = [q, k, v] + params + ([init] if with_state else [])
+
+    def fused():
+        return layer._fused_hedgehog(q, k, v, init, True)
+
+    def reference():
+        return layer._attend(q, k, v, mode="chunk", mask=None, initial_state=init, output_final_state=True)
+
+    triton_dijiang.torch_dijiang_attention = None  # the kernel must run (m = 32 here), not the torch fallback
+    try:
+        o1, s1, g1 = grads_of(fused, leaves, seed + 1)
+    finally:
+        triton_dijiang.torch_dijiang_attention = _torch_dijiang_attention
+    o2, s2, g2 = grads_of(reference, leaves, seed + 1)
+    names = ["q", "k", "v", "query_map", "key_map", "decay"] + (["gate"] if gate else []) + (["init"] if with_state else [])
+    return {"o": rel(o1, o2), "state": rel(s1, s2), **{f"d_{n}": rel(a, b) for n, a, b in zip(names, g1, g2)}}
+
+
 def reduce_case(B, H, NC, M, seed=0) -> dict:
     """The backward's last kernel: B3's per-chunk partials summed over batch and chunks, against torch sums
     (NC larger than the kernel's row block, so its loop runs several times)."""
@@ -240,6 +280,9 @@ CASES = {
                                                                                       seed=11, token_decay=True),
     "dijiang B2 T207 per-token decay, state in and out, segments of 3 chunks":
         lambda: dijiang_case(2, 207, 2, 16, False, True, seed=12, token_decay=True, segment=3),
+    "hedgehog layer T150 (pure, fused kernel on its log-features)": lambda: hedgehog_layer_case(1, 150),
+    "hedgehog layer B2 T100 state in, data-dependent decay": lambda: hedgehog_layer_case(2, 100, seed=1,
+                                                                                          with_state=True, gate=True),
     "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
     "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
                                                                                                        13, seed=1),

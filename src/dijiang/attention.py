@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from dijiang.feature_maps import FEATURE_MAPS, QMC_KINDS, RADII, STABILISERS, ProjectedFeatureMap, build_feature_map
+from dijiang.feature_maps import (FEATURE_MAPS, QMC_KINDS, RADII, STABILISERS, HedgehogFeatureMap, ProjectedFeatureMap,
+                                  build_feature_map)
 from dijiang.hf_compat import DecodeWithoutStateError, find_cache
 from dijiang.ops import linear_attention, window_attention
 from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
@@ -263,6 +264,8 @@ class DiJiangAttention(nn.Module):
                     feature_scale=fm.scale, output_final_state=layer_cache is not None, q_lin=q_lin, k_lin=k_lin,
                     sinks=self.settings.sinks,
                 )
+            elif isinstance(fm, HedgehogFeatureMap):
+                o, state = self._fused_hedgehog(q_lin, k_lin, v, initial_state, layer_cache is not None)
             else:
                 o, state = fused_dijiang_attention(
                     q_lin, k_lin, v, fm.projection, fm.log_weight, self.step_log_decay(v), scale=fm.scale,
@@ -306,13 +309,32 @@ class DiJiangAttention(nn.Module):
             )
         return linear_attention(
             qf, kf, v, self.step_log_decay(v), mode=mode, chunk_size=self.settings.chunk_size,
-            initial_state=initial_state, output_final_state=output_final_state, normalize=self.settings.normalize, attention_mask=mask,
+            initial_state=initial_state, output_final_state=output_final_state, normalize=self.settings.normalize,
+            attention_mask=mask,
         )
+
+    def _fused_hedgehog(self, q_lin, k_lin, v, initial_state, want_state):
+        """Hedgehog's map through the fused chunk kernel: the kernel's softmax over m of the map's log-features,
+        with an identity projection and no temperature, is phi / feature_sum for queries and keys alike, which
+        the normaliser cancels; the kernel's states are the torch path's / feature_sum. The map's weights get
+        their gradients through log_features (autograd), the kernel giving d log-features."""
+        fm, c = self.feature_map, self.feature_map.feature_sum
+        identity = torch.eye(fm.num_features, device=v.device)
+        q_log, k_log = fm.log_features(q_lin).to(v.dtype), self.key_map.log_features(k_lin).to(v.dtype)
+        o, state = fused_dijiang_attention(
+            q_log, k_log, v, identity, None, self.step_log_decay(v), scale=1.0, normalize=True,
+            initial_state=None if initial_state is None else initial_state / c, output_final_state=want_state,
+            chunk_size=self.settings.chunk_size, eps=1e-6 / c**2,  # the torch path's eps (linear_attention's), scaled
+        )
+        return o, None if state is None else state * c
 
     def feature_map_fuses(self) -> bool:
         """Whether the fused kernels can compute this layer's feature map: one softmax-stabilised projection
-        map for q and k, with a projection that needs no gradient (the kernels have none for it)."""
+        map for q and k, with a projection that needs no gradient (the kernels have none for it); or, in a pure
+        normalised layer, Hedgehog's map (the kernel takes its log-features: ``_fused_hedgehog``)."""
         fm = self.feature_map
+        if isinstance(fm, HedgehogFeatureMap):
+            return not self.settings.window and self.settings.normalize
         return (isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax" and self.key_feature_map is None
                 and not (fm.projection.requires_grad and torch.is_grad_enabled()))
 
@@ -324,6 +346,10 @@ class DiJiangAttention(nn.Module):
             return False
         if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)
             return initial_state is None and triton_supported(q, q, v, fm.projection)[0]
+        if isinstance(fm, HedgehogFeatureMap):  # the kernel's inputs: m log-features a token, an m x m identity
+            m = fm.num_features
+            log_features, identity = q.new_empty(()).expand(*q.shape[:-1], m), q.new_empty(()).expand(m, m)
+            return triton_supported(log_features, log_features, v, identity, self.settings.chunk_size)[0]
         return triton_supported(q, q, v, fm.projection, self.settings.chunk_size)[0]
 
     def _finish(self, o, state, layer_cache, hidden_states):

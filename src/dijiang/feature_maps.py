@@ -350,8 +350,8 @@ class HedgehogFeatureMap(FeatureMap):
     applied: the peers apply none to raw q, k, and W can learn one. No bias: LoLCATs' configs ship without
     one (its optional bias is one scalar per head, which the softmax cancels). Queries and keys get separate
     maps from the same init (``separate_key_map``), as LoLCATs' configs have them. The stabiliser is checked
-    and ignored (the map is its own softmax), as for elu. The fused Triton kernels do not take this map (not
-    a ``ProjectedFeatureMap``): layers with it run the torch path.
+    and ignored (the map is its own softmax), as for elu. Pure (windowless, normalised) layers with this map run
+    the fused chunk kernel on ``log_features`` with an identity projection; window layers run the torch path.
     """
 
     fp32_tensors = ("weight",)
@@ -371,6 +371,15 @@ class HedgehogFeatureMap(FeatureMap):
     @classmethod
     def default_num_features(cls, head_dim: int) -> int:
         return 2 * head_dim  # identity init: one softmax half per sign of x
+
+    # every token's features sum to this (one softmax per half): the fused kernels' softmax of log_features is
+    # phi / feature_sum, which a normalised attention cancels (DiJiangAttention's fused path for this map)
+    feature_sum = 2.0
+
+    def log_features(self, x: Tensor) -> Tensor:
+        """log phi(x) in fp32: [log_softmax(x W_h), log_softmax(-x W_h)]."""
+        z = torch.einsum("...hd,hdf->...hf", x.float(), self.weight.float())
+        return torch.cat([torch.log_softmax(z, dim=-1), torch.log_softmax(-z, dim=-1)], dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
