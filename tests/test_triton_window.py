@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dijiang.ops import window_attention
 from dijiang.ops.triton_dijiang import dijiang_feature_map
+from dijiang.ops.testing import run_window, window_inputs
 from dijiang.ops.triton_window import fused_window_attention
 
 def gpu(test):
@@ -21,45 +22,13 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make(B, T, H, d, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    cuda = dict(device="cuda")
-    q = (torch.randn(B, T, H, d, generator=gen) * 2).to(dtype=dtype, **cuda).requires_grad_()
-    k = (torch.randn(B, T, H, d, generator=gen) * 2).to(dtype=dtype, **cuda).requires_grad_()
-    v = torch.randn(B, T, H, d, generator=gen).to(dtype=dtype, **cuda).requires_grad_()
-    proj = torch.randn(d, d, generator=gen).cuda()
-    log_weight = (0.3 * torch.randn(H, d, generator=gen)).cuda().requires_grad_()
-    decay_raw = torch.linspace(2.0, 6.0, H).cuda().requires_grad_()  # log_decay about -0.13 .. -0.0025
-    mix_raw = torch.randn(H, generator=gen).cuda().requires_grad_()
-    return q, k, v, proj, log_weight, decay_raw, mix_raw
-
-
-def run(fused, q, k, v, proj, log_weight, decay_raw, mix_raw, W, *, upcast=False, sinks=0, gate=None):
-    """gate [H, d]: a per-token decay logsigmoid(decay_raw + gate . v_t) (the layer's decay_gate), a leaf too."""
-    leaves = [q, k, v, log_weight, decay_raw, mix_raw] + ([] if gate is None else [gate])
-    xs = [x.float() for x in (q, k, v)] if upcast else [q, k, v]
-    fs = q.shape[-1] ** -0.5
-    decay = decay_raw if gate is None else decay_raw + torch.einsum("bthd,hd->bth", xs[2].float(), gate)
-    args = (F.logsigmoid(decay), F.softplus(mix_raw))
-    if fused:
-        o, state = fused_window_attention(*xs, proj, log_weight, *args, window=W, output_final_state=True,
-                                          sinks=sinks)
-    else:
-        qf, kf = (dijiang_feature_map(x, proj, log_weight, fs) for x in xs[:2])
-        o, state = window_attention(*xs, qf, kf, *args, window=W, mode="chunk", output_final_state=True,
-                                    sinks=sinks)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).cuda()
-    grads = torch.autograd.grad((o.float() * do).sum(), leaves, allow_unused=True)  # T <= W: no linear part
-    return o.detach().float(), state, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-
-
 @gpu
 @pytest.mark.parametrize("T,W,sinks", [(1000, 64, 0), (777, 128, 0), (100, 128, 0), (4096, 128, 0), (4096, 124, 4),
                                        (1000, 64, 40)])
 def test_bf16_matches_float32_torch_op(T, W, sinks):
-    inputs = make(1, T, 4, 64, torch.bfloat16, seed=T)
-    o1, s1, g1 = run(True, *inputs, W, sinks=sinks)
-    o2, s2, g2 = run(False, *inputs, W, upcast=True, sinks=sinks)  # the same bf16 inputs, computed in float32
+    inputs = window_inputs(1, T, 4, 64, torch.bfloat16, seed=T)
+    o1, s1, g1 = run_window(True, *inputs, W, sinks=sinks)
+    o2, s2, g2 = run_window(False, *inputs, W, upcast=True, sinks=sinks)  # the same bf16 inputs, computed in float32
     assert rel(o1, o2) < 1e-2
     for name, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix"], g1, g2):
         assert rel(a, b) < 3e-2, name
@@ -75,10 +44,10 @@ def test_bf16_matches_float32_torch_op(T, W, sinks):
 def test_per_token_decay_bf16_matches_float32_torch_op(T):
     """A data-dependent decay (the chunk kernel's TOK mode): its gradient, per-head decay included, must not drift
     with T in bf16 (heads from fast to slow decay)."""
-    inputs = make(1, T, 3, 64, torch.bfloat16, seed=5)
+    inputs = window_inputs(1, T, 3, 64, torch.bfloat16, seed=5)
     gate = (0.1 * torch.randn(3, 64, generator=torch.Generator().manual_seed(6))).cuda().requires_grad_()
-    o1, s1, g1 = run(True, *inputs, 124, sinks=4, gate=gate)
-    o2, s2, g2 = run(False, *inputs, 124, upcast=True, sinks=4, gate=gate)
+    o1, s1, g1 = run_window(True, *inputs, 124, sinks=4, gate=gate)
+    o2, s2, g2 = run_window(False, *inputs, 124, upcast=True, sinks=4, gate=gate)
     assert rel(o1, o2) < 1e-2 and rel(s1["S"], s2["S"]) < 1e-2
     for name, a, b in zip(["q", "k", "v", "log_weight", "decay", "mix", "gate"], g1, g2):
         assert rel(a, b) < 3e-2, name
@@ -87,9 +56,9 @@ def test_per_token_decay_bf16_matches_float32_torch_op(T):
 @gpu
 @pytest.mark.parametrize("sinks", [0, 4])
 def test_float32_tight(sinks):
-    inputs = make(2, 600, 2, 64, torch.float32, seed=3)
-    o1, s1, g1 = run(True, *inputs, 100, sinks=sinks)
-    o2, s2, g2 = run(False, *inputs, 100, sinks=sinks)
+    inputs = window_inputs(2, 600, 2, 64, torch.float32, seed=3)
+    o1, s1, g1 = run_window(True, *inputs, 100, sinks=sinks)
+    o2, s2, g2 = run_window(False, *inputs, 100, sinks=sinks)
     # the fused chunk kernel's feature-map matmul x @ P is tf32 (H100: o 3.2e-4 off)
     assert rel(o1, o2) < 1e-3
     for a, b in zip(g1, g2):
@@ -100,7 +69,7 @@ def test_float32_tight(sinks):
 @gpu
 def test_prefill_state_continues_like_one_call():
     """Fused prefill, then the PyTorch op from its state, equals the PyTorch op over everything."""
-    q, k, v, proj, log_weight, decay_raw, mix_raw = make(1, 700, 2, 64, torch.float32, seed=11)
+    q, k, v, proj, log_weight, decay_raw, mix_raw = window_inputs(1, 700, 2, 64, torch.float32, seed=11)
     W, split = 64, 500
     args = (F.logsigmoid(decay_raw).detach(), F.softplus(mix_raw).detach())
     fs = 64**-0.5

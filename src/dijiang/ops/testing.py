@@ -1,7 +1,10 @@
-"""Float64 references and seeded inputs for checking the fused Triton kernel (dijiang.ops.triton_dijiang).
+"""Float64 references and seeded inputs for checking the fused Triton kernels (dijiang.ops.triton_dijiang,
+dijiang.ops.triton_window).
 
-Shared by tests/test_triton_ops.py and the scripts that measure the kernel's accuracy (scripts/decay_grad_errors.py,
-scripts/kernel_emulation.py), so that scripts never import test modules. Everything here but check_fused runs on CPU.
+Shared by tests/test_triton_ops.py, tests/test_triton_window.py and the scripts that measure the kernels' accuracy
+(scripts/decay_grad_errors.py, scripts/kernel_emulation.py, scripts/probe_decay_precision.py), so that scripts never
+import test modules. Everything here but check_fused runs on CPU (the fused side of run_window under the Triton
+interpreter only).
 """
 
 from __future__ import annotations
@@ -150,3 +153,45 @@ def check_fused(B, T, H, d, m, dv, *, normalize, init, final, dtype=torch.bfloat
     assert not bad, f"relative errors over {tol}: {bad} (all: {errs})"
     print(errs)
     return errs
+
+
+def window_inputs(B, T, H, d, dtype, seed=0, device="cuda"):
+    """Seeded leaves for the window hybrid: q, k (scaled 2), v in ``dtype``; the feature map's projection [d, d];
+    log_weight [H, d], the raw decay (log_decay about -0.13 .. -0.0025, fast to slow heads) and the raw mix [H]
+    in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, T, H, d, generator=gen) * 2).to(dtype=dtype, device=device).requires_grad_()
+    k = (torch.randn(B, T, H, d, generator=gen) * 2).to(dtype=dtype, device=device).requires_grad_()
+    v = torch.randn(B, T, H, d, generator=gen).to(dtype=dtype, device=device).requires_grad_()
+    proj = torch.randn(d, d, generator=gen).to(device)
+    log_weight = (0.3 * torch.randn(H, d, generator=gen)).to(device).requires_grad_()
+    decay_raw = torch.linspace(2.0, 6.0, H).to(device).requires_grad_()
+    mix_raw = torch.randn(H, generator=gen).to(device).requires_grad_()
+    return q, k, v, proj, log_weight, decay_raw, mix_raw
+
+
+def run_window(fused, q, k, v, proj, log_weight, decay_raw, mix_raw, window, *, upcast=False, sinks=0, gate=None):
+    """The fused window op (fused=True) or the PyTorch one on these inputs (upcast: q, k, v in float32 first):
+    (o float32, state, gradients of sum(o * do) for a seeded do, for q, k, v, log_weight, the decay, the mix and,
+    with gate [H, d], the gate). gate: a per-token decay logsigmoid(decay_raw + gate . v_t) (the layer's
+    decay_gate), a leaf too."""
+    import torch.nn.functional as F
+
+    from dijiang.ops import window_attention
+    from dijiang.ops.triton_dijiang import dijiang_feature_map
+    from dijiang.ops.triton_window import fused_window_attention
+
+    leaves = [q, k, v, log_weight, decay_raw, mix_raw] + ([] if gate is None else [gate])
+    xs = [x.float() for x in (q, k, v)] if upcast else [q, k, v]
+    decay = decay_raw if gate is None else decay_raw + torch.einsum("bthd,hd->bth", xs[2].float(), gate)
+    args = (F.logsigmoid(decay), F.softplus(mix_raw))
+    if fused:
+        o, state = fused_window_attention(*xs, proj, log_weight, *args, window=window, output_final_state=True,
+                                          sinks=sinks)
+    else:
+        qf, kf = (dijiang_feature_map(x, proj, log_weight, q.shape[-1] ** -0.5) for x in xs[:2])
+        o, state = window_attention(*xs, qf, kf, *args, window=window, mode="chunk", output_final_state=True,
+                                    sinks=sinks)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).to(o.device)
+    grads = torch.autograd.grad((o.float() * do).sum(), leaves, allow_unused=True)  # T <= W: no linear part
+    return o.detach().float(), state, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
