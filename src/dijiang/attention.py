@@ -37,7 +37,8 @@ class DiJiangSettings:
     """How a softmax attention layer is replaced. Defaults are the best plain setting we measured.
 
     feature_map: registry name in ``dijiang.feature_maps`` (``dijiang``, ``official``, ``performer``, ``pff``,
-        ``elu``; ``hedgehog``: Hedgehog's learned map, separate for queries and keys, always trained, torch path).
+        ``elu``; ``hedgehog``: Hedgehog's learned map, separate for queries and keys, always trained; the fused chunk
+        kernel in pure layers, the torch path in window layers).
     num_features: m, features per head (default head_dim, 2 head_dim for hedgehog; a multiple of head_dim for
         DCT-based maps, even for hedgehog).
     stabiliser: ``softmax`` (divide by the feature sum, official) or ``norm`` (||x||^2/2, unbiased).
