@@ -12,11 +12,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("window,sinks,gate,feature_map", [(0, 0, False, "dijiang"), (0, 0, True, "dijiang"),
                                                                  (0, 0, False, "hedgehog"), (0, 0, True, "hedgehog"),
                                                                  (64, 0, False, "dijiang"), (60, 4, False, "dijiang"),
-                                                                 (60, 4, True, "dijiang")])
+                                                                 (60, 4, True, "dijiang"), (60, 4, False, "hedgehog")])
 def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, gate, feature_map, monkeypatch):
     """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel; sinks: the
     band kernel's sink block; gate: a data-dependent decay (per-token decays into the chunk kernel); hedgehog: the
-    chunk kernel on the learned map's log-features (m = 128 = d here)."""
+    chunk kernel on the learned map's log-features (m = 128), pure or beside the band."""
     calls = []
     name = "fused_window_attention" if window else "fused_dijiang_attention"
     real = getattr(dijiang.attention, name)

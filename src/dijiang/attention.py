@@ -37,8 +37,8 @@ class DiJiangSettings:
     """How a softmax attention layer is replaced. Defaults are the best plain setting we measured.
 
     feature_map: registry name in ``dijiang.feature_maps`` (``dijiang``, ``official``, ``performer``, ``pff``,
-        ``elu``; ``hedgehog``: Hedgehog's learned map, separate for queries and keys, always trained; the fused chunk
-        kernel in pure layers, the torch path in window layers).
+        ``elu``; ``hedgehog``: Hedgehog's learned map, separate for queries and keys, always trained; the fused
+        kernels take its log-features, in pure normalised layers and window layers).
     num_features: m, features per head (default head_dim, 2 head_dim for hedgehog; a multiple of head_dim for
         DCT-based maps, even for hedgehog).
     stabiliser: ``softmax`` (divide by the feature sum, official) or ``norm`` (||x||^2/2, unbiased).
@@ -126,7 +126,8 @@ class DiJiangSettings:
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
         if len(self.decay_range) != 2:
-            raise ValueError(f"decay_range must be two numbers (1 - gamma of the first and last head), got {self.decay_range}")
+            raise ValueError(f"decay_range must be two numbers (1 - gamma of the first and last head), "
+                             f"got {self.decay_range}")
         low, high = self.decay_range
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1 for x in (low, high)):
             raise ValueError(f"decay_range entries are 1 - gamma and must lie in (0, 1), got {self.decay_range}")
@@ -258,7 +259,9 @@ class DiJiangAttention(nn.Module):
         if self._can_fuse(q_fused, v, mode, mask, initial_state):
             fm = self.feature_map
             q_lin, k_lin = self.linear_inputs(q_fused, k_fused)
-            if self.settings.window:
+            if self.settings.window and isinstance(fm, HedgehogFeatureMap):
+                o, state = self._fused_hedgehog_window(q_fused, k_fused, q_lin, k_lin, v, layer_cache is not None)
+            elif self.settings.window:
                 o, state = fused_window_attention(
                     q_fused, k_fused, v, fm.projection, fm.log_weight, self.step_log_decay(v),
                     F.softplus(self.window_mix.float()), window=self.settings.window, scale=self.scale,
@@ -314,14 +317,19 @@ class DiJiangAttention(nn.Module):
             attention_mask=mask,
         )
 
+    def _hedgehog_kernel_inputs(self, q_lin, k_lin, v):
+        """What the fused kernels take for Hedgehog's map: its log-features (queries' and keys' maps) and an
+        identity projection. The kernels' softmax over m of them, with no temperature, is phi / feature_sum for
+        queries and keys alike; the map's weights get their gradients through log_features (autograd)."""
+        identity = torch.eye(self.feature_map.num_features, device=v.device)
+        q_log = self.feature_map.log_features(q_lin).to(v.dtype)
+        return q_log, self.key_map.log_features(k_lin).to(v.dtype), identity
+
     def _fused_hedgehog(self, q_lin, k_lin, v, initial_state, want_state):
-        """Hedgehog's map through the fused chunk kernel: the kernel's softmax over m of the map's log-features,
-        with an identity projection and no temperature, is phi / feature_sum for queries and keys alike, which
-        the normaliser cancels; the kernel's states are the torch path's / feature_sum. The map's weights get
-        their gradients through log_features (autograd), the kernel giving d log-features."""
-        fm, c = self.feature_map, self.feature_map.feature_sum
-        identity = torch.eye(fm.num_features, device=v.device)
-        q_log, k_log = fm.log_features(q_lin).to(v.dtype), self.key_map.log_features(k_lin).to(v.dtype)
+        """Hedgehog's map in a pure layer through the fused chunk kernel (``_hedgehog_kernel_inputs``): the
+        normaliser cancels the features' 1 / feature_sum; the kernel's states are the torch path's / feature_sum."""
+        c = self.feature_map.feature_sum
+        q_log, k_log, identity = self._hedgehog_kernel_inputs(q_lin, k_lin, v)
         o, state = fused_dijiang_attention(
             q_log, k_log, v, identity, None, self.step_log_decay(v), scale=1.0, normalize=True,
             initial_state=None if initial_state is None else initial_state / c, output_final_state=want_state,
@@ -329,13 +337,28 @@ class DiJiangAttention(nn.Module):
         )
         return o, None if state is None else state * c
 
+    def _fused_hedgehog_window(self, q, k, q_lin, k_lin, v, want_state):
+        """Hedgehog's map in a window layer through the fused window op (``_hedgehog_kernel_inputs`` for its
+        linear part): features / feature_sum make the linear numerator and denominator / feature_sum^2 beside
+        the softmax window's, so the linear weight goes in x feature_sum^2; the state's S and the window's key
+        features come out / feature_sum and are scaled back."""
+        c = self.feature_map.feature_sum
+        q_log, k_log, identity = self._hedgehog_kernel_inputs(q_lin, k_lin, v)
+        o, state = fused_window_attention(
+            q, k, v, identity, None, self.step_log_decay(v), F.softplus(self.window_mix.float()) * c**2,
+            window=self.settings.window, scale=self.scale, feature_scale=1.0, output_final_state=want_state,
+            q_lin=q_log, k_lin=k_log, sinks=self.settings.sinks,
+        )
+        return o, None if state is None else dict(state, S=state["S"] * c, kf=state["kf"] * c)
+
     def feature_map_fuses(self) -> bool:
         """Whether the fused kernels can compute this layer's feature map: one softmax-stabilised projection
-        map for q and k, with a projection that needs no gradient (the kernels have none for it); or, in a pure
-        normalised layer, Hedgehog's map (the kernel takes its log-features: ``_fused_hedgehog``)."""
+        map for q and k, with a projection that needs no gradient (the kernels have none for it); or Hedgehog's
+        map in a window layer or a normalised pure one (the kernels take its log-features, whose 1 / feature_sum
+        a normaliser must absorb: ``_hedgehog_kernel_inputs``)."""
         fm = self.feature_map
         if isinstance(fm, HedgehogFeatureMap):
-            return not self.settings.window and self.settings.normalize
+            return bool(self.settings.window) or self.settings.normalize
         return (isinstance(fm, ProjectedFeatureMap) and fm.stabiliser == "softmax" and self.key_feature_map is None
                 and not (fm.projection.requires_grad and torch.is_grad_enabled()))
 
@@ -345,13 +368,15 @@ class DiJiangAttention(nn.Module):
                   and self.feature_map_fuses())
         if not common:
             return False
-        if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)
-            return initial_state is None and triton_supported(q, q, v, fm.projection)[0]
-        if isinstance(fm, HedgehogFeatureMap):  # the kernel's inputs: m log-features a token, an m x m identity
+        if isinstance(fm, HedgehogFeatureMap):  # the linear part's inputs: m log-features a token, an m x m identity
             m = fm.num_features
-            log_features, identity = q.new_empty(()).expand(*q.shape[:-1], m), q.new_empty(()).expand(m, m)
-            return triton_supported(log_features, log_features, v, identity, self.settings.chunk_size)[0]
-        return triton_supported(q, q, v, fm.projection, self.settings.chunk_size)[0]
+            lin, proj = q.new_empty(()).expand(*q.shape[:-1], m), q.new_empty(()).expand(m, m)
+        else:
+            lin, proj = q, fm.projection
+        if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)
+            return (initial_state is None and triton_supported(q, q, v, proj)[0]
+                    and triton_supported(lin, lin, v, proj)[0])
+        return triton_supported(lin, lin, v, proj, self.settings.chunk_size)[0]
 
     def _finish(self, o, state, layer_cache, hidden_states):
         B, T, _ = hidden_states.shape

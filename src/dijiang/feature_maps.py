@@ -350,8 +350,8 @@ class HedgehogFeatureMap(FeatureMap):
     applied: the peers apply none to raw q, k, and W can learn one. No bias: LoLCATs' configs ship without
     one (its optional bias is one scalar per head, which the softmax cancels). Queries and keys get separate
     maps from the same init (``separate_key_map``), as LoLCATs' configs have them. The stabiliser is checked
-    and ignored (the map is its own softmax), as for elu. Pure (windowless, normalised) layers with this map run
-    the fused chunk kernel on ``log_features`` with an identity projection; window layers run the torch path.
+    and ignored (the map is its own softmax), as for elu. Layers with this map run the fused kernels on
+    ``log_features`` with an identity projection (window layers, and pure ones that normalise).
     """
 
     fp32_tensors = ("weight",)

@@ -395,12 +395,14 @@ def fused_window_attention(
 
     Args:
         q, k: ``[B, T, H, d]`` post-RoPE queries/keys (kv heads already expanded). v: ``[B, T, H, dv]``.
-        proj: ``[d, m]`` frozen projection. log_weight: ``[H, m]`` or None. log_decay: ``[H]``, or per token
+        proj: ``[d_lin, m]`` frozen projection (d_lin: q_lin's width, d without q_lin). log_weight: ``[H, m]`` or
+            None. log_decay: ``[H]``, or per token
             ``[B, T, H]`` (module docstring), <= 0.
         lin_weight: ``[H]`` (> 0), the linear part's weight. window: softmax band length.
         scale: softmax scale (default ``d ** -0.5``); feature_scale: the feature map's (default the same).
-        q_lin, k_lin: what the linear part's feature map sees, if not q, k (same shape; e.g. a learned
-            per-head transform of them); the softmax band always uses q, k.
+        q_lin, k_lin: what the linear part's feature map sees, if not q, k (``[B, T, H, d_lin]``; e.g. a learned
+            per-head transform of them, or a learned map's log-features with an identity proj); the softmax band
+            always uses q, k.
         sinks: tokens 0 .. sinks - 1 stay softmax keys of every row once out of its band (at most 64).
 
     Returns ``(o [B, T, H, dv] in v.dtype, state dict or None)`` as ``window_attention``; gradients flow to
@@ -427,8 +429,12 @@ def fused_window_attention(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     q_lin = q if q_lin is None else q_lin.contiguous()
     k_lin = k if k_lin is None else k_lin.contiguous()
-    if q_lin.shape != q.shape or k_lin.shape != k.shape:
-        raise ValueError(f"q_lin {tuple(q_lin.shape)} / k_lin {tuple(k_lin.shape)} must match q {tuple(q.shape)}")
+    if k_lin.shape != q_lin.shape or q_lin.shape[:3] != q.shape[:3] or q_lin.shape[-1] != proj.shape[0]:
+        raise ValueError(f"q_lin {tuple(q_lin.shape)} / k_lin {tuple(k_lin.shape)} must be [B, T, H] = "
+                         f"{tuple(q.shape[:3])} by proj's {proj.shape[0]} rows")
+    ok, why = triton_supported(q_lin, k_lin, v, proj)  # the linear part's chunk kernel takes them
+    if not ok:
+        raise ValueError(f"fused window attention cannot run its linear part: {why}")
     lin_state = None
     if T > window:
         # one normalised call that also returns its denominator D; N = o * (D + eps) recovers the numerator. A
