@@ -9,7 +9,8 @@ from helpers import VOCAB, left_padded, reference, tiny_model
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
             "norm": dict(stabiliser="norm", normalize=False),
             "transform": dict(window=4, radius="chi", feature_transform=True),
-            "sinks": dict(window=4, radius="chi", feature_transform=True, sinks=2)}  # recipes/smollm2-135m.yaml's kind
+            "sinks": dict(window=4, radius="chi", feature_transform=True, sinks=2),  # recipes/smollm2-135m.yaml's kind
+            "hedgehog": dict(feature_map="hedgehog", window=4)}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -35,6 +36,19 @@ def test_feature_transform_folded_into_the_projection(window):
     with torch.no_grad():
         for _, layer in dijiang.conversion.iter_dijiang_layers(model):
             layer.feature_transform.add_(0.3 * torch.randn_like(layer.feature_transform))
+    assert supports_fast_decode(model)[0]
+    ids, mask = left_padded()
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12), reference(model, ids, mask, 12))
+
+
+@pytest.mark.parametrize("window,sinks", [(0, 0), (4, 0), (4, 2)])
+def test_hedgehog_maps_decode_like_generate(window, sinks):
+    """Hedgehog's learned map, its query and key maps apart (trained-looking), in pure and window layers."""
+    model = dijiang.convert(tiny_model("llama", seed=1), dict(feature_map="hedgehog", window=window, sinks=sinks))
+    with torch.no_grad():
+        for _, layer in dijiang.conversion.iter_dijiang_layers(model):
+            for fm in (layer.feature_map, layer.key_map):
+                fm.weight.add_(0.3 * torch.randn_like(fm.weight))
     assert supports_fast_decode(model)[0]
     ids, mask = left_padded()
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12), reference(model, ids, mask, 12))
@@ -125,13 +139,16 @@ def test_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["pure", "window", "transform", "sinks"])
+@pytest.mark.parametrize("kind", ["pure", "window", "transform", "sinks", "hedgehog"])
 def test_cuda_graph_greedy_equals_generate(kind):
     model = dijiang.convert(tiny_model("llama", seed=1), SETTINGS[kind]).cuda()
     with torch.no_grad():
         for _, layer in dijiang.conversion.iter_dijiang_layers(model):
             if layer.feature_transform is not None:
                 layer.feature_transform.add_(0.3 * torch.randn_like(layer.feature_transform))
+            if layer.key_feature_map is not None:  # Hedgehog: query and key maps apart
+                for fm in (layer.feature_map, layer.key_feature_map):
+                    fm.weight.add_(0.3 * torch.randn_like(fm.weight))
     ids, mask = (t.cuda() for t in left_padded())
     expected = reference(model, ids, mask, 12)
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12, compile=False), expected)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dijiang import settings
 from dijiang.attention import DiJiangAttention
-from dijiang.feature_maps import EluFeatureMap, ProjectedFeatureMap
+from dijiang.feature_maps import EluFeatureMap, HedgehogFeatureMap, ProjectedFeatureMap
 from dijiang.hf_compat import family_of, output_cache
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -85,7 +85,7 @@ def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
         if not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return False, "unexpected MLP layout"
         if isinstance(attn, DiJiangAttention):
-            if not isinstance(attn.feature_map, (ProjectedFeatureMap, EluFeatureMap)):
+            if not isinstance(attn.feature_map, (ProjectedFeatureMap, EluFeatureMap, HedgehogFeatureMap)):
                 return False, f"feature map {type(attn.feature_map).__name__} has no fast path"
             if attn.decay_gate is not None:
                 return False, "a data-dependent decay (decay_gate) has no fast path (model.generate decodes it)"
@@ -138,10 +138,14 @@ def _mlp(h: Tensor, w: dict, c: "_Consts") -> Tensor:
 
 
 def _features(x: Tensor, w: dict, c: "_Consts", prefix: str) -> Tensor:
-    """The layer's feature map on x [B, H, d] -> [B, H, m] (output in x.dtype, computed in float32)."""
+    """The layer's feature map on x [B, H, d] -> [B, H, m] (output in x.dtype, computed in float32); prefix: "q" or
+    "k", for maps that keep one apart for keys (Hedgehog's)."""
     xf = x.float()
     if c.feature_kind == "elu":
         return (F.elu(xf * c.fm_sqrt_scale) + 1.0).to(x.dtype)
+    if c.feature_kind == "hedgehog":
+        z = torch.einsum("bhd,hdf->bhf", xf, w[f"hedgehog_{prefix}"])
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).to(x.dtype)
     xs = xf * c.fm_sqrt_scale
     if c.reduce_matmul:  # a pointwise+reduction that torch.compile fuses with its neighbours
         z = (xs.unsqueeze(-1) * w["projection"]).sum(-2)
@@ -313,7 +317,7 @@ def _window_kernel_fits(consts: "_Consts", w: dict) -> bool:
 
     if consts.sinks:  # the ring-buffer kernel holds no sinks
         return False
-    m = w["projection"].shape[-1] if "projection" in w else consts.head_dim
+    m = consts.num_features
     device = "cuda" if settings.window_decode_kernel() == "force" else w["w_o"].device
     return window_decode_supported(consts.head_dim, consts.head_dim, m, consts.window, device)
 
@@ -380,6 +384,9 @@ def _build_plan(layer, fused: bool, reduce_matmul: bool, kernel_window: bool = F
                  sinks=settings.sinks, num_features=fm.num_features, fm_scale=fm.scale, fm_sqrt_scale=math.sqrt(fm.scale))
     if isinstance(fm, EluFeatureMap):
         extra["feature_kind"] = "elu"
+    elif isinstance(fm, HedgehogFeatureMap):
+        extra["feature_kind"] = "hedgehog"
+        w["hedgehog_q"], w["hedgehog_k"] = fm.weight.detach().float(), attn.key_map.weight.detach().float()
     else:
         extra["stabiliser"] = fm.stabiliser
         w["projection"] = fm.projection.detach()
