@@ -360,8 +360,7 @@ def test_decay_gate_starts_as_the_per_head_decay_trains_and_round_trips(tmp_path
     gated = dijiang.convert(tiny_model("llama", seed=4), dict(window=window, decay_gate=True)).eval()
     with torch.no_grad():
         assert rel_err(gated(ids, use_cache=False).logits, plain(ids, use_cache=False).logits) < 1e-6  # u = 0
-    ok, why = supports_fast_decode(gated)
-    assert not ok and "decay_gate" in why
+    assert supports_fast_decode(gated)[0]  # tests/test_fast_decode.py decodes it
     gated.train()
     gated(ids, labels=ids, use_cache=False).loss.backward()
     layers = [layer for _, layer in iter_dijiang_layers(gated)]

@@ -41,17 +41,71 @@ def test_feature_transform_folded_into_the_projection(window):
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12), reference(model, ids, mask, 12))
 
 
+def decoded_and_forward_logits(model, monkeypatch, new_tokens=6):
+    """Every decode step's logits from fast_generate, and one forward's over the decoded sequence (positions
+    counted from each row's first real token, as generate counts them), [B, new_tokens, V] each. The tiny models'
+    greedy tokens hardly depend on some layer options; their logits do."""
+    steps = []
+    real_select = FastDecoder._select
+    monkeypatch.setattr(FastDecoder, "_select", lambda self, logits: steps.append(logits.float()) or
+                        real_select(self, logits))
+    ids, mask = left_padded()
+    out = fast_generate(model, ids, mask, max_new_tokens=new_tokens)
+    monkeypatch.undo()
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], out.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+    forward = dict(attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+
+    def forward_logits():
+        with torch.no_grad():
+            return model(out, **forward).logits[:, ids.shape[1] - 1:-1].float()
+
+    return torch.stack(steps, dim=1), forward_logits
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 @pytest.mark.parametrize("window,sinks", [(0, 0), (4, 0), (4, 2)])
-def test_hedgehog_maps_decode_like_generate(window, sinks):
+def test_hedgehog_maps_decode_like_one_forward(window, sinks, monkeypatch):
     """Hedgehog's learned map, its query and key maps apart (trained-looking), in pure and window layers."""
     model = dijiang.convert(tiny_model("llama", seed=1), dict(feature_map="hedgehog", window=window, sinks=sinks))
+    layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(model)]
     with torch.no_grad():
-        for _, layer in dijiang.conversion.iter_dijiang_layers(model):
+        for layer in layers:
             for fm in (layer.feature_map, layer.key_map):
-                fm.weight.add_(0.3 * torch.randn_like(fm.weight))
+                fm.weight.add_(0.5 * torch.randn_like(fm.weight))
+            if window:
+                layer.window_mix.fill_(3.0)  # a linear part that counts beside the 4-token window
     assert supports_fast_decode(model)[0]
-    ids, mask = left_padded()
-    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12), reference(model, ids, mask, 12))
+    decoded, forward_logits = decoded_and_forward_logits(model, monkeypatch)
+    logits = forward_logits()
+    assert rel_err(decoded, logits) < 1e-4
+    with torch.no_grad():  # keys through the query map: a different model, which the decoder must not be
+        for layer in layers:
+            layer.key_map.weight.copy_(layer.feature_map.weight)
+    assert rel_err(forward_logits(), logits) > 1e-3
+
+
+@pytest.mark.parametrize("window,sinks", [(0, 0), (4, 0), (4, 2)])
+def test_data_dependent_decay_decodes_like_one_forward(window, sinks, monkeypatch):
+    """decay_gate: each step's decay from its own v, in pure and window layers (the window decode kernel, which
+    holds a per-head decay, is not used for them)."""
+    model = dijiang.convert(tiny_model("llama", seed=1), dict(window=window, sinks=sinks, decay_gate=True))
+    layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(model)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.decay_gate.normal_(std=2.0)  # u = 0 at init would be the per-head decay
+            if window:
+                layer.window_mix.fill_(3.0)
+    assert supports_fast_decode(model)[0]
+    decoded, forward_logits = decoded_and_forward_logits(model, monkeypatch)
+    logits = forward_logits()
+    assert rel_err(decoded, logits) < 1e-4
+    with torch.no_grad():
+        for layer in layers:
+            layer.decay_gate.zero_()
+    assert rel_err(forward_logits(), logits) > 1e-3  # the gate matters here (10x the tolerance)
 
 
 @pytest.mark.parametrize("kind", ["pure", "window"])

@@ -87,8 +87,6 @@ def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
         if isinstance(attn, DiJiangAttention):
             if not isinstance(attn.feature_map, (ProjectedFeatureMap, EluFeatureMap, HedgehogFeatureMap)):
                 return False, f"feature map {type(attn.feature_map).__name__} has no fast path"
-            if attn.decay_gate is not None:
-                return False, "a data-dependent decay (decay_gate) has no fast path (model.generate decodes it)"
         else:
             window = getattr(attn, "sliding_window", None)
             if window and max_len is not None and max_len > window:
@@ -175,6 +173,14 @@ def _finish_attention(o: Tensor, x: Tensor, h: Tensor, w: dict, c: "_Consts") ->
     return h + F.linear(o.to(x.dtype), w["w_o"], w.get("b_o"))
 
 
+def _step_log_decay(v: Tensor, w: dict, c: "_Consts") -> Tensor:
+    """The layer's data-dependent log decay (decay_gate) for this step, [B, H] float32, from v [B, H, d] (heads
+    expanded), as ``DiJiangAttention.step_log_decay``; without the gate, the per-head decay [H]."""
+    if not c.decay_gate:
+        return w["log_decay"]
+    return F.logsigmoid(w["decay_logit"] + torch.einsum("bhd,hd->bh", v.float(), w["decay_gate"]))
+
+
 def _linear_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: Tensor, w: dict, c: "_Consts") -> Tensor:
     """One decode step of a pure DiJiang decoder layer; updates ``state`` [B, H, m, dv(+1)] in place."""
     x = _rms(h, w["in_norm"], c.in_eps)
@@ -186,7 +192,8 @@ def _linear_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: Tensor, w: di
     vf = v.float()
     if c.normalize:
         vf = torch.cat([vf, vf.new_ones(vf.shape[:-1] + (1,))], dim=-1)
-    state.mul_(w["decay"]).add_(kf.unsqueeze(-1) * vf.unsqueeze(-2))
+    decay = torch.exp(_step_log_decay(v, w, c))[..., None, None] if c.decay_gate else w["decay"]
+    state.mul_(decay).add_(kf.unsqueeze(-1) * vf.unsqueeze(-2))
     if c.reduce_matmul:
         o = (qf.unsqueeze(-1) * state).sum(-2)
     else:
@@ -217,9 +224,11 @@ def _window_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict
     from dijiang.ops import window_attention
 
     x, q, k, v, qf, kf = _window_pre(h, cos, sin, w, c)
+    log_decay = _step_log_decay(v, w, c)
+    log_decay = log_decay.unsqueeze(1) if c.decay_gate else log_decay  # per token: [B, 1, H]
     q, k, v, qf, kf = (t.unsqueeze(1) for t in (q, k, v, qf, kf))  # [B, 1, H, .]
     o, new_state = window_attention(
-        q, k, v, qf, kf, w["log_decay"], w["lin_weight"], window=c.window, scale=c.attn_scale,
+        q, k, v, qf, kf, log_decay, w["lin_weight"], window=c.window, scale=c.attn_scale,
         mode="recurrent", initial_state=state, output_final_state=True, attention_mask=None, sinks=c.sinks,
     )
     for key, value in new_state.items():
@@ -291,6 +300,7 @@ class _Consts:
     fm_sqrt_scale: float = 1.0
     fm_cap: float = 0.0
     num_features: int = 0
+    decay_gate: bool = False
     normalize: bool = False
     eps: float = 1e-6
     use_norm: bool = False
@@ -315,7 +325,7 @@ def _linear_weights(linear) -> tuple[Tensor, Tensor | None]:
 def _window_kernel_fits(consts: "_Consts", w: dict) -> bool:
     from dijiang.ops.triton_window_decode import window_decode_supported
 
-    if consts.sinks:  # the ring-buffer kernel holds no sinks
+    if consts.sinks or consts.decay_gate:  # the ring-buffer kernel holds no sinks and a per-head decay only
         return False
     m = consts.num_features
     device = "cuda" if settings.window_decode_kernel() == "force" else w["w_o"].device
@@ -402,6 +412,9 @@ def _build_plan(layer, fused: bool, reduce_matmul: bool, kernel_window: bool = F
     if attn.gate is not None:
         w["w_gate_attn"] = attn.gate.weight.detach()
     log_decay = attn.log_decay.detach()
+    if attn.decay_gate is not None:
+        extra["decay_gate"] = True
+        w["decay_logit"], w["decay_gate"] = attn.decay_logit.detach().float(), attn.decay_gate.detach().float()
     if settings.window:
         w["log_decay"] = log_decay
         w["lin_weight"] = F.softplus(attn.window_mix.detach().float())
