@@ -69,7 +69,8 @@ class DiJiangSettings:
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
         fused path on CUDA is not recomputed.
     backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
-        softmax-stabilised projection and no padding mask is present: pure DiJiang layers through the fused
+        softmax-stabilised projection or Hedgehog's (its log-features, ``feature_map_fuses``) and no padding mask
+        is present: pure layers through the fused
         chunk kernel (feature map inside the attention kernel), window hybrids through the banded softmax
         kernel plus the fused chunk kernel (when they start from an empty state: training, a first prefill).
         ``torch`` always uses the feature map + ``dijiang.ops`` path.
