@@ -70,9 +70,9 @@ class DiJiangSettings:
         fused path on CUDA is not recomputed.
     backend: ``auto`` runs layers through the fused Triton kernels on CUDA when the feature map is a
         softmax-stabilised projection or Hedgehog's (its log-features, ``feature_map_fuses``) and no padding mask
-        is present: pure layers through the fused
-        chunk kernel (feature map inside the attention kernel), window hybrids through the banded softmax
-        kernel plus the fused chunk kernel (when they start from an empty state: training, a first prefill).
+        is present: pure layers through the fused chunk kernel (feature map inside the attention kernel),
+        window hybrids through the banded softmax kernel plus the fused chunk kernel (when they start from an
+        empty state: training, a first prefill).
         ``torch`` always uses the feature map + ``dijiang.ops`` path.
     """
 
