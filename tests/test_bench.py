@@ -77,3 +77,22 @@ def test_cli_subcommand_is_registered():
     args = parser.parse_args(["bench", "--model", "tiny"])
     assert args.func is not None and args.contexts[0] == 1024
     assert cli.COMMANDS["bench"][0] == "bench"
+
+
+def test_each_kind_converts_as_it_says():
+    """The kinds a bench run times: their layers' map, window and backend (the Hedgehog kinds against each other)."""
+    import torch
+
+    from dijiang.bench import KINDS, build_models
+    from dijiang.conversion import iter_dijiang_layers
+
+    models = build_models("tiny", list(KINDS), window=8, device=torch.device("cpu"), dtype=torch.float32)
+    assert list(models) == list(KINDS)
+    expected = {"pure": ("dijiang", 0, "auto"), "window": ("dijiang", 8, "auto"), "hedgehog": ("hedgehog", 0, "auto"),
+                "hedgehog-torch": ("hedgehog", 0, "torch"), "hedgehog-window": ("hedgehog", 8, "auto"),
+                "hedgehog-window-torch": ("hedgehog", 8, "torch")}
+    for kind, (feature_map, window, backend) in expected.items():
+        layers = [layer for _, layer in iter_dijiang_layers(models[kind])]
+        assert layers and all((layer.settings.feature_map, layer.settings.window, layer.settings.backend)
+                              == (feature_map, window, backend) for layer in layers), kind
+    assert not list(iter_dijiang_layers(models["teacher"]))

@@ -24,9 +24,9 @@ import torch
 
 from dijiang.cache import cache_bytes
 
-KINDS = ("teacher", "pure", "window", "hedgehog", "hedgehog-torch")
-# pure layers with Hedgehog's learned map: through the fused chunk kernel (its log-features), or the PyTorch path
-# as the recipes ran it before (checkpointed)
+KINDS = ("teacher", "pure", "window", "hedgehog", "hedgehog-torch", "hedgehog-window", "hedgehog-window-torch")
+# layers with Hedgehog's learned map, pure or with the window: through the fused kernels (its log-features), or
+# the PyTorch path as the recipes ran it before (checkpointed)
 HEDGEHOG = {"hedgehog": dict(feature_map="hedgehog"),
             "hedgehog-torch": dict(feature_map="hedgehog", backend="torch", checkpoint=True)}
 
@@ -96,6 +96,8 @@ def build_models(name: str, kinds, window: int, device, dtype):
             dijiang.convert(model)
         elif kind == "window":
             dijiang.convert(model, dict(window=window))
+        elif kind in ("hedgehog-window", "hedgehog-window-torch"):
+            dijiang.convert(model, dict(HEDGEHOG[kind.replace("-window", "")], window=window))
         elif kind in HEDGEHOG:
             dijiang.convert(model, HEDGEHOG[kind])
         elif kind != "teacher":
@@ -368,7 +370,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2", help="embedded name, dir or .gguf; 'tiny' = random tiny Llama")
     parser.add_argument("--kinds", default="teacher,pure,window",
                         help="comma-separated models to time: teacher (softmax), pure (DiJiang), window (hybrid), "
-                        "hedgehog (pure, Hedgehog's map), hedgehog-torch (the same on the PyTorch path)")
+                        "hedgehog (pure, Hedgehog's map), hedgehog-torch (the same on the PyTorch path), "
+                        "hedgehog-window, hedgehog-window-torch (the same beside the window)")
     parser.add_argument("--contexts", type=contexts, default="1024,2048,4096,8192,16384,32768",
                         help="comma-separated prompt lengths in tokens")
     parser.add_argument("--batches", type=contexts, default="1,16", help="comma-separated batch sizes")
