@@ -376,7 +376,7 @@ class DiJiangAttention(nn.Module):
             lin, proj = q, fm.projection
         if self.settings.window:  # the fused window op starts from an empty state (training, a first prefill)
             return (initial_state is None and triton_supported(q, q, v, proj)[0]
-                    and triton_supported(lin, lin, v, proj)[0])
+                    and (lin is q or triton_supported(lin, lin, v, proj)[0]))
         return triton_supported(lin, lin, v, proj, self.settings.chunk_size)[0]
 
     def _finish(self, o, state, layer_cache, hidden_states):

@@ -173,11 +173,9 @@ def _finish_attention(o: Tensor, x: Tensor, h: Tensor, w: dict, c: "_Consts") ->
     return h + F.linear(o.to(x.dtype), w["w_o"], w.get("b_o"))
 
 
-def _step_log_decay(v: Tensor, w: dict, c: "_Consts") -> Tensor:
+def _gated_log_decay(v: Tensor, w: dict) -> Tensor:
     """The layer's data-dependent log decay (decay_gate) for this step, [B, H] float32, from v [B, H, d] (heads
-    expanded), as ``DiJiangAttention.step_log_decay``; without the gate, the per-head decay [H]."""
-    if not c.decay_gate:
-        return w["log_decay"]
+    expanded), as ``DiJiangAttention.step_log_decay``."""
     return F.logsigmoid(w["decay_logit"] + torch.einsum("bhd,hd->bh", v.float(), w["decay_gate"]))
 
 
@@ -192,7 +190,7 @@ def _linear_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: Tensor, w: di
     vf = v.float()
     if c.normalize:
         vf = torch.cat([vf, vf.new_ones(vf.shape[:-1] + (1,))], dim=-1)
-    decay = torch.exp(_step_log_decay(v, w, c))[..., None, None] if c.decay_gate else w["decay"]
+    decay = torch.exp(_gated_log_decay(v, w))[..., None, None] if c.decay_gate else w["decay"]
     state.mul_(decay).add_(kf.unsqueeze(-1) * vf.unsqueeze(-2))
     if c.reduce_matmul:
         o = (qf.unsqueeze(-1) * state).sum(-2)
@@ -224,8 +222,7 @@ def _window_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict
     from dijiang.ops import window_attention
 
     x, q, k, v, qf, kf = _window_pre(h, cos, sin, w, c)
-    log_decay = _step_log_decay(v, w, c)
-    log_decay = log_decay.unsqueeze(1) if c.decay_gate else log_decay  # per token: [B, 1, H]
+    log_decay = _gated_log_decay(v, w).unsqueeze(1) if c.decay_gate else w["log_decay"]  # per token: [B, 1, H]
     q, k, v, qf, kf = (t.unsqueeze(1) for t in (q, k, v, qf, kf))  # [B, 1, H, .]
     o, new_state = window_attention(
         q, k, v, qf, kf, log_decay, w["lin_weight"], window=c.window, scale=c.attn_scale,

@@ -376,14 +376,17 @@ class HedgehogFeatureMap(FeatureMap):
     # phi / feature_sum, which a normalised attention cancels (DiJiangAttention's fused path for this map)
     feature_sum = 2.0
 
+    def _logits(self, x: Tensor) -> Tensor:
+        return torch.einsum("...hd,hdf->...hf", x.float(), self.weight.float())  # x W_h, fp32
+
     def log_features(self, x: Tensor) -> Tensor:
         """log phi(x) in fp32: [log_softmax(x W_h), log_softmax(-x W_h)]."""
-        z = torch.einsum("...hd,hdf->...hf", x.float(), self.weight.float())
+        z = self._logits(x)
         return torch.cat([torch.log_softmax(z, dim=-1), torch.log_softmax(-z, dim=-1)], dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        z = torch.einsum("...hd,hdf->...hf", x.float(), self.weight.float())
+        z = self._logits(x)
         return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).to(x.dtype)
 
     def extra_repr(self) -> str:  # no scale: this map applies none
