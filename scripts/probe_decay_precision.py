@@ -10,14 +10,9 @@ import argparse
 
 import torch
 
-from dijiang.ops.testing import run_window, window_inputs
+from dijiang.ops.testing import rel_err as rel, run_window, window_inputs
 
 NAMES = ["q", "k", "v", "log_weight", "decay", "mix", "gate"]
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def main():

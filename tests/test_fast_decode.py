@@ -4,6 +4,7 @@ import torch
 
 import dijiang
 from dijiang.fast_decode import FastDecoder, fast_generate, supports_fast_decode
+from dijiang.ops.testing import rel_err
 from helpers import VOCAB, left_padded, reference, tiny_model
 
 SETTINGS = {"pure": dict(), "window": dict(window=4), "official": dijiang.DiJiangSettings.official(),
@@ -60,10 +61,6 @@ def decoded_and_forward_logits(model, monkeypatch, new_tokens=6):
             return model(out, **forward).logits[:, ids.shape[1] - 1:-1].float()
 
     return torch.stack(steps, dim=1), forward_logits
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("window,sinks", [(0, 0), (4, 0), (4, 2)])

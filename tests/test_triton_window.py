@@ -10,16 +10,11 @@ import torch.nn.functional as F
 
 from dijiang.ops import window_attention
 from dijiang.ops.triton_dijiang import dijiang_feature_map
-from dijiang.ops.testing import run_window, window_inputs
+from dijiang.ops.testing import rel_err as rel, run_window, window_inputs
 from dijiang.ops.triton_window import fused_window_attention
 
 def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @gpu

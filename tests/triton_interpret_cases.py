@@ -17,15 +17,11 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from dijiang.ops import linear_attention, window_attention  # noqa: E402
 from dijiang.ops import triton_dijiang  # noqa: E402
+from dijiang.ops.testing import rel_err as rel  # noqa: E402
 from dijiang.ops.triton_dijiang import dijiang_feature_map, fused_dijiang_attention  # noqa: E402
 from dijiang.ops.triton_dijiang import torch_dijiang_attention as _torch_dijiang_attention  # noqa: E402
 from dijiang.ops.triton_window import fused_window_attention  # noqa: E402
 from dijiang.ops.triton_window_decode import window_decode_step  # noqa: E402
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def leaf(*shape, scale=1.0, gen):
