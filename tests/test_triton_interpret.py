@@ -56,7 +56,7 @@ def test_every_case_ran(results):
     assert sum(name.startswith("window") and not name.startswith("window decode") for name in results) == 10
     assert sum(name.startswith("dijiang") for name in results) == 9
     assert sum(name.startswith("reduce") for name in results) == 1
-    assert sum(name.startswith("hedgehog layer") for name in results) == 4
+    assert sum(name.startswith("layer, ") for name in results) == 6
     assert sum(name.startswith("window decode") for name in results) == 3
 
 
@@ -90,9 +90,10 @@ def test_fused_dijiang_kernel_equals_the_torch_op(results):
             _assert_case(name, errors, tol=2e-5)
 
 
-def test_hedgehog_layer_on_the_fused_kernel_equals_its_torch_path(results):
-    """Hedgehog's map in a pure layer runs the fused chunk kernel on its log-features (identity projection):
-    output, state and every gradient, both maps' weights included, as the layer's torch path gives them."""
+def test_converted_layer_on_the_fused_kernels_equals_its_torch_path(results):
+    """A layer's fused path (Hedgehog's map as its log-features with an identity projection, DiJiang's as its
+    projection; pure or beside the window): output, state and every gradient, each new parameter's included, as
+    the layer's torch path gives them."""
     for name, errors in results.items():
-        if name.startswith("hedgehog layer"):
+        if name.startswith("layer, "):
             _assert_case(name, errors, tol=1e-5)

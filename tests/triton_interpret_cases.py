@@ -149,38 +149,34 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, fi
     return out
 
 
-def hedgehog_layer_case(B, T, seed=0, with_state=False, gate=False, window=0, sinks=0) -> dict:
-    """A layer with Hedgehog's map on the fused kernels (its log-features, an identity projection:
-    ``DiJiangAttention._fused_hedgehog`` pure, ``_fused_hedgehog_window`` with a window) against the layer's torch
-    path: output, final state and the gradients of q, k, v, both maps' weights, the decay (the gate, the window's
-    linear weight); with_state: a state carried in (pure layers only: the fused window op starts empty)."""
+def layer_case(B, T, feature_map="hedgehog", seed=0, with_state=False, gate=False, window=0, sinks=0,
+               transform=False) -> dict:
+    """A converted layer through the fused kernels (``DiJiangAttention._fused``: Hedgehog's map as its log-features
+    with an identity projection, DiJiang's as its projection) against the layer's torch path: output, final state
+    and the gradients of q, k, v and every new parameter of the layer (maps, decay, gate, linear weight,
+    transform); with_state: a state carried in (pure layers only: the fused window op starts empty)."""
     import dijiang
     from dijiang.conversion import iter_dijiang_layers
     from helpers import tiny_model
 
     torch.manual_seed(seed)
-    settings = dict(feature_map="hedgehog", decay_gate=gate, window=window, sinks=sinks)
+    settings = dict(feature_map=feature_map, decay_gate=gate, window=window, sinks=sinks, feature_transform=transform)
     model = dijiang.convert(tiny_model("llama", seed=seed), settings)
     layer = next(layer for _, layer in iter_dijiang_layers(model))
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # away from the identity init, so the two halves and the two maps differ
-        for fm in (layer.feature_map, layer.key_map):
-            fm.weight.add_(0.3 * torch.randn(fm.weight.shape, generator=gen))
-        if gate:
-            layer.decay_gate.normal_(std=0.3, generator=gen)
-        if window:
-            layer.window_mix.normal_(std=0.5, generator=gen)
+    with torch.no_grad():  # away from the init (identity maps, u = 0), so that each parameter matters
+        for name, p in layer.named_parameters():
+            if name.startswith(("feature_map.", "key_feature_map.", "decay_gate", "window_mix", "feature_transform")):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    new = {id(p) for p in layer.new_parameters()}
+    named = [(name, p) for name, p in layer.named_parameters() if id(p) in new and p.requires_grad]
     H, d, m = layer.num_heads, layer.head_dim, layer.feature_map.num_features
     q, k, v = (leaf(B, T, H, d, gen=gen) for _ in range(3))
     init = torch.rand(B, H, m, d + 1, generator=gen).requires_grad_() if with_state else None
-    params = [layer.feature_map.weight, layer.key_map.weight, layer.decay_logit] + ([layer.decay_gate] if gate else [])
-    params += [layer.window_mix] if window else []
-    leaves = [q, k, v] + params + ([init] if with_state else [])
+    leaves = [q, k, v] + [p for _, p in named] + ([init] if with_state else [])
 
     def fused():
-        if window:
-            return layer._fused_hedgehog_window(q, k, q, k, v, True)
-        return layer._fused_hedgehog(q, k, v, init, True)
+        return layer._fused(q, k, v, init, True)
 
     def reference():
         return layer._attend(q, k, v, mode="chunk", mask=None, initial_state=init, output_final_state=True)
@@ -191,8 +187,7 @@ def hedgehog_layer_case(B, T, seed=0, with_state=False, gate=False, window=0, si
     finally:
         triton_dijiang.torch_dijiang_attention = _torch_dijiang_attention
     o2, s2, g2 = grads_of(reference, leaves, seed + 1)
-    names = ["q", "k", "v", "query_map", "key_map", "decay"] + (["gate"] if gate else []) + (["mix"] if window else [])
-    names += ["init"] if with_state else []
+    names = ["q", "k", "v"] + [name for name, _ in named] + (["init"] if with_state else [])
     out = {"o": rel(o1, o2), **{f"d_{n}": rel(a, b) for n, a, b in zip(names, g1, g2)}}
     if window:  # the decode state: the linear S, the window's raw and feature-mapped keys and values, the sinks
         out.update({f"state_{key}": rel(s1[key].float(), s2[key].float()) for key in s2
@@ -291,13 +286,16 @@ CASES = {
                                                                                       seed=11, token_decay=True),
     "dijiang B2 T207 per-token decay, state in and out, segments of 3 chunks":
         lambda: dijiang_case(2, 207, 2, 16, False, True, seed=12, token_decay=True, segment=3),
-    "hedgehog layer T150 (pure, fused kernel on its log-features)": lambda: hedgehog_layer_case(1, 150),
-    "hedgehog layer B2 T100 state in, data-dependent decay": lambda: hedgehog_layer_case(2, 100, seed=1,
-                                                                                          with_state=True, gate=True),
-    "hedgehog layer B2 T150 window 40 + 4 sinks (the fused window op)": lambda: hedgehog_layer_case(
-        2, 150, seed=2, window=40, sinks=4),
-    "hedgehog layer T120 window 48, data-dependent decay": lambda: hedgehog_layer_case(1, 120, seed=3, window=48,
-                                                                                      gate=True),
+    "layer, hedgehog: T150 (pure, fused kernel on its log-features)": lambda: layer_case(1, 150),
+    "layer, hedgehog: B2 T100 state in, data-dependent decay": lambda: layer_case(2, 100, seed=1, with_state=True,
+                                                                                gate=True),
+    "layer, hedgehog: B2 T150 window 40 + 4 sinks (the fused window op)": lambda: layer_case(2, 150, seed=2, window=40,
+                                                                                           sinks=4),
+    "layer, hedgehog: T120 window 48, data-dependent decay": lambda: layer_case(1, 120, seed=3, window=48, gate=True),
+    "layer, dijiang: B2 T100 state in, transform": lambda: layer_case(2, 100, "dijiang", seed=4, with_state=True,
+                                                                    transform=True),
+    "layer, dijiang: T150 window 40 + 4 sinks, transform, data-dependent decay":
+        lambda: layer_case(1, 150, "dijiang", seed=5, window=40, sinks=4, transform=True, gate=True),
     "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
     "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
                                                                                                        13, seed=1),

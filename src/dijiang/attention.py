@@ -258,25 +258,7 @@ class DiJiangAttention(nn.Module):
         # under autocast RoPE hands back float32 q, k next to a bf16 v: the kernels take one dtype, v's
         q_fused, k_fused = (q, k) if q.dtype == v.dtype or not q.is_cuda else (q.to(v.dtype), k.to(v.dtype))
         if self._can_fuse(q_fused, v, mode, mask, initial_state):
-            fm = self.feature_map
-            q_lin, k_lin = self.linear_inputs(q_fused, k_fused)
-            if self.settings.window and isinstance(fm, HedgehogFeatureMap):
-                o, state = self._fused_hedgehog_window(q_fused, k_fused, q_lin, k_lin, v, layer_cache is not None)
-            elif self.settings.window:
-                o, state = fused_window_attention(
-                    q_fused, k_fused, v, fm.projection, fm.log_weight, self.step_log_decay(v),
-                    F.softplus(self.window_mix.float()), window=self.settings.window, scale=self.scale,
-                    feature_scale=fm.scale, output_final_state=layer_cache is not None, q_lin=q_lin, k_lin=k_lin,
-                    sinks=self.settings.sinks,
-                )
-            elif isinstance(fm, HedgehogFeatureMap):
-                o, state = self._fused_hedgehog(q_lin, k_lin, v, initial_state, layer_cache is not None)
-            else:
-                o, state = fused_dijiang_attention(
-                    q_lin, k_lin, v, fm.projection, fm.log_weight, self.step_log_decay(v), scale=fm.scale,
-                    normalize=self.settings.normalize, initial_state=initial_state,
-                    output_final_state=layer_cache is not None, chunk_size=self.settings.chunk_size,
-                )
+            o, state = self._fused(q_fused, k_fused, v, initial_state, layer_cache is not None)
             return self._finish(o, state, layer_cache, hidden_states)
         attend = functools.partial(self._attend, mode=mode, mask=mask, initial_state=initial_state,
                                    output_final_state=layer_cache is not None)
@@ -318,45 +300,48 @@ class DiJiangAttention(nn.Module):
             attention_mask=mask,
         )
 
-    def _hedgehog_kernel_inputs(self, q_lin, k_lin, v):
-        """What the fused kernels take for Hedgehog's map: its log-features (queries' and keys' maps) and an
-        identity projection. The kernels' softmax over m of them, with no temperature, is phi / feature_sum for
-        queries and keys alike; the map's weights get their gradients through log_features (autograd)."""
-        identity = torch.eye(self.feature_map.num_features, device=v.device)
-        q_log = self.feature_map.log_features(q_lin).to(v.dtype)
-        return q_log, self.key_map.log_features(k_lin).to(v.dtype), identity
+    def _kernel_inputs(self, q_lin, k_lin, v):
+        """What the fused kernels take for this layer's feature map: (q and k of the linear part, projection P,
+        log weights, the features' temperature, c), the kernels' features being phi / c. A projection map is
+        its own (c = 1). Hedgehog's map: its log-features (the queries' and the keys' maps) and an identity P, no
+        temperature: the kernels' softmax over m of them is phi / feature_sum; the map's weights get their
+        gradients through log_features (autograd)."""
+        fm = self.feature_map
+        if not isinstance(fm, HedgehogFeatureMap):
+            return q_lin, k_lin, fm.projection, fm.log_weight, fm.scale, 1.0
+        q_log, k_log = fm.log_features(q_lin).to(v.dtype), self.key_map.log_features(k_lin).to(v.dtype)
+        return q_log, k_log, torch.eye(fm.num_features, device=v.device), None, 1.0, fm.feature_sum
 
-    def _fused_hedgehog(self, q_lin, k_lin, v, initial_state, want_state):
-        """Hedgehog's map in a pure layer through the fused chunk kernel (``_hedgehog_kernel_inputs``): the
-        normaliser cancels the features' 1 / feature_sum; the kernel's states are the torch path's / feature_sum."""
-        c = self.feature_map.feature_sum
-        q_log, k_log, identity = self._hedgehog_kernel_inputs(q_lin, k_lin, v)
+    def _fused(self, q, k, v, initial_state, want_state):
+        """The layer through the fused kernels: the window op (banded softmax + chunk kernel), or the chunk
+        kernel alone. With features phi / c (``_kernel_inputs``) the linear numerator and denominator are / c^2:
+        beside the softmax window the linear weight goes in x c^2; alone, the normaliser cancels it (eps / c^2
+        matches the torch path's). The states come out / c and are scaled back."""
+        q_lin, k_lin = self.linear_inputs(q, k)
+        q_lin, k_lin, proj, log_weight, feature_scale, c = self._kernel_inputs(q_lin, k_lin, v)
+        if self.settings.window:
+            o, state = fused_window_attention(
+                q, k, v, proj, log_weight, self.step_log_decay(v), F.softplus(self.window_mix.float()) * c**2,
+                window=self.settings.window, scale=self.scale, feature_scale=feature_scale,
+                output_final_state=want_state, q_lin=q_lin, k_lin=k_lin, sinks=self.settings.sinks,
+            )
+            if state is not None and c != 1:
+                state = dict(state, S=state["S"] * c, kf=state["kf"] * c)
+            return o, state
+        if initial_state is not None and c != 1:
+            initial_state = initial_state / c
         o, state = fused_dijiang_attention(
-            q_log, k_log, v, identity, None, self.step_log_decay(v), scale=1.0, normalize=True,
-            initial_state=None if initial_state is None else initial_state / c, output_final_state=want_state,
-            chunk_size=self.settings.chunk_size, eps=1e-6 / c**2,  # the torch path's eps (linear_attention's), scaled
+            q_lin, k_lin, v, proj, log_weight, self.step_log_decay(v), scale=feature_scale,
+            normalize=self.settings.normalize, initial_state=initial_state, output_final_state=want_state,
+            chunk_size=self.settings.chunk_size, eps=1e-6 / c**2,  # linear_attention's eps, the torch path's
         )
-        return o, None if state is None else state * c
-
-    def _fused_hedgehog_window(self, q, k, q_lin, k_lin, v, want_state):
-        """Hedgehog's map in a window layer through the fused window op (``_hedgehog_kernel_inputs`` for its
-        linear part): features / feature_sum make the linear numerator and denominator / feature_sum^2 beside
-        the softmax window's, so the linear weight goes in x feature_sum^2; the state's S and the window's key
-        features come out / feature_sum and are scaled back."""
-        c = self.feature_map.feature_sum
-        q_log, k_log, identity = self._hedgehog_kernel_inputs(q_lin, k_lin, v)
-        o, state = fused_window_attention(
-            q, k, v, identity, None, self.step_log_decay(v), F.softplus(self.window_mix.float()) * c**2,
-            window=self.settings.window, scale=self.scale, feature_scale=1.0, output_final_state=want_state,
-            q_lin=q_log, k_lin=k_log, sinks=self.settings.sinks,
-        )
-        return o, None if state is None else dict(state, S=state["S"] * c, kf=state["kf"] * c)
+        return o, state if state is None or c == 1 else state * c
 
     def feature_map_fuses(self) -> bool:
         """Whether the fused kernels can compute this layer's feature map: one softmax-stabilised projection
         map for q and k, with a projection that needs no gradient (the kernels have none for it); or Hedgehog's
         map in a window layer or a normalised pure one (the kernels take its log-features, whose 1 / feature_sum
-        a normaliser must absorb: ``_hedgehog_kernel_inputs``)."""
+        a normaliser must absorb: ``_kernel_inputs``)."""
         fm = self.feature_map
         if isinstance(fm, HedgehogFeatureMap):
             return bool(self.settings.window) or self.settings.normalize
