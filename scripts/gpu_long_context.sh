@@ -3,6 +3,7 @@
 # Each recipe of recipes/long-context/ trains in its own background process (setsid), all at once on one
 # GPU, then `dijiang eval` scores it at 512 / 2048 / 8192-token windows on three texts, with its DiJiang
 # branch switched off too, and passkey retrieval at 1k-8k.
+#   bash scripts/gpu_long_context.sh slice     # here, on the CPU, after scripts/build_corpus.py: .gpu_corpus
 #   bash scripts/gpu_long_context.sh stash     # call 1 (carries .gguf_a): the model's first half
 #   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .whl .gpu_corpus): model, launch
 #   bash scripts/gpu_long_context.sh status    # later calls: one line per job
@@ -10,7 +11,8 @@
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
 #   STOP="job ..." bash scripts/gpu_long_context.sh stop   # end those jobs (training or evaluation); the queue
 #                                              # gives their slots to the next jobs
-# .gpu_corpus/part-000.jsonl.xz: a slice of the training corpus (scripts/build_corpus.py) that fits a call.
+# .gpu_corpus/part-000.jsonl.xz: the slice of the training corpus (scripts/build_corpus.py) that every run trains on,
+# small enough for a call: its SLICE_DOCS=468 longest documents (28.0M characters), in the corpus's own order.
 # JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget; PASSKEY=1024,... and
 # PASSKEY_TRIALS=10 the passkey lengths and trials a length; PARALLEL=5 jobs train at once (each
 # takes ~21 GiB at 8192-token blocks), the rest wait in a queue that outlives the call. A recipe named layer-choice*
@@ -32,6 +34,23 @@ RETRIEVAL="--data $WORK/corpus/part-000.jsonl.xz --documents 12 --seed 1"  # fac
 TEXTS="--text pydoc --text data/heldout/austen-pride-and-prejudice.txt --text $WORK/python-stdlib.txt"
 
 case "${1:-}" in
+slice)
+  mkdir -p .gpu_corpus
+  python3 - "${SLICE_DOCS:-468}" <<'PY' || exit 1
+import json, lzma, sys
+sys.path.insert(0, "scripts")
+from build_corpus import iter_corpus
+docs = list(iter_corpus(".corpus"))
+count = int(sys.argv[1])
+# the longest documents, ties broken by corpus position; written in corpus order (already shuffled by the build)
+chosen = sorted(sorted(range(len(docs)), key=lambda i: (-len(docs[i]["text"]), i))[:count])
+with lzma.open(".gpu_corpus/part-000.jsonl.xz", "wt", preset=9) as out:
+    for i in chosen:
+        out.write(json.dumps(docs[i], ensure_ascii=False) + "\n")
+chars = sum(len(docs[i]["text"]) for i in chosen)
+print(f".gpu_corpus/part-000.jsonl.xz: {len(chosen)} of {len(docs)} documents, {chars / 1e6:.1f}M characters")
+PY
+  ;;
 stash)
   mkdir -p ~/stash && cp .gguf_a/* ~/stash/ && ls -la ~/stash
   ;;
@@ -125,5 +144,5 @@ tests)
   PYTHONPATH=~/site:$PWD/src timeout 400 python3 -m pytest -q -m gpu $files 2>&1 | tail -n 40 > "$OUT/gpu_tests.txt"
   tail -n 5 "$OUT/gpu_tests.txt"
   ;;
-*) echo "usage: $0 stash|start|status|stop|collect|tests" >&2; exit 2 ;;
+*) echo "usage: $0 slice|stash|start|status|stop|collect|tests" >&2; exit 2 ;;
 esac
