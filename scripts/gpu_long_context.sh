@@ -6,7 +6,7 @@
 #   bash scripts/gpu_long_context.sh slice     # here, on the CPU, after scripts/build_corpus.py: .gpu_corpus
 #   bash scripts/gpu_long_context.sh stash     # call 1 (carries .gguf_a): the model's first half
 #   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .whl .gpu_corpus): model, launch
-#   bash scripts/gpu_long_context.sh status    # later calls: one line per job
+#   bash scripts/gpu_long_context.sh status    # later calls: one line per job; also collects (below) into $OUT
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
 #   STOP="job ..." bash scripts/gpu_long_context.sh stop   # end those jobs (training or evaluation); the queue
@@ -122,6 +122,8 @@ status)
     [ -f $RUNS/$job.eval.log ] && tail -n 3 $RUNS/$job.eval.log
   done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+  # every poll brings back what is there so far: the machine goes back 30 s after a call, and with it the runs
+  if [ -n "${OUT:-}" ]; then bash scripts/gpu_long_context.sh collect > /dev/null; fi
   ;;
 stop)
   # match the jobs' own command lines (recipe path, student path), never this call's, which names them only in STOP
