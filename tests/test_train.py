@@ -3,8 +3,10 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from dijiang.train import (
-    TrainConfig, add_cli, checkpoint_dirs, config_from_args, lr_multiplier, parse_token_count, train,
-    warmup_steps_of,
+    TrainConfig, TrainingInterrupted, add_cli, checkpoint_dirs, config_from_args, lr_multiplier, parse_token_count,
+    train, warmup_steps_of,
 )
 from helpers import read_log, save_tiny_model, tiny_tokenizer, worker_env, write_text_corpus
 
@@ -230,6 +232,67 @@ def test_resume_after_kill_9_continues_bit_for_bit(assets, tmp_path):
     final_reference = load_file(str(checkpoint_dirs(Path(reference_config["out"]))[-1] / "trainable.safetensors"))
     for name, tensor in final.items():
         torch.testing.assert_close(tensor, final_reference[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues_exactly(assets, tmp_path, signum):
+    def signal_at_step_4(step, record):
+        if step == 4:
+            os.kill(os.getpid(), signum)
+
+    config = small_config(assets, tmp_path / "stopped", attention_transfer_tokens="256", save_every=3)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="stopped at step 4 of 14.*--resume"):
+        train(config, on_step=signal_at_step_4)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+    assert [d.name for d in checkpoint_dirs(Path(config.out))][-1] == "step_00000004"  # not only step 3's
+    assert [r["step"] for r in read_log(config.out)] == [1, 2, 3, 4] and not (Path(config.out) / "final").exists()
+
+    train(TrainConfig(**{**config.__dict__, "resume": True}))
+    reference = small_config(assets, tmp_path / "reference", attention_transfer_tokens="256", save_every=3)
+    train(reference)
+    after, expected = read_log(config.out), read_log(reference.out)
+    assert [r["step"] for r in after] == [r["step"] for r in expected] == list(range(1, 15))
+    for got, want in zip(after, expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-9), got["step"]
+    final = load_file(str(checkpoint_dirs(Path(config.out))[-1] / "trainable.safetensors"))
+    final_reference = load_file(str(checkpoint_dirs(Path(reference.out))[-1] / "trainable.safetensors"))
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, final_reference[name], rtol=1e-6, atol=1e-7)
+
+
+def test_dijiang_train_stopped_by_sigterm_exits_130_and_says_how_to_resume(assets, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "dijiang", "train", "--model", str(assets["model"]), "--data", str(assets["corpus"]),
+               "--out", str(out), "--tokens", "1M", "--block-size", "32", "--batch-size", "4", "--save-every", "0",
+               "--no-progress"]
+    process = subprocess.Popen(command, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text().strip():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "SIGTERM: stopping after this step" in stderr and "continue with --resume" in stderr
+    step = read_log(out)[-1]["step"]
+    assert checkpoint_dirs(out)[-1].name == f"step_{step:08d}"  # --save-every 0 wrote none before the signal
+
+
+def test_a_second_signal_stops_at_once(assets, tmp_path):
+    def two_signals_at_step_2(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the first put the default handler back: this one raises here
+
+    config = small_config(assets, tmp_path / "stopped", save_every=3)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(config, on_step=two_signals_at_step_2)
+    assert not isinstance(stopped.value, TrainingInterrupted) and checkpoint_dirs(Path(config.out)) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ddp_on_cpu_matches_one_process_over_the_same_global_batch(assets, tmp_path):

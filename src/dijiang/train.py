@@ -7,7 +7,8 @@ Stage 2: end to end, KD (KL to the teacher's logits) + LM loss, full fine-tuning
 One process on CPU, or several under `accelerate launch`: DDP, or FSDP2 (both stages; `dijiang.distributed`
 holds what sharding changes). Checkpoints hold everything needed to continue bit for bit after a kill:
 trainable weights (safetensors), optimizer state, RNG states of every rank, and the data position (batches are
-a pure function of seed and position).
+a pure function of seed and position). SIGINT (Ctrl-C) or SIGTERM stops the run at the end of the step in
+flight, after a checkpoint of it: `--resume` then continues as if nothing happened; a second signal stops at once.
 
 This module holds the schedule, the model preparation, the steps and the loop; the options and the flags made
 from them are in `dijiang.train_config`, the run's data in `dijiang.train_data`, its folder and checkpoints in
@@ -15,11 +16,14 @@ from them are in `dijiang.train_config`, the run's data in `dijiang.train_data`,
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -199,6 +203,47 @@ def evaluate_loss(model, blocks: torch.Tensor, batch_size: int, accelerator, pro
 # ---------------------------------------------------------------- the loop
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during training: the run stopped between two steps, after checkpointing the last one."""
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While training, SIGINT and SIGTERM only ask the loop to stop (it looks between optimizer steps, so the step
+    in flight finishes and is checkpointed); the first signal puts the old handlers back, so a second one stops at
+    once. Outside the main thread signals cannot be caught: the list stays empty."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def ask_to_stop(signum, frame):
+        requested.append(signum)
+        restore()
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint of it "
+              f"(send it again to stop at once)", file=sys.stderr)
+
+    for sig in previous:
+        signal.signal(sig, ask_to_stop)
+    try:
+        yield requested
+    finally:
+        restore()
+
+
+def _stop_agreed(requested: list[int], accelerator) -> bool:
+    """Every rank stops at the same step (a checkpoint is collective under FSDP): one rank's signal stops all."""
+    if accelerator.num_processes == 1:
+        return bool(requested)
+    flag = torch.tensor([float(bool(requested))], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
@@ -282,43 +327,55 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
     step = progress["step"]
     record: dict = {}
     bar = _progress_bar(config, accelerator, total_steps, last_step, step)
-    for stage in (1, 2):
-        first = stage_steps[0] if stage == 2 else 0
-        stage_end = first + stage_steps[stage - 1]
-        if step >= stage_end or step >= last_step:
-            continue
-        model_for_stage, optimizer = _stage_setup(stage, student, new_names, set(saved_names), config, accelerator)
-        if optimizer_state is not None and progress.get("stage", 1 if progress["step"] < stage_steps[0] else 2) == stage:
-            if sharded:
-                distributed.load_full_optimizer_state(model_for_stage, optimizer, optimizer_state)
-            else:
-                optimizer.load_state_dict(optimizer_state)
-        optimizer_state = None
-        warmup = warmup_steps_of(config.warmup, stage_steps[stage - 1])
-        while step < min(stage_end, last_step):
-            started = time.perf_counter()
-            set_lr(optimizer, lr_multiplier(step - first, stage_steps[stage - 1], warmup, config.min_lr_ratio))
-            parts, updated = _optimizer_step(stage, model_for_stage, teacher, paths, optimizer, batches, config,
-                                             accelerator)
-            if not updated:
-                raise NonFiniteTraining(non_finite_message(step + 1, parts, out))
-            step += 1
-            elapsed = time.perf_counter() - started
-            record = {"step": step, "stage": stage, "tokens": step * tokens_per_step, **parts,
-                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_step / elapsed}
-            if accelerator.device.type == "cuda":  # this process's GPU: what FSDP's sharding saves shows here
-                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-            if config.eval_every and step % config.eval_every == 0:
-                record.update(_evaluate(student, eval_sets, config, accelerator))
-            _log(out, record, bar, accelerator)
-            if (config.save_every and step % config.save_every == 0) or step == last_step:
-                progress = {"step": step, "stage": stage, "position": batches.stream.position,
-                            "fingerprint": data_fingerprint(packed.train), "sharded": sharded}
-                save_checkpoint(out, step, accelerator.unwrap_model(model_for_stage), saved_names, optimizer,
-                                progress, accelerator, config.keep_checkpoints)
-            if on_step is not None:
-                on_step(step, record)
-        student = accelerator.unwrap_model(model_for_stage)
+    def checkpoint(stage, model_for_stage, optimizer):
+        progress = {"step": step, "stage": stage, "position": batches.stream.position,
+                    "fingerprint": data_fingerprint(packed.train), "sharded": sharded}
+        save_checkpoint(out, step, accelerator.unwrap_model(model_for_stage), saved_names, optimizer, progress,
+                        accelerator, config.keep_checkpoints)
+
+    with _stop_requests() as stop_requested:
+        for stage in (1, 2):
+            first = stage_steps[0] if stage == 2 else 0
+            stage_end = first + stage_steps[stage - 1]
+            if step >= stage_end or step >= last_step:
+                continue
+            model_for_stage, optimizer = _stage_setup(stage, student, new_names, set(saved_names), config, accelerator)
+            if optimizer_state is not None and progress.get("stage", 1 if progress["step"] < stage_steps[0] else 2) == stage:
+                if sharded:
+                    distributed.load_full_optimizer_state(model_for_stage, optimizer, optimizer_state)
+                else:
+                    optimizer.load_state_dict(optimizer_state)
+            optimizer_state = None
+            warmup = warmup_steps_of(config.warmup, stage_steps[stage - 1])
+            while step < min(stage_end, last_step):
+                started = time.perf_counter()
+                set_lr(optimizer, lr_multiplier(step - first, stage_steps[stage - 1], warmup, config.min_lr_ratio))
+                parts, updated = _optimizer_step(stage, model_for_stage, teacher, paths, optimizer, batches, config,
+                                                 accelerator)
+                if not updated:
+                    raise NonFiniteTraining(non_finite_message(step + 1, parts, out))
+                step += 1
+                elapsed = time.perf_counter() - started
+                record = {"step": step, "stage": stage, "tokens": step * tokens_per_step, **parts,
+                          "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_step / elapsed}
+                if accelerator.device.type == "cuda":  # this process's GPU: what FSDP's sharding saves shows here
+                    record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+                if config.eval_every and step % config.eval_every == 0:
+                    record.update(_evaluate(student, eval_sets, config, accelerator))
+                _log(out, record, bar, accelerator)
+                saved = (config.save_every and step % config.save_every == 0) or step == last_step
+                if saved:
+                    checkpoint(stage, model_for_stage, optimizer)
+                if on_step is not None:
+                    on_step(step, record)
+                if _stop_agreed(stop_requested, accelerator):
+                    if not saved:
+                        checkpoint(stage, model_for_stage, optimizer)
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingInterrupted(f"stopped at step {step} of {last_step}; its checkpoint is "
+                                              f"{checkpoint_dirs(out)[-1]}: continue with --resume")
+            student = accelerator.unwrap_model(model_for_stage)
     if bar is not None:
         bar.close()
 
@@ -481,6 +538,10 @@ def add_cli(subparsers) -> None:
 
 
 def run_cli(args) -> int:
-    summary = train(config_from_args(args))
+    try:
+        summary = train(config_from_args(args))
+    except TrainingInterrupted as stopped:
+        print(f"dijiang train: {stopped}", file=sys.stderr)
+        return 130  # the shell's code for a run ended by SIGINT
     print(json.dumps({key: summary[key] for key in ("steps", "tokens", "eval", "out") if key in summary}, indent=1))
     return 0
