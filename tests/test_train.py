@@ -282,6 +282,46 @@ def test_dijiang_train_stopped_by_sigterm_exits_130_and_says_how_to_resume(asset
     assert checkpoint_dirs(out)[-1].name == f"step_{step:08d}"  # --save-every 0 wrote none before the signal
 
 
+def test_export_writes_the_model_of_a_stopped_run_at_its_newest_or_a_named_checkpoint(assets, tmp_path):
+    from dijiang.cli import main
+    from dijiang.export import export_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    config = small_config(assets, tmp_path / "run", attention_transfer_tokens="256", save_every=3, lora_rank=4,
+                          keep_checkpoints=0, max_steps=7)  # ends at step 7 of 14: checkpoints, no final/
+    summary = train(config)
+    assert not (Path(config.out) / "final").exists() and json.loads((Path(config.out) / "run_config.json").read_text())["lora_rank"] == 4
+    newest = export_checkpoint(config.out, tmp_path / "step7")
+    exported = AutoModelForCausalLM.from_pretrained(newest, trust_remote_code=True)
+    trained = summary["model"].merge_and_unload()
+    batch = torch.randint(0, exported.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=batch).logits, trained(input_ids=batch).logits, rtol=1e-4, atol=1e-4)
+
+    assert main(["export", config.out, "--out", str(tmp_path / "step3"), "--step", "3"]) == 0
+    at_step_3 = AutoModelForCausalLM.from_pretrained(tmp_path / "step3", trust_remote_code=True)
+    with torch.no_grad():
+        assert not torch.allclose(at_step_3(input_ids=batch).logits, exported(input_ids=batch).logits)
+    with pytest.raises(ValueError, match="no checkpoint of step 5; it keeps steps 3, 6, 7"):
+        export_checkpoint(config.out, tmp_path / "other", step=5)
+    with pytest.raises(ValueError, match="already exists.*--overwrite"):
+        export_checkpoint(config.out, tmp_path / "step7")
+    assert main(["export", str(tmp_path / "step7"), "--out", str(tmp_path / "x")]) == 2  # a model, not a run
+
+
+def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(assets, tmp_path):
+    config = small_config(assets, tmp_path / "ddp", tokens="768", batch_size=2, save_every=0)
+    config_file = tmp_path / "ddp.json"
+    config_file.write_text(json.dumps(config.__dict__))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(29000 + os.getpid() % 500), str(TESTS / "ddp_worker.py"), str(config_file), "--term-rank-1-at", "2"]
+    result = subprocess.run(launch, env=worker_env(), capture_output=True, text=True, timeout=150)
+    assert result.returncode != 0 and "stopped at step 2 of 6" in result.stderr, result.stderr[-3000:]
+    assert [r["step"] for r in read_log(config.out)] == [1, 2]
+    assert [d.name for d in checkpoint_dirs(Path(config.out))] == ["step_00000002"]
+    assert sorted(p.name for p in checkpoint_dirs(Path(config.out))[0].glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+
+
 def test_a_second_signal_stops_at_once(assets, tmp_path):
     def two_signals_at_step_2(step, record):
         if step == 2:

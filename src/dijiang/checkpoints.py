@@ -163,7 +163,8 @@ def truncate_log(path: Path, last_step: int) -> None:
 # ---------------------------------------------------------------- output folder
 
 # what a run writes into --out (anything else there is the user's and stays)
-RUN_FILES = (CHECKPOINT_DIR, LOG_FILE, TEACHER_TEXT_FILE, "summary.json", "final")
+RUN_CONFIG_FILE = "run_config.json"  # the run's TrainConfig: what `dijiang export` rebuilds the student from
+RUN_FILES = (CHECKPOINT_DIR, LOG_FILE, TEACHER_TEXT_FILE, RUN_CONFIG_FILE, "summary.json", "final")
 
 
 def check_out_dir(out: Path, config: TrainConfig) -> list[str]:

@@ -19,6 +19,7 @@ COMMANDS = {
     "convert": ("conversion", "convert a model to DiJiang attention and save it"),
     "generate": ("generate", "generate text from a converted (or any) model, streaming"),
     "train": ("train", "fine-tune a converted model against its softmax teacher"),
+    "export": ("export", "a model folder from a training run's checkpoint (a stopped run, an earlier step)"),
     "eval": ("evaluate", "perplexity (teacher vs student), per-layer attention fidelity, passkey retrieval"),
     "bench": ("bench", "model-level speed/memory: prefill, decode (HF and fast), training"),
     "demo": ("demo", "teacher -> DiJiang -> short fine-tune -> perplexity beyond the window, on a CPU"),

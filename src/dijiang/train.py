@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -43,7 +44,7 @@ from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
 # The configuration (dijiang.train_config), the run's data (dijiang.train_data) and its folder and checkpoints
 # (dijiang.checkpoints) have modules of their own; their public names stay importable from here.
 from dijiang.checkpoints import (  # noqa: F401
-    CHECKPOINT_DIR, LOG_FILE, RUN_FILES, TEACHER_TEXT_FILE, CorruptCheckpoint, check_out_dir, checkpoint_dirs,
+    CHECKPOINT_DIR, LOG_FILE, RUN_CONFIG_FILE, RUN_FILES, TEACHER_TEXT_FILE, CorruptCheckpoint, check_out_dir, checkpoint_dirs,
     load_checkpoint, load_newest_checkpoint, load_trained_weights, remove_run_files, rng_state, save_checkpoint,
     set_rng_state, trainable_state, truncate_log,
 )
@@ -275,6 +276,8 @@ def train(config: TrainConfig, convert_fn: Callable | None = None, on_step: Call
             remove_run_files(out, earlier_run)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # after every rank's check_out_dir: this file is one of the run's
+        _write_atomic(out / RUN_CONFIG_FILE, json.dumps(dataclasses.asdict(config), indent=1))
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -505,19 +508,25 @@ def _rebuilt_student(config: TrainConfig, convert_fn, names: list[str], checkpoi
     return student
 
 
-def _save_final(student, tokenizer, out: Path) -> str | None:
+def save_student(student, tokenizer, folder: Path) -> Path:
+    """The trained student as a model folder (LoRA merged into the weights); refuses NaN / inf weights."""
+    from dijiang.conversion import save_converted
     from dijiang.loading import non_finite_tensors
 
-    final = out / "final"
     model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
     bad = non_finite_tensors(model)
     if bad:
         raise NonFiniteTraining(f"the trained model holds NaN or inf in {len(bad)} tensor(s) (e.g. {bad[0]}); "
-                                f"no final model saved")
-    try:
-        from dijiang.conversion import save_converted
+                                f"no model saved")
+    return save_converted(model, tokenizer, folder)
 
-        save_converted(model, tokenizer, final)
+
+def _save_final(student, tokenizer, out: Path) -> str | None:
+    final = out / "final"
+    try:
+        save_student(student, tokenizer, final)
+    except NonFiniteTraining:
+        raise
     except Exception as error:  # the trained weights are safe in the checkpoints either way
         print(f"warning: could not save the final model with save_pretrained ({type(error).__name__}: {error}); "
               f"the last checkpoint in {out / CHECKPOINT_DIR} holds the trained weights", file=sys.stderr)
