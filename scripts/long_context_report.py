@@ -36,6 +36,9 @@ ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k",
 SOFTMAX_WINDOW = 128
 
 
+PURE_GOAL = 2.0  # the issue's goal for pure linear attention: at most 2x the teacher's perplexity at every window
+
+
 def is_map_run(job: str) -> bool:
     """The feature-map ablation (recipes/long-context/map-*.yaml: 2M tokens) gets its own table and plot."""
     return job.startswith("map-")
@@ -155,7 +158,8 @@ def plot_context(runs: dict[str, dict], out: Path, maps: bool = False, pure: boo
             if is_pure_run(job) == pure and is_map_run(job) == maps and (only is None or job in only)
             for r in run["eval"]["context"] if r["model"] in ("teacher", job)]
     # a map with sinks in the colour of the same map without them
-    return draw(rows, out, family=(lambda job: job.replace("map-sinks-", "map-")) if maps else None)
+    return draw(rows, out, family=(lambda job: job.replace("map-sinks-", "map-")) if maps else None,
+                goal=PURE_GOAL if pure else None)
 
 
 def plot_training(runs: dict[str, dict], out: Path, pure: bool = False, only: list[str] | None = None) -> Path:

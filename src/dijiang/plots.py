@@ -108,11 +108,12 @@ def plot_demo(perplexity_rows: Sequence[dict], log: str | Path | Sequence[dict] 
     return _save(fig, out_path)
 
 
-def plot_context(rows: Sequence[dict], out_path: str | Path, family=None) -> Path:
+def plot_context(rows: Sequence[dict], out_path: str | Path, family=None, goal: float | None = None) -> Path:
     """Ratio of perplexity to the teacher's against the evaluation window, one panel per text, one line per
     model (a model with its DiJiang branch switched off dashed, in its model's colour); one legend below the
     panels, so that a dozen models stay readable. ``family(model)``: models of one family share a colour, those
-    not named as the family drawn with square markers (e.g. one ablation with and without a change)."""
+    not named as the family drawn with square markers (e.g. one ablation with and without a change). ``goal``: a
+    ratio to draw as a dotted line (what the models are asked to reach)."""
     texts = list(dict.fromkeys(r["text"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows if r["model"] != "teacher"))
     family = family or (lambda model: model)
@@ -126,6 +127,8 @@ def plot_context(rows: Sequence[dict], out_path: str | Path, family=None) -> Pat
                 ax.plot(*zip(*points), marker="o" if family(base) == base else "s", lw=1.5, label=model,
                         color=colours[family(base)], ls="--" if model != base else "-")
         ax.axhline(1.0, color="k", lw=0.8, label="teacher")
+        if goal is not None:
+            ax.axhline(goal, color="k", lw=0.8, ls=":", label=f"goal {goal:g}x")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")  # a pure model at 10x beside hybrids at 1.1x
         windows = sorted({r["window"] for r in rows if r["text"] == text})
