@@ -44,9 +44,9 @@ from dijiang.losses import attention_transfer_loss, distillation_loss, lm_loss
 # The configuration (dijiang.train_config), the run's data (dijiang.train_data) and its folder and checkpoints
 # (dijiang.checkpoints) have modules of their own; their public names stay importable from here.
 from dijiang.checkpoints import (  # noqa: F401
-    CHECKPOINT_DIR, LOG_FILE, RUN_CONFIG_FILE, RUN_FILES, TEACHER_TEXT_FILE, CorruptCheckpoint, check_out_dir, checkpoint_dirs,
-    load_checkpoint, load_newest_checkpoint, load_trained_weights, remove_run_files, rng_state, save_checkpoint,
-    set_rng_state, trainable_state, truncate_log,
+    CHECKPOINT_DIR, LOG_FILE, RUN_CONFIG_FILE, RUN_FILES, TEACHER_TEXT_FILE, CorruptCheckpoint, check_out_dir,
+    checkpoint_dirs, load_checkpoint, load_newest_checkpoint, load_trained_weights, remove_run_files, rng_state,
+    save_checkpoint, set_rng_state, trainable_state, truncate_log,
 )
 from dijiang.train_config import (  # noqa: F401
     DEFAULT_TEACHER_TOKENS, TrainConfig, add_arguments, config_from_args, load_recipe,
