@@ -11,6 +11,7 @@
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
 #   STOP="job ..." bash scripts/gpu_long_context.sh stop   # end those jobs (training or evaluation); the queue
 #                                              # gives their slots to the next jobs
+#   EVAL="job ..." bash scripts/gpu_long_context.sh evaluate   # score stopped jobs at their newest checkpoint
 # .gpu_corpus/part-000.jsonl.xz: the slice of the training corpus (scripts/build_corpus.py) that every run trains on,
 # small enough for a call: its SLICE_DOCS=468 longest documents (28.0M characters), in the corpus's own order.
 # JOBS="baseline transform" picks recipes; TOKENS=2M overrides their token budget; PASSKEY=1024,... and
@@ -32,6 +33,16 @@ PARALLEL=${PARALLEL:-5}
 export JOBS PARALLEL  # the queue (a child process) reads them
 RETRIEVAL="--data $WORK/corpus/part-000.jsonl.xz --documents 12 --seed 1"  # facts no run trains on (training: seed 0)
 TEXTS="--text pydoc --text data/heldout/austen-pride-and-prejudice.txt --text $WORK/python-stdlib.txt"
+
+evaluate_command() {  # what scores job $1's model in $RUNS/$1/final (map-* jobs: no passkey, no retrieval documents)
+  local job=$1 passkey="--passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials ${PASSKEY_TRIALS:-10}"
+  [[ $job == map-* ]] && passkey=""
+  local command="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
+--windows 512,2048,8192 --branch-off --cache-memory $passkey --dtype bfloat16 --out $RUNS/$job/eval"
+  [[ $job != map-* ]] && command="$command && python3 scripts/check_retrieval_data.py --model $RUNS/$job/final \
+$RETRIEVAL --json $RUNS/$job/eval/retrieval.json"
+  echo "$command"
+}
 
 case "${1:-}" in
 slice)
@@ -93,16 +104,11 @@ queue)
     while [ "$(for j in $JOBS; do [ -f $RUNS/$j.launched ] && [ ! -f $RUNS/$j.done ] && echo; done | wc -l)" -ge "$PARALLEL" ]; do
       sleep 10
     done
-    passkey="--passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials ${PASSKEY_TRIALS:-10}"
-    [[ $job == map-* ]] && passkey=""
     train="python3 -m dijiang train --recipe recipes/long-context/$job.yaml --model $HOME/model/hf \
 --data $WORK/corpus/part-000.jsonl.xz --out $RUNS/$job --no-progress ${TOKENS:+--tokens $TOKENS}"
     # the probe's pick, not the recipe's
     [[ $job == layer-choice* ]] && train="$train --layers $(cat $RUNS/layer_choice_layers.txt)"
-    evaluate="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
---windows 512,2048,8192 --branch-off --cache-memory $passkey --dtype bfloat16 --out $RUNS/$job/eval"
-    [[ $job != map-* ]] && evaluate="$evaluate && python3 scripts/check_retrieval_data.py --model $RUNS/$job/final \
-$RETRIEVAL --json $RUNS/$job/eval/retrieval.json"
+    evaluate=$(evaluate_command $job)
     echo "$(date +%T) launch $job"
     touch $RUNS/$job.launched
     bash -c "$train > $RUNS/$job.train.log 2>&1 && ($evaluate) > $RUNS/$job.eval.log 2>&1; echo \$? > $RUNS/$job.done" &
@@ -125,12 +131,29 @@ status)
   # every poll brings back what is there so far: the machine goes back 30 s after a call, and with it the runs
   if [ -n "${OUT:-}" ]; then bash scripts/gpu_long_context.sh collect > /dev/null; fi
   ;;
+evaluate)
+  # score stopped jobs from their newest checkpoint (`dijiang export` writes it as final/), in the background
+  cd $WORK
+  for job in ${EVAL:?EVAL="job ..." names the stopped jobs to score}; do
+    if [ ! -d $RUNS/$job/final ]; then
+      python3 -m dijiang export $RUNS/$job --out $RUNS/$job/final > $RUNS/$job.export.log 2>&1 \
+        || { echo "$job: export failed"; tail -n 3 $RUNS/$job.export.log; continue; }
+      tail -n 1 $RUNS/$job.export.log
+    fi
+    setsid nohup bash -c "($(evaluate_command $job)) > $RUNS/$job.eval.log 2>&1; echo \$? > $RUNS/$job.done" \
+      > /dev/null 2>&1 < /dev/null &
+    echo "$(date +%T) evaluating $job"
+  done
+  ;;
 stop)
   # match the jobs' own command lines (recipe path, student path), never this call's, which names them only in STOP
   for job in ${STOP:?STOP="job ..." names the jobs to stop}; do
     pkill -f "recipes/long-context/$job\.yaml|$RUNS/$job/final" && echo "stopped $job" || echo "$job: nothing running"
   done
-  sleep 2
+  # SIGTERM lets `dijiang train` finish its step and checkpoint it (then `evaluate` scores that step): wait for it
+  for job in $STOP; do
+    for _ in $(seq 120); do pgrep -f "recipes/long-context/$job\.yaml|$RUNS/$job/final" > /dev/null || break; sleep 1; done
+  done
   for job in $STOP; do  # the job's shell may be gone before it wrote its .done: the queue waits for that file
     [ -f $RUNS/$job.launched ] && [ ! -f $RUNS/$job.done ] && echo stopped > $RUNS/$job.done
   done
@@ -146,5 +169,5 @@ tests)
   PYTHONPATH=~/site:$PWD/src timeout 400 python3 -m pytest -q -m gpu $files 2>&1 | tail -n 40 > "$OUT/gpu_tests.txt"
   tail -n 5 "$OUT/gpu_tests.txt"
   ;;
-*) echo "usage: $0 slice|stash|start|status|stop|collect|tests" >&2; exit 2 ;;
+*) echo "usage: $0 slice|stash|start|status|stop|evaluate|collect|tests" >&2; exit 2 ;;
 esac
