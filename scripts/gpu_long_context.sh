@@ -147,12 +147,13 @@ evaluate)
   ;;
 stop)
   # match the jobs' own command lines (recipe path, student path), never this call's, which names them only in STOP
+  job_processes() { echo "recipes/long-context/$1\.yaml|$RUNS/$1/final"; }  # training, evaluation
   for job in ${STOP:?STOP="job ..." names the jobs to stop}; do
-    pkill -f "recipes/long-context/$job\.yaml|$RUNS/$job/final" && echo "stopped $job" || echo "$job: nothing running"
+    pkill -f "$(job_processes $job)" && echo "stopped $job" || echo "$job: nothing running"
   done
   # SIGTERM lets `dijiang train` finish its step and checkpoint it (then `evaluate` scores that step): wait for it
   for job in $STOP; do
-    for _ in $(seq 120); do pgrep -f "recipes/long-context/$job\.yaml|$RUNS/$job/final" > /dev/null || break; sleep 1; done
+    for _ in $(seq 120); do pgrep -f "$(job_processes $job)" > /dev/null || break; sleep 1; done
   done
   for job in $STOP; do  # the job's shell may be gone before it wrote its .done: the queue waits for that file
     [ -f $RUNS/$job.launched ] && [ ! -f $RUNS/$job.done ] && echo stopped > $RUNS/$job.done

@@ -30,6 +30,11 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(root.glob("step_*")) if root.exists() else []
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder holds (save_checkpoint names it step_NNNNNNNN)."""
+    return int(folder.name.removeprefix("step_"))
+
+
 def trainable_state(model, names: list[str]) -> dict[str, torch.Tensor]:
     parameters = dict(model.named_parameters())
     return {name: parameters[name].detach().cpu().contiguous().clone() for name in names}

@@ -7,40 +7,45 @@ pretrained model's. The folder written is what `final/` would be: `from_pretrain
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from dijiang.checkpoints import RUN_CONFIG_FILE, checkpoint_dirs, load_trained_weights
+from dijiang.checkpoints import RUN_CONFIG_FILE, checkpoint_dirs, checkpoint_step, load_trained_weights
 
 
 def checkpoint_folder(run: Path, step: int | None = None) -> Path:
     """The newest checkpoint of `run`, or the one of `step`; a ValueError that lists what there is."""
-    folders = checkpoint_dirs(run)
+    folders = {checkpoint_step(folder): folder for folder in checkpoint_dirs(run)}
     if not folders:
         raise ValueError(f"{run} holds no checkpoints (is it a `dijiang train --out` folder?)")
     if step is None:
-        return folders[-1]
-    for folder in folders:
-        if json.loads((folder / "state.json").read_text(encoding="utf-8"))["step"] == step:
-            return folder
-    kept = ", ".join(folder.name.removeprefix("step_").lstrip("0") or "0" for folder in folders)
-    raise ValueError(f"{run} has no checkpoint of step {step}; it keeps steps {kept}")
+        return folders[max(folders)]
+    if step not in folders:
+        raise ValueError(f"{run} has no checkpoint of step {step}; it keeps steps {', '.join(map(str, sorted(folders)))}")
+    return folders[step]
 
 
 def export_checkpoint(run: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False) -> Path:
     """Write the student of `run` at its newest checkpoint (or at `step`) as a model folder `out`."""
-    from dijiang.files import read_json, refuse_to_replace, same_path
-    from dijiang.train import TrainConfig, build_student, load_model, save_student
+    run = _run_folder(run)
+    return _export(run, checkpoint_folder(run, step), out, overwrite)
 
+
+def _run_folder(run: str | Path) -> Path:
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"no such run folder: {run}")
+    return run
+
+
+def _export(run: Path, folder: Path, out: str | Path, overwrite: bool) -> Path:
+    from dijiang.files import read_json, refuse_to_replace, same_path
+    from dijiang.train import TrainConfig, build_student, load_model, save_student
+
     config_file = run / RUN_CONFIG_FILE
     if not config_file.exists():
         raise ValueError(f"{run} has no {RUN_CONFIG_FILE}: not a `dijiang train --out` folder, or written before "
                          "runs recorded their configuration (export needs it to rebuild the student)")
-    folder = checkpoint_folder(run, step)
     if same_path(out, run) or same_path(out, folder):
         raise ValueError(f"--out {out} is the run folder or its checkpoint; choose another path")
     refuse_to_replace(out, overwrite, "--out")
@@ -63,8 +68,8 @@ def add_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    folder = checkpoint_folder(Path(args.run), args.step)
-    out = export_checkpoint(args.run, args.out, args.step, args.overwrite)
-    step = json.loads((folder / "state.json").read_text(encoding="utf-8"))["step"]
-    print(f"exported {args.run} at step {step} -> {out}", file=sys.stderr)
+    run = _run_folder(args.run)
+    folder = checkpoint_folder(run, args.step)
+    out = _export(run, folder, args.out, args.overwrite)
+    print(f"exported {run} at step {checkpoint_step(folder)} -> {out}", file=sys.stderr)
     return 0
