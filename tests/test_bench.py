@@ -88,11 +88,14 @@ def test_each_kind_converts_as_it_says():
 
     models = build_models("tiny", list(KINDS), window=8, device=torch.device("cpu"), dtype=torch.float32)
     assert list(models) == list(KINDS)
-    expected = {"pure": ("dijiang", 0, "auto"), "window": ("dijiang", 8, "auto"), "hedgehog": ("hedgehog", 0, "auto"),
+    expected = {"pure": ("dijiang", 0, "auto"), "window": ("dijiang", 8, "auto"),
+                "window-sinks": ("dijiang", 4, "auto"), "hedgehog": ("hedgehog", 0, "auto"),
                 "hedgehog-torch": ("hedgehog", 0, "torch"), "hedgehog-window": ("hedgehog", 8, "auto"),
                 "hedgehog-window-torch": ("hedgehog", 8, "torch")}
     for kind, (feature_map, window, backend) in expected.items():
         layers = [layer for _, layer in iter_dijiang_layers(models[kind])]
         assert layers and all((layer.settings.feature_map, layer.settings.window, layer.settings.backend)
                               == (feature_map, window, backend) for layer in layers), kind
+    assert all(layer.settings.sinks == 4 and layer.feature_transform is not None
+               for _, layer in iter_dijiang_layers(models["window-sinks"]))
     assert not list(iter_dijiang_layers(models["teacher"]))

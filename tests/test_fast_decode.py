@@ -203,3 +203,21 @@ def test_cuda_graph_greedy_equals_generate(kind):
     ids, mask = (t.cuda() for t in left_padded())
     expected = reference(model, ids, mask, 12)
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12, compile=False), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sink_layers_decode_on_the_window_kernel(monkeypatch):
+    """The shipped recipe's layers (window + sinks) on the ring-buffer kernel on CUDA, sinks and all (opt-in:
+    DIJIANG_WINDOW_DECODE_KERNEL=force): batch 2, a short row that fills its sinks while decoding, greedy tokens
+    equal to generate's."""
+    from dijiang import fast_decode
+
+    monkeypatch.setenv("DIJIANG_WINDOW_DECODE_KERNEL", "force")
+    model = dijiang.convert(tiny_model("llama", seed=1), SETTINGS["sinks"]).cuda()
+    ids, mask = (t.cuda() for t in left_padded())
+    expected = reference(model, ids, mask, 12)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12, compile=False), expected)
+    decoder = next(iter(model._dijiang_fast_decoders.values()))
+    assert all(isinstance(plan.fn, fast_decode._KernelWindowStep) for plan in decoder.plans)
+    assert decoder.sink_mask is not None and decoder.sink_mask.all()

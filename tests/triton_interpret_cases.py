@@ -21,7 +21,7 @@ from dijiang.ops.testing import rel_err as rel  # noqa: E402
 from dijiang.ops.triton_dijiang import dijiang_feature_map, fused_dijiang_attention  # noqa: E402
 from dijiang.ops.triton_dijiang import torch_dijiang_attention as _torch_dijiang_attention  # noqa: E402
 from dijiang.ops.triton_window import fused_window_attention  # noqa: E402
-from dijiang.ops.triton_window_decode import window_decode_step  # noqa: E402
+from dijiang.ops.triton_window_decode import advance_masks, window_decode_step  # noqa: E402
 
 
 def leaf(*shape, scale=1.0, gen):
@@ -211,9 +211,11 @@ def reduce_case(B, H, NC, M, seed=0) -> dict:
             "d_decay": rel(sums[H * M :], part[n_w:].view(B, H, NC).sum(dim=(0, 2)))}
 
 
-def window_decode_case(B, H, d, m, W, ring, seed=0) -> dict:
+def window_decode_case(B, H, d, m, W, ring, seed=0, sinks=0, held=0) -> dict:
     """One decode step of the kernel over a ring buffer (oldest token at slot ring % W) against the recurrent
-    PyTorch op over the same window stored oldest-first: the output and every piece of the new state."""
+    PyTorch op over the same window stored oldest-first: the output and every piece of the new state.
+    sinks: S attention sinks, of which the last row holds `held` (its oldest token is real: it joins them if
+    held < S); row 0's oldest slot is padding, and it holds none (padding never becomes a sink)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     q, k, v = rnd(B, H, d), rnd(B, H, d), rnd(B, H, d)
@@ -221,33 +223,52 @@ def window_decode_case(B, H, d, m, W, ring, seed=0) -> dict:
     ordered = {"k": rnd(B, W, H, d), "v": rnd(B, W, H, d), "kf": torch.softmax(rnd(B, W, H, m), -1),
                "mask": torch.rand(B, W, generator=gen) > 0.3, "S": rnd(B, H, m, d + 1).abs()}
     ordered["mask"][0, : W // 2] = False  # a row whose window starts with padding
+    sink_state = {}
+    if sinks:
+        ordered["mask"][-1, 0] = True
+        sink_mask = torch.zeros(B, sinks, dtype=torch.bool)
+        sink_mask[-1, :held] = True
+        # loud keys: the sinks hold the max of some heads
+        sink_state = {"sink_k": 3 * rnd(B, sinks, H, d) * sink_mask[:, :, None, None],
+                      "sink_v": rnd(B, sinks, H, d) * sink_mask[:, :, None, None], "sink_mask": sink_mask}
     log_decay, lin_weight = -torch.rand(H, generator=gen) * 0.1, torch.rand(H, generator=gen) + 0.5
     slot = ring % W
     ring_state = {key: (x.roll(slot, dims=1) if key != "S" else x).clone() for key, x in ordered.items()}
-    o = window_decode_step(q, k, v, qf, kf, ring_state, torch.tensor([ring]), torch.exp(log_decay), lin_weight,
-                           scale=d**-0.5)
-    ring_state["mask"][:, slot] = True
+    ring_state.update({key: x.clone() for key, x in sink_state.items()})
+    ring = torch.tensor([ring])
+    o = window_decode_step(q, k, v, qf, kf, ring_state, ring, torch.exp(log_decay), lin_weight, scale=d**-0.5)
+    advance_masks(ring_state["mask"], ring, ring_state.get("sink_mask"))
     o_ref, new = window_attention(q[:, None], k[:, None], v[:, None], qf[:, None], kf[:, None], log_decay,
-                                  lin_weight, window=W, scale=d**-0.5, mode="recurrent", initial_state=ordered,
-                                  output_final_state=True)
-    back = {key: (x.roll(-(slot + 1), dims=1) if key != "S" else x) for key, x in ring_state.items()}
+                                  lin_weight, window=W, scale=d**-0.5, mode="recurrent",
+                                  initial_state={**ordered, **sink_state}, output_final_state=True, sinks=sinks)
+    back = {key: (x.roll(-(slot + 1), dims=1) if key in ("k", "v", "kf", "mask") else x)
+            for key, x in ring_state.items()}
     out = {"o": rel(o, o_ref[:, 0])}
     out["state_S"] = rel(back["S"], new["S"])
     real = new["mask"][:, :, None, None].float()  # the op zeroes padding slots; the kernel leaves them (never read)
     out.update({f"state_{key}": rel(back[key].float() * real, new[key].float() * real) for key in ("k", "v", "kf")})
     out["state_mask_equal"] = float(not torch.equal(back["mask"], new["mask"]))
+    if sinks:
+        held_now = new["sink_mask"][:, :, None, None].float()
+        out.update({f"state_{key}": rel(back[key].float() * held_now, new[key].float() * held_now)
+                    for key in ("sink_k", "sink_v")})
+        out["state_mask_equal"] += float(not torch.equal(back["sink_mask"], new["sink_mask"]))
+        # the case tests what it says: the last row's oldest token joined if there was room, row 0's padding not
+        joined = new["sink_mask"].sum(dim=1)
+        out["sink_count_wrong"] = float(joined[-1] != min(held + 1, sinks)) + float(joined[0] != 0)
     return out
 
 
-def fast_decode_window_kernel_case() -> dict:
+def fast_decode_window_kernel_case(sinks=0) -> dict:
     """The fast decoder with its window layers on the decode kernel (ring buffer, one shared padding mask) gives
-    model.generate's greedy tokens: batch 2, left padding, many steps past a window of 4."""
+    model.generate's greedy tokens: batch 2, left padding, many steps past a window of 4 (and `sinks` sinks:
+    the short prompt's row fills them while decoding)."""
     import dijiang
     from dijiang import fast_decode
     from helpers import left_padded, reference, tiny_model
 
     os.environ["DIJIANG_WINDOW_DECODE_KERNEL"] = "force"
-    model = dijiang.convert(tiny_model("llama", seed=1), dict(window=4))
+    model = dijiang.convert(tiny_model("llama", seed=1), dict(window=4, sinks=sinks))
     ids, mask = left_padded()
     expected = reference(model, ids, mask, 12)
     got = fast_decode.fast_generate(model, ids, mask, max_new_tokens=12)
@@ -299,7 +320,14 @@ CASES = {
     "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
     "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
                                                                                                        13, seed=1),
+    "window decode B2 H3 d16 m32 W8 with 4 sinks, 2 held (the leaving token joins), ring 3":
+        lambda: window_decode_case(2, 3, 16, 32, 8, 3, seed=2, sinks=4, held=2),
+    "window decode B2 H2 d16 m16 W6 with 4 sinks, all held, ring 9":
+        lambda: window_decode_case(2, 2, 16, 16, 6, 9, seed=3, sinks=4, held=4),
+    "window decode B3 H2 d16 m16 W5 with 3 sinks (not a power of two), none held, ring 0":
+        lambda: window_decode_case(3, 2, 16, 16, 5, 0, seed=4, sinks=3, held=0),
     "window decode in the fast decoder (greedy tokens)": fast_decode_window_kernel_case,
+    "window decode in the fast decoder with 2 sinks (greedy tokens)": lambda: fast_decode_window_kernel_case(2),
     "reduce B2 H3 NC70 M16 (partial sums of the decay and feature-weight gradients)": lambda: reduce_case(2, 3, 70, 16),
 }
 

@@ -24,7 +24,11 @@ import torch
 
 from dijiang.cache import cache_bytes
 
-KINDS = ("teacher", "pure", "window", "hedgehog", "hedgehog-torch", "hedgehog-window", "hedgehog-window-torch")
+KINDS = ("teacher", "pure", "window", "window-sinks", "hedgehog", "hedgehog-torch", "hedgehog-window",
+         "hedgehog-window-torch")
+# window-sinks: recipes/smollm2-135m.yaml's layer, the same softmax keys as `window` of which the first SINKS
+# tokens are sinks (a window of W - SINKS), chi radii and the learned feature transform
+SINKS = 4
 # layers with Hedgehog's learned map, pure or with the window: through the fused kernels (its log-features), or
 # the PyTorch path as the recipes ran it before (checkpointed)
 HEDGEHOG = {"hedgehog": dict(feature_map="hedgehog"),
@@ -96,6 +100,10 @@ def build_models(name: str, kinds, window: int, device, dtype):
             dijiang.convert(model)
         elif kind == "window":
             dijiang.convert(model, dict(window=window))
+        elif kind == "window-sinks":
+            if window <= SINKS:
+                raise ValueError(f"window-sinks needs --window > {SINKS} (its sinks come out of it), got {window}")
+            dijiang.convert(model, dict(window=window - SINKS, sinks=SINKS, radius="chi", feature_transform=True))
         elif kind in ("hedgehog-window", "hedgehog-window-torch"):
             dijiang.convert(model, dict(HEDGEHOG[kind.replace("-window", "")], window=window))
         elif kind in HEDGEHOG:
@@ -383,7 +391,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-contexts", type=contexts, default="2048,16384",
                         help="comma-separated sequence lengths of the training-step timings")
     parser.add_argument("--train-tokens", type=positive_int, default=16384, help="tokens per training step")
-    parser.add_argument("--window", type=positive_int, default=64, help="exact-softmax window of the 'window' hybrid")
+    parser.add_argument("--window", type=positive_int, default=64,
+                        help="softmax keys of the window hybrids ('window-sinks': 4 sinks + a window of the rest)")
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed repeats per measurement (the median is kept)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")

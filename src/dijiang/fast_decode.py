@@ -14,8 +14,10 @@ so the step is launch-bound. This module:
 4. on CUDA captures that step in one ``torch.cuda.CUDAGraph`` (optionally with the per-layer function compiled
    by ``torch.compile`` first, which fuses the elementwise work) and replays it; on CPU runs it eagerly.
    Window-hybrid layers on CUDA run their attention in one Triton kernel over a ring buffer of the last W
-   tokens (``dijiang.ops.triton_window_decode``); elsewhere, and with attention sinks, which that kernel does not
-   hold, they shift the window in plain tensor code.
+   tokens (``dijiang.ops.triton_window_decode``); elsewhere, and with a data-dependent decay, which that kernel
+   does not take, they shift the window in plain tensor code. The kernel holds attention sinks too; layers with
+   sinks take it only with DIJIANG_WINDOW_DECODE_KERNEL=force for now (tested under the Triton interpreter, not
+   yet compiled on a GPU).
 
 Supported families: llama, mistral, qwen2, qwen3 (pure, window-hybrid and partly-converted models, and
 unconverted ones, which then run with static KV buffers). Anything else falls back to ``model.generate`` with a
@@ -39,6 +41,7 @@ from dijiang import settings
 from dijiang.attention import DiJiangAttention
 from dijiang.feature_maps import EluFeatureMap, HedgehogFeatureMap, ProjectedFeatureMap
 from dijiang.hf_compat import family_of, output_cache
+from dijiang.ops.triton_window_decode import advance_masks
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _DEFAULT = object()
@@ -236,7 +239,7 @@ def _window_layer_step(h: Tensor, cos: Tensor, sin: Tensor, state: dict, w: dict
 class _KernelWindowStep:
     """A window layer's decode step with its attention in one Triton kernel (``triton_window_decode``) over a
     ring buffer; the parts before and after it are compiled separately (``compiled``). The window layers share
-    one padding mask, which the decoder updates once per step."""
+    one padding mask and one sink mask, which the decoder advances once per step."""
 
     def __init__(self, pre=_window_pre, post=_window_post):
         self.pre, self.post = pre, post
@@ -251,7 +254,7 @@ class _KernelWindowStep:
         x, q, k, v, qf, kf = self.pre(h, cos, sin, w, c)
         o = window_decode_step(q, k, v, qf, kf, state, state["ring"], w["decay_flat"], w["lin_weight"],
                                scale=c.attn_scale, eps=c.eps)
-        return self.post(o, x, h, w, c)  # the decoder marks the slot real once every layer has read the mask
+        return self.post(o, x, h, w, c)  # the decoder advances the masks once every layer has read them
 
 
 def _softmax_layer_step(h: Tensor, cos: Tensor, sin: Tensor, kv: dict, w: dict, c: "_Consts") -> Tensor:
@@ -322,10 +325,13 @@ def _linear_weights(linear) -> tuple[Tensor, Tensor | None]:
 def _window_kernel_fits(consts: "_Consts", w: dict) -> bool:
     from dijiang.ops.triton_window_decode import window_decode_supported
 
-    if consts.sinks or consts.decay_gate:  # the ring-buffer kernel holds no sinks and a per-head decay only
+    if consts.decay_gate:  # the ring-buffer kernel takes a per-head decay only
         return False
+    forced = settings.window_decode_kernel() == "force"
+    if consts.sinks and not forced:  # its sink path has run under the Triton interpreter only: opt-in until the
+        return False                 # GPU test (tests/test_fast_decode.py) has passed
     m = consts.num_features
-    device = "cuda" if settings.window_decode_kernel() == "force" else w["w_o"].device
+    device = "cuda" if forced else w["w_o"].device
     return window_decode_supported(consts.head_dim, consts.head_dim, m, consts.window, device)
 
 
@@ -476,12 +482,13 @@ class FastDecoder:
         kernel_window = window_kernel == "force" or (window_kernel != "0" and self.is_cuda and scope == "layer")
         self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile, kernel_window=kernel_window)
                       for layer in base.layers]
-        kernel_windows = {p.consts.window for p in self.plans if isinstance(p.fn, _KernelWindowStep)}
-        if len(kernel_windows) > 1:  # the shared mask needs one window size
+        kernel_windows = {(p.consts.window, p.consts.sinks) for p in self.plans if isinstance(p.fn, _KernelWindowStep)}
+        if len(kernel_windows) > 1:  # the shared masks need one window size and one sink count
             self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile) for layer in base.layers]
             kernel_windows = set()
-        self.kernel_window = kernel_windows.pop() if kernel_windows else 0
+        self.kernel_window, self.kernel_sinks = kernel_windows.pop() if kernel_windows else (0, 0)
         self.window_mask = None  # [B, W] bool, shared by the kernel window layers
+        self.sink_mask = None  # [B, S] bool, likewise (with sinks)
         self._run_layers = self._layers
         if self.compile and scope == "step":
             self._run_layers = torch.compile(self._layers, dynamic=False, mode=mode)
@@ -538,6 +545,10 @@ class FastDecoder:
                         if self.window_mask is None:
                             self.window_mask = plan.state["mask"]
                         plan.state["mask"] = self.window_mask
+                        if self.kernel_sinks:  # which sinks are held depends on the padding only: one mask too
+                            if self.sink_mask is None:
+                                self.sink_mask = plan.state["sink_mask"]
+                            plan.state["sink_mask"] = self.sink_mask
                 for key, value in layer_cache.state.items():
                     plan.state[key].copy_(value)
             else:
@@ -590,8 +601,8 @@ class FastDecoder:
 
     def _step(self) -> None:
         logits = self._run_layers(self.tok, self.pos)
-        if self.window_mask is not None:  # the new token's slot is real from now on (every layer has read it)
-            self.window_mask.index_fill_(1, torch.remainder(self.ring, self.kernel_window), True)
+        if self.window_mask is not None:  # every layer has read the masks: the leaving token may become a sink,
+            advance_masks(self.window_mask, self.ring, self.sink_mask)  # the new token's slot is real from now on
         self._emit(self._select(logits))
         self.pos.add_(1)
         self.cur.add_(1)
