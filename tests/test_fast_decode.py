@@ -220,4 +220,4 @@ def test_cuda_sink_layers_decode_on_the_window_kernel(monkeypatch):
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12, compile=False), expected)
     decoder = next(iter(model._dijiang_fast_decoders.values()))
     assert all(isinstance(plan.fn, fast_decode._KernelWindowStep) for plan in decoder.plans)
-    assert decoder.sink_mask is not None and decoder.sink_mask.all()
+    assert decoder.shared_masks["sink_mask"].all()

@@ -26,8 +26,9 @@ from dijiang.cache import cache_bytes
 
 KINDS = ("teacher", "pure", "window", "window-sinks", "hedgehog", "hedgehog-torch", "hedgehog-window",
          "hedgehog-window-torch")
-# window-sinks: recipes/smollm2-135m.yaml's layer, the same softmax keys as `window` of which the first SINKS
-# tokens are sinks (a window of W - SINKS), chi radii and the learned feature transform
+# window-sinks: the kind of layer recipes/smollm2-135m.yaml trains (its decay range aside, which changes no work):
+# the same softmax keys as `window`, the first SINKS of them sinks (a window of W - SINKS), chi radii and the learned
+# feature transform
 SINKS = 4
 # layers with Hedgehog's learned map, pure or with the window: through the fused kernels (its log-features), or
 # the PyTorch path as the recipes ran it before (checkpointed)

@@ -485,10 +485,7 @@ class FastDecoder:
         kernel_windows = {(p.consts.window, p.consts.sinks) for p in self.plans if isinstance(p.fn, _KernelWindowStep)}
         if len(kernel_windows) > 1:  # the shared masks need one window size and one sink count
             self.plans = [_build_plan(layer, fuse_projections, reduce_matmul=self.compile) for layer in base.layers]
-            kernel_windows = set()
-        self.kernel_window, self.kernel_sinks = kernel_windows.pop() if kernel_windows else (0, 0)
-        self.window_mask = None  # [B, W] bool, shared by the kernel window layers
-        self.sink_mask = None  # [B, S] bool, likewise (with sinks)
+        self.shared_masks = {}  # "mask" [B, W], with sinks "sink_mask" [B, S]: one tensor for the kernel window layers
         self._run_layers = self._layers
         if self.compile and scope == "step":
             self._run_layers = torch.compile(self._layers, dynamic=False, mode=mode)
@@ -542,13 +539,9 @@ class FastDecoder:
                     plan.state = {key: torch.empty_like(value) for key, value in layer_cache.state.items()}
                     if isinstance(plan.fn, _KernelWindowStep):  # ring addressing, one padding mask for all
                         plan.state["ring"] = self.ring
-                        if self.window_mask is None:
-                            self.window_mask = plan.state["mask"]
-                        plan.state["mask"] = self.window_mask
-                        if self.kernel_sinks:  # which sinks are held depends on the padding only: one mask too
-                            if self.sink_mask is None:
-                                self.sink_mask = plan.state["sink_mask"]
-                            plan.state["sink_mask"] = self.sink_mask
+                        for key in ("mask", "sink_mask"):  # which slots and sinks are real depends on the padding only
+                            if key in plan.state:
+                                plan.state[key] = self.shared_masks.setdefault(key, plan.state[key])
                 for key, value in layer_cache.state.items():
                     plan.state[key].copy_(value)
             else:
@@ -601,8 +594,8 @@ class FastDecoder:
 
     def _step(self) -> None:
         logits = self._run_layers(self.tok, self.pos)
-        if self.window_mask is not None:  # every layer has read the masks: the leaving token may become a sink,
-            advance_masks(self.window_mask, self.ring, self.sink_mask)  # the new token's slot is real from now on
+        if self.shared_masks:  # every layer has read the masks: the leaving token may become a sink, the new
+            advance_masks(self.shared_masks["mask"], self.ring, self.shared_masks.get("sink_mask"))  # token's slot real
         self._emit(self._select(logits))
         self.pos.add_(1)
         self.cur.add_(1)
