@@ -208,12 +208,11 @@ def test_cuda_graph_greedy_equals_generate(kind):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_sink_layers_decode_on_the_window_kernel(monkeypatch):
-    """The shipped recipe's layers (window + sinks) on the ring-buffer kernel on CUDA, sinks and all (opt-in:
-    DIJIANG_WINDOW_DECODE_KERNEL=force): batch 2, a short row that fills its sinks while decoding, greedy tokens
-    equal to generate's."""
+    """The shipped recipe's layers (window + sinks) on the ring-buffer kernel on CUDA by default, sinks and all:
+    batch 2, a short row that fills its sinks while decoding, greedy tokens equal to generate's."""
     from dijiang import fast_decode
 
-    monkeypatch.setenv("DIJIANG_WINDOW_DECODE_KERNEL", "force")
+    monkeypatch.delenv("DIJIANG_WINDOW_DECODE_KERNEL", raising=False)
     model = dijiang.convert(tiny_model("llama", seed=1), SETTINGS["sinks"]).cuda()
     ids, mask = (t.cuda() for t in left_padded())
     expected = reference(model, ids, mask, 12)

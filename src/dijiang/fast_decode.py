@@ -15,9 +15,8 @@ so the step is launch-bound. This module:
    by ``torch.compile`` first, which fuses the elementwise work) and replays it; on CPU runs it eagerly.
    Window-hybrid layers on CUDA run their attention in one Triton kernel over a ring buffer of the last W
    tokens (``dijiang.ops.triton_window_decode``); elsewhere, and with a data-dependent decay, which that kernel
-   does not take, they shift the window in plain tensor code. The kernel holds attention sinks too; layers with
-   sinks take it only with DIJIANG_WINDOW_DECODE_KERNEL=force for now (tested under the Triton interpreter, not
-   yet compiled on a GPU).
+   does not take, they shift the window in plain tensor code. The kernel holds attention sinks too (the shipped
+   recipe's layers: a 124-token window and the first 4 tokens).
 
 Supported families: llama, mistral, qwen2, qwen3 (pure, window-hybrid and partly-converted models, and
 unconverted ones, which then run with static KV buffers). Anything else falls back to ``model.generate`` with a
@@ -328,8 +327,6 @@ def _window_kernel_fits(consts: "_Consts", w: dict) -> bool:
     if consts.decay_gate:  # the ring-buffer kernel takes a per-head decay only
         return False
     forced = settings.window_decode_kernel() == "force"
-    if consts.sinks and not forced:  # its sink path has run under the Triton interpreter only: opt-in until the
-        return False                 # GPU test (tests/test_fast_decode.py) has passed
     m = consts.num_features
     device = "cuda" if forced else w["w_o"].device
     return window_decode_supported(consts.head_dim, consts.head_dim, m, consts.window, device)
