@@ -4,8 +4,10 @@
 # GPU, then `dijiang eval` scores it at 512 / 2048 / 8192-token windows on three texts, with its DiJiang
 # branch switched off too, and passkey retrieval at 1k-8k.
 #   bash scripts/gpu_long_context.sh slice     # here, on the CPU, after scripts/build_corpus.py: .gpu_corpus
+#   bash scripts/gpu_long_context.sh pack      # here, after ../shared/gpu/prepare.sh: .gpu_whl (the gguf wheel
+#                                              # alone) and call 2's size against the 64 MiB a call carries
 #   bash scripts/gpu_long_context.sh stash     # call 1 (carries .gguf_a): the model's first half
-#   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .whl .gpu_corpus): model, launch
+#   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .gpu_whl .gpu_corpus): model, launch
 #   bash scripts/gpu_long_context.sh status    # later calls: one line per job; also collects (below) into $OUT
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
@@ -62,11 +64,25 @@ chars = sum(len(docs[i]["text"]) for i in chosen)
 print(f".gpu_corpus/part-000.jsonl.xz: {len(chosen)} of {len(docs)} documents, {chars / 1e6:.1f}M characters")
 PY
   ;;
+pack)
+  # prepare.sh's .whl holds fla's wheels too, which no GPU stage installs; with them call 2 outgrew 64 MiB
+  mkdir -p .gpu_whl && rm -f .gpu_whl/*.whl && cp .whl/gguf-*.whl .gpu_whl/ || { echo "run ../shared/gpu/prepare.sh first"; exit 1; }
+  python3 - <<'PY' || exit 1
+import os, subprocess
+tracked = sum(os.path.getsize(f) for f in subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+              "--exclude-standard"], capture_output=True, text=True, check=True).stdout.split("\0") if os.path.isfile(f))
+carried = sum(os.path.getsize(os.path.join(d, f)) for d in (".gguf_b", ".gpu_whl", ".gpu_corpus") for f in os.listdir(d))
+total, limit = tracked + carried, 64 * 2**20
+print(f"call 2 carries {total / 2**20:.1f} MiB (working tree {tracked / 2**20:.1f} + .gguf_b .gpu_whl .gpu_corpus "
+      f"{carried / 2**20:.1f}) of {limit / 2**20:.0f} MiB")
+raise SystemExit(0 if total <= limit else "over the limit: carry less")
+PY
+  ;;
 stash)
   mkdir -p ~/stash && cp .gguf_a/* ~/stash/ && ls -la ~/stash
   ;;
 start)
-  python3 -m pip install -q --no-index --no-deps --target ~/site .whl/gguf-*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --target ~/site .gpu_whl/gguf-*.whl || exit 1
   mkdir -p ~/model $RUNS
   cat ~/stash/*.part0 .gguf_b/*.part1 > ~/model/smollm2.gguf
   [ "$(md5sum < ~/model/smollm2.gguf | cut -d' ' -f1)" = "$(cat .gguf_b/*.md5)" ] || { echo "model md5 differs"; exit 1; }
@@ -170,5 +186,5 @@ tests)
   PYTHONPATH=~/site:$PWD/src timeout 400 python3 -m pytest -q -m gpu $files 2>&1 | tail -n 40 > "$OUT/gpu_tests.txt"
   tail -n 5 "$OUT/gpu_tests.txt"
   ;;
-*) echo "usage: $0 slice|stash|start|status|stop|evaluate|collect|tests" >&2; exit 2 ;;
+*) echo "usage: $0 slice|pack|stash|start|status|stop|evaluate|collect|tests" >&2; exit 2 ;;
 esac

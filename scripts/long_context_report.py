@@ -2,7 +2,7 @@
 """Tables and plots of the long-context ablation from each run's `dijiang eval` JSON and training log.
 
 Reads RUNS/JOB/eval.json (or RUNS/JOB/eval/eval.json, as the GPU driver leaves them) and RUNS/JOB/log.jsonl
-for every recipe of recipes/long-context/, prints the markdown tables that docs/results.md shows and writes
+(or log.jsonl.xz, as docs/bench_data keeps them: a tenth of the size, and every GPU call carries the tree) for every recipe of recipes/long-context/, prints the markdown tables that docs/results.md shows and writes
 its plots. Nothing is written into docs/ unless --out says so.
 
     python scripts/long_context_report.py docs/bench_data/long_context --out docs
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import math
 import sys
 from pathlib import Path
@@ -52,6 +53,10 @@ def is_pure_run(job: str) -> bool:
     return job == "pure" or job.startswith("pure-")
 
 
+def _read_text(path: Path) -> str:
+    return lzma.decompress(path.read_bytes()).decode() if path.suffix == ".xz" else path.read_text()
+
+
 def load_runs(root: Path) -> dict[str, dict]:
     """{job: {"eval": ... or None, "log": [...]}} for every job folder under root that holds an eval.json or a
     training log (a run stopped before its evaluation still has a training curve)."""
@@ -59,10 +64,10 @@ def load_runs(root: Path) -> dict[str, dict]:
     rank = {job: i for i, job in enumerate(ORDER)}
     for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (rank.get(p.name, len(ORDER)), p.name)):
         found = [f for f in (folder / "eval.json", folder / "eval" / "eval.json") if f.is_file()]
-        log = folder / "log.jsonl"
-        if not found and not log.is_file():
+        logs = [f for f in (folder / "log.jsonl", folder / "log.jsonl.xz") if f.is_file()]
+        if not found and not logs:
             continue
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+        records = [json.loads(line) for line in _read_text(logs[0]).splitlines() if line.strip()] if logs else []
         runs[folder.name] = {"eval": json.loads(found[0].read_text()) if found else None, "log": records}
     if not any(run["eval"] for run in runs.values()):
         raise SystemExit(f"no JOB/eval.json under {root}")

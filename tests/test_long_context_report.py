@@ -1,5 +1,6 @@
 """scripts/long_context_report.py: the tables and plots of docs/results.md from eval JSONs and training logs."""
 import json
+import lzma
 
 import pytest
 from script_loader import load_script
@@ -20,23 +21,28 @@ def _eval(job: str, hybrid: bool) -> dict:
     return {"context": rows, "passkey": {"teacher": accuracy, job: accuracy}}
 
 
-def _run(root, job, hybrid, nested=False):
+def _run(root, job, hybrid, nested=False, compressed=False):
     folder = root / job
     (folder / "eval" if nested else folder).mkdir(parents=True)
     (folder / ("eval/eval.json" if nested else "eval.json")).write_text(json.dumps(_eval(job, hybrid)))
     gates = {"slowest_gamma_min": 0.999, "slowest_gamma_max": 0.9995, **({"mix_min": 0.1, "mix_mean": 0.2,
                                                                            "mix_max": 0.3} if hybrid else {})}
     log = [{"step": 1, "tokens": 16, "loss": 2.0}, {"step": 2, "tokens": 32, "loss": 1.0, "eval_pydoc_ppl": 12.0, **gates}]
-    (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+    text = "\n".join(json.dumps(r) for r in log) + "\n"
+    if compressed:  # as docs/bench_data keeps the logs
+        (folder / "log.jsonl.xz").write_bytes(lzma.compress(text.encode()))
+    else:
+        (folder / "log.jsonl").write_text(text)
 
 
 def test_tables_and_plots(tmp_path, capsys):
     _run(tmp_path, "pure", hybrid=False)
     _run(tmp_path, "baseline", hybrid=True, nested=True)  # the GPU driver's layout
-    _run(tmp_path, "stopped", hybrid=True)
+    _run(tmp_path, "stopped", hybrid=True, compressed=True)
     (tmp_path / "stopped" / "eval.json").unlink()  # a run cut before its evaluation: a training curve only
     runs = report.load_runs(tmp_path)
     assert list(runs) == ["baseline", "pure", "stopped"]  # lever order, not alphabetical
+    assert runs["stopped"]["log"][-1]["eval_pydoc_ppl"] == 12.0  # read from log.jsonl.xz
     assert runs["stopped"]["eval"] is None and "stopped" not in {r["run"] for r in report.quality_table(runs)}
     rows = {r["run"]: r for r in report.quality_table(runs)}
     assert rows["baseline"]["pydoc"] == "1.200 / 1.200 / 1.200"
