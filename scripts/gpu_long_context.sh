@@ -4,8 +4,8 @@
 # GPU, then `dijiang eval` scores it at 512 / 2048 / 8192-token windows on three texts, with its DiJiang
 # branch switched off too, and passkey retrieval at 1k-8k.
 #   bash scripts/gpu_long_context.sh slice     # here, on the CPU, after scripts/build_corpus.py: .gpu_corpus
-#   bash scripts/gpu_long_context.sh pack      # here, after ../shared/gpu/prepare.sh: .gpu_whl (the gguf wheel
-#                                              # alone) and call 2's size against the 64 MiB a call carries
+#   bash scripts/gpu_long_context.sh pack      # here, after ../shared/gpu/prepare.sh: .gpu_whl (the gguf and fla
+#                                              # wheels) and call 2's size against the 64 MiB a call carries
 #   bash scripts/gpu_long_context.sh stash     # call 1 (carries .gguf_a): the model's first half
 #   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .gpu_whl .gpu_corpus): model, launch
 #   bash scripts/gpu_long_context.sh status    # later calls: one line per job; also collects (below) into $OUT
@@ -65,8 +65,9 @@ print(f".gpu_corpus/part-000.jsonl.xz: {len(chosen)} of {len(docs)} documents, {
 PY
   ;;
 pack)
-  # prepare.sh's .whl holds fla's wheels too, which no GPU stage installs; with them call 2 outgrew 64 MiB
-  mkdir -p .gpu_whl && rm -f .gpu_whl/*.whl && cp .whl/gguf-*.whl .gpu_whl/ || { echo "run ../shared/gpu/prepare.sh first"; exit 1; }
+  # the wheels the GPU image lacks: gguf (loading the model) and fla (the delta rule's kernel, state_update: delta)
+  mkdir -p .gpu_whl && rm -f .gpu_whl/*.whl && cp .whl/gguf-*.whl .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl \
+    .gpu_whl/ || { echo "run ../shared/gpu/prepare.sh first"; exit 1; }
   python3 - <<'PY' || exit 1
 import os, subprocess
 tracked = sum(os.path.getsize(f) for f in subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
@@ -82,7 +83,7 @@ stash)
   mkdir -p ~/stash && cp .gguf_a/* ~/stash/ && ls -la ~/stash
   ;;
 start)
-  python3 -m pip install -q --no-index --no-deps --target ~/site .gpu_whl/gguf-*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --target ~/site .gpu_whl/*.whl || exit 1
   mkdir -p ~/model $RUNS
   cat ~/stash/*.part0 .gguf_b/*.part1 > ~/model/smollm2.gguf
   [ "$(md5sum < ~/model/smollm2.gguf | cut -d' ' -f1)" = "$(cat .gguf_b/*.md5)" ] || { echo "model md5 differs"; exit 1; }
@@ -182,7 +183,7 @@ collect)
   ls -la "$OUT"
   ;;
 tests)
-  files=${TEST_FILES:-tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py tests/test_fast_decode.py}
+  files=${TEST_FILES:-tests/test_triton_ops.py tests/test_triton_window.py tests/test_attention_gpu.py tests/test_fast_decode.py tests/test_delta_rule.py}
   PYTHONPATH=~/site:$PWD/src timeout 400 python3 -m pytest -q -m gpu $files 2>&1 | tail -n 40 > "$OUT/gpu_tests.txt"
   tail -n 5 "$OUT/gpu_tests.txt"
   ;;

@@ -22,6 +22,7 @@ from dijiang.feature_maps import (FEATURE_MAPS, QMC_KINDS, RADII, STABILISERS, H
                                   build_feature_map)
 from dijiang.hf_compat import DecodeWithoutStateError, find_cache
 from dijiang.ops import linear_attention, window_attention
+from dijiang.ops.delta import delta_rule
 from dijiang.ops.triton_dijiang import fused_dijiang_attention, triton_supported
 from dijiang.ops.triton_window import MAX_SINKS, fused_window_attention
 
@@ -29,7 +30,8 @@ MODES = ("chunk", "recurrent", "parallel")
 MAX_WINDOW = 65536
 BOOL_SETTINGS = ("normalize", "use_norm", "use_gate", "learn_decay", "checkpoint", "learn_projection",
                  "feature_transform", "decay_gate")
-CHOICES = {"stabiliser": STABILISERS, "qmc": QMC_KINDS, "radius": RADII}
+STATE_UPDATES = ("add", "delta")
+CHOICES = {"stabiliser": STABILISERS, "qmc": QMC_KINDS, "radius": RADII, "state_update": STATE_UPDATES}
 
 
 @dataclass
@@ -65,6 +67,12 @@ class DiJiangSettings:
         and head log gamma_t = logsigmoid(decay_logit_h + u_h . v_t), u zero at init (the learned per-head
         decay), so that the state can keep what matters and forget filler; in pure and window layers alike. On
         CUDA it runs through the fused kernels (the chunk kernel takes per-token decays).
+    state_update: ``add`` (linear attention: S += k v^T, the paper's) or ``delta`` (pure layers only: the gated
+        delta rule, S = gamma S + beta k (v - gamma S^T k)^T over L2-normalised features, no normaliser;
+        ``dijiang.ops.delta``): the state overwrites what a key held instead of blurring it, the update
+        DeltaNet showed recalls associations that additive states lose. beta_t = sigmoid(b_h + w_h . v_t) per
+        token and head from v (w zero, b zero at init: beta 0.5). Runs fla's Triton kernel on CUDA where fla is
+        installed, else the PyTorch chunk form; the fast decoder does not take it (``model.generate`` does).
     checkpoint: in training, recompute the PyTorch attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
         fused path on CUDA is not recomputed.
@@ -97,6 +105,7 @@ class DiJiangSettings:
     window_mix_init: float = 0.1
     sinks: int = 0
     decay_gate: bool = False
+    state_update: str = "add"
 
     def __post_init__(self):
         from dijiang.arguments import Number, non_negative_int, parse_bool, positive_float, positive_int
@@ -124,6 +133,8 @@ class DiJiangSettings:
         self.window_mix_init = positive_float.check("window_mix_init (the linear part's weight at init)",
                                                     self.window_mix_init)
         self.sinks = Number(int, 0, MAX_SINKS).check("sinks (first tokens kept as softmax keys)", self.sinks)
+        if self.state_update == "delta" and self.window:
+            raise ValueError(f"state_update='delta' is for pure layers (window=0); got window={self.window}")
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
         if len(self.decay_range) != 2:
@@ -213,6 +224,9 @@ class DiJiangAttention(nn.Module):
         self.feature_transform = (nn.Parameter(torch.eye(d, **factory).repeat(H, 1, 1))
                                   if settings.feature_transform else None)
         self.decay_gate = nn.Parameter(torch.zeros(H, d, **factory)) if settings.decay_gate else None
+        delta = settings.state_update == "delta"
+        self.delta_beta = nn.Parameter(torch.zeros(H, d, **factory)) if delta else None
+        self.delta_beta_logit = nn.Parameter(torch.zeros(H, device=param.device)) if delta else None
 
     @property
     def log_decay(self) -> torch.Tensor:
@@ -225,6 +239,11 @@ class DiJiangAttention(nn.Module):
             return self.log_decay
         gate = torch.einsum("bthd,hd->bth", v.float(), self.decay_gate.float())
         return F.logsigmoid(self.decay_logit.float() + gate)
+
+    def write_strength(self, v: torch.Tensor) -> torch.Tensor:
+        """The delta rule's beta_t = sigmoid(b_h + w_h . v_t), [B, T, H] float32."""
+        return torch.sigmoid(self.delta_beta_logit.float()
+                             + torch.einsum("bthd,hd->bth", v.float(), self.delta_beta.float()))
 
     def linear_inputs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The q, k the linear part's feature map sees: ``feature_transform`` applied per head, if any."""
@@ -287,6 +306,14 @@ class DiJiangAttention(nn.Module):
     def _attend(self, q, k, v, *, mode, mask, initial_state, output_final_state):
         q_lin, k_lin = self.linear_inputs(q, k)
         qf, kf = self.feature_map(q_lin), self.key_map(k_lin)
+        if self.delta_beta is not None:
+            # unit-norm features: I - beta k k^T is then a contraction and reads are comparable across tokens
+            qf, kf = F.normalize(qf.float(), dim=-1).to(v.dtype), F.normalize(kf.float(), dim=-1).to(v.dtype)
+            return delta_rule(
+                qf, kf, v, self.step_log_decay(v), self.write_strength(v), mode="recurrent" if mode == "recurrent"
+                else "chunk", chunk_size=self.settings.chunk_size, initial_state=initial_state,
+                output_final_state=output_final_state, attention_mask=mask, backend=self.settings.backend,
+            )
         if self.settings.window:
             lin_weight = F.softplus(self.window_mix.float())
             return window_attention(
@@ -351,7 +378,7 @@ class DiJiangAttention(nn.Module):
     def _can_fuse(self, q: torch.Tensor, v: torch.Tensor, mode: str, mask, initial_state) -> bool:
         fm = self.feature_map
         common = (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
-                  and self.feature_map_fuses())
+                  and self.delta_beta is None and self.feature_map_fuses())
         if not common:
             return False
         if isinstance(fm, HedgehogFeatureMap):  # the linear part's inputs: m log-features a token, an m x m identity

@@ -1,0 +1,167 @@
+"""Gated delta rule (DeltaNet / Gated DeltaNet's state update) over feature-mapped queries and keys.
+
+Additive linear attention only ever adds k_t v_t^T to its state, so old associations blur into new ones; the
+delta rule first reads what the state already holds for k_t and writes only the correction:
+
+    S_t = gamma_t S_{t-1} + beta_t k_t (v_t - gamma_t S_{t-1}^T k_t)^T,      o_t = S_t^T q_t
+
+with k_t unit-norm (then I - beta_t k_t k_t^T is a contraction for beta in [0, 1]), gamma_t the layer's decay
+and beta_t a per-token write strength. No normaliser. Layout as the other ops: q, k ``[B, T, H, m]``, v
+``[B, T, H, dv]``, state ``[B, H, m, dv]`` float32 (fla's ``chunk_gated_delta_rule`` has the same contract, with
+``g`` = log gamma and ``scale`` = 1, and runs it on CUDA: ``fla_delta_rule``).
+
+Chunk form (the WY representation, as in DeltaNet's paper): inside a chunk with cumulative log decay b_i and
+entering state S0, the state after token i is e^{b_i} S0 + sum_{j<=i} e^{b_i - b_j} k_j u_j^T, where the
+written values u solve the unit lower-triangular system
+
+    u_i + beta_i sum_{j<i} e^{b_i - b_j} (k_i . k_j) u_j = beta_i (v_i - e^{b_i} S0^T k_i),
+
+so u = W_v - W_k S0 with W_v, W_k from one triangular solve per chunk that does not depend on S0; only the
+chunk-to-chunk state walk is sequential.
+
+Padding (``attention_mask`` 0/False): a padded token writes nothing (beta 0), does not decay the state and
+gets output 0, as in the additive ops.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .naive import check_attention_mask, check_head_or_token_log_decay, check_rank4
+
+DELTA_MODES = ("chunk", "recurrent")
+
+
+def _prepare(q, k, v, log_decay, beta, initial_state, attention_mask):
+    check_rank4(q=q, k=k, v=v)
+    B, T, H, m = k.shape
+    if q.shape != k.shape or v.shape[:3] != (B, T, H):
+        raise ValueError(f"q, k must be [B, T, H, m] and v [B, T, H, dv] alike; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_head_or_token_log_decay(log_decay, B, T, H)
+    if tuple(beta.shape) != (B, T, H):
+        raise ValueError(f"beta must have shape [B, T, H] = [{B}, {T}, {H}], got {tuple(beta.shape)}")
+    check_attention_mask(attention_mask, B, T)
+    g = log_decay.float()
+    g = g.expand(B, T, H) if g.dim() == 1 else g
+    beta = beta.float()
+    if attention_mask is not None:
+        real = attention_mask.to(torch.bool)[..., None]  # [B, T, 1]
+        g, beta = g * real, beta * real
+    dv = v.shape[-1]
+    state = (torch.zeros(B, H, m, dv, device=v.device, dtype=torch.float32) if initial_state is None
+             else initial_state.float())
+    if tuple(state.shape) != (B, H, m, dv):
+        raise ValueError(f"initial_state must have shape [B, H, m, dv] = [{B}, {H}, {m}, {dv}], "
+                         f"got {tuple(state.shape)}")
+    return q.float(), k.float(), v.float(), g, beta, state
+
+
+def _finish(o: Tensor, attention_mask, dtype) -> Tensor:
+    if attention_mask is not None:
+        o = o * attention_mask.to(o.dtype)[..., None, None]
+    return o.to(dtype)
+
+
+def recurrent_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output_final_state=False,
+                         attention_mask=None) -> tuple[Tensor, Tensor | None]:
+    """Token by token: the reference (and the decode step). Same contract as :func:`delta_rule`."""
+    qf, kf, vf, g, beta, state = _prepare(q, k, v, log_decay, beta, initial_state, attention_mask)
+    outputs = []
+    for g_t, b_t, q_t, k_t, v_t in zip(*(x.unbind(dim=1) for x in (g, beta, qf, kf, vf))):
+        state = torch.exp(g_t)[..., None, None] * state
+        read = torch.einsum("bhm,bhmv->bhv", k_t, state)
+        state = state + k_t[..., :, None] * (b_t[..., None] * (v_t - read))[..., None, :]
+        outputs.append(torch.einsum("bhm,bhmv->bhv", q_t, state))
+    o = torch.stack(outputs, dim=1)
+    return _finish(o, attention_mask, v.dtype), (state if output_final_state else None)
+
+
+def chunk_delta_rule(q, k, v, log_decay, beta, *, chunk_size=64, initial_state=None, output_final_state=False,
+                     attention_mask=None) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise (training, prefill). Same contract as :func:`delta_rule`."""
+    qf, kf, vf, g, beta, state = _prepare(q, k, v, log_decay, beta, initial_state, attention_mask)
+    B, T, H, m = kf.shape
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T  # padded steps: beta 0, no decay, zero q: they change nothing
+
+    def chunks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
+        x = F.pad(x, [0, 0] * (x.dim() - 3) + [0, 0, 0, pad]) if pad else x
+        return x.reshape(B, N, C, H, *x.shape[3:]).movedim(3, 1)
+
+    qc, kc, vc, gc, bc = chunks(qf), chunks(kf), chunks(vf), chunks(g), chunks(beta)
+    within = gc.cumsum(-1)  # [B, H, N, C]
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
+    # decays e^{b_i - b_j} for j <= i, masked before exp so every exponent is <= 0
+    exponent = within[..., :, None] - within[..., None, :]
+    decay_strict = torch.exp(exponent.masked_fill(~lower, float("-inf")))
+    decay_causal = torch.exp(exponent.masked_fill(~(lower | torch.eye(C, dtype=torch.bool, device=k.device)),
+                                                  float("-inf")))
+    system = torch.eye(C, device=k.device) + bc[..., :, None] * decay_strict * (kc @ kc.transpose(-1, -2))
+    rhs = torch.cat([bc[..., None] * vc, (bc * torch.exp(within))[..., None] * kc], dim=-1)
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    w_v, w_k = solved[..., :vf.shape[-1]], solved[..., vf.shape[-1]:]  # u = w_v - w_k S0
+    scores = (qc @ kc.transpose(-1, -2)) * decay_causal  # [B, H, N, C, C]
+    q_decayed = qc * torch.exp(within)[..., None]
+    to_end = torch.exp(within[..., -1:] - within)[..., None] * kc  # e^{b_C - b_j} k_j
+    outputs = []
+    for n in range(N):  # the sequential part: one state per chunk
+        u = w_v[:, :, n] - w_k[:, :, n] @ state
+        outputs.append(q_decayed[:, :, n] @ state + scores[:, :, n] @ u)
+        state = torch.exp(within[:, :, n, -1])[..., None, None] * state + to_end[:, :, n].transpose(-1, -2) @ u
+    o = torch.stack(outputs, dim=2).movedim(1, 3).reshape(B, N * C, H, -1)[:, :T]
+    return _finish(o, attention_mask, v.dtype), (state if output_final_state else None)
+
+
+def fla_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output_final_state=False):
+    """fla's ``chunk_gated_delta_rule`` (Triton, CUDA) under this module's contract; ImportError without fla."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    B, T, H, _ = k.shape
+    g = log_decay.float()
+    g = g.expand(B, T, H).contiguous() if g.dim() == 1 else g.contiguous()
+    o, state = chunk_gated_delta_rule(
+        q.contiguous(), k.contiguous(), v.contiguous(), g, beta.to(v.dtype).contiguous(), scale=1.0,
+        initial_state=None if initial_state is None else initial_state.float().contiguous(),
+        output_final_state=output_final_state,
+    )
+    return o.to(v.dtype), state
+
+
+@functools.cache
+def fla_available() -> bool:
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception:  # fla missing, or its Triton import failing on this machine
+        return False
+    return True
+
+
+def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial_state=None,
+               output_final_state=False, attention_mask=None, backend="auto") -> tuple[Tensor, Tensor | None]:
+    """Gated delta rule over feature-mapped q, k (see the module docstring).
+
+    Args:
+        q, k: ``[B, T, H, m]``; k should be unit-norm (the layer normalises both).
+        v: ``[B, T, H, dv]``.
+        log_decay: ``[H]`` or ``[B, T, H]``, all ``<= 0``.
+        beta: ``[B, T, H]`` write strengths in [0, 1].
+        mode: ``"chunk"`` or ``"recurrent"`` (token by token, decode).
+        backend: ``"auto"`` runs fla's Triton kernel on CUDA where fla is installed and nothing is padded;
+            ``"torch"`` always the forms here.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, dv]`` in ``v.dtype``; final_state ``[B, H, m, dv]`` float32 or None.
+    """
+    if mode not in DELTA_MODES:
+        raise ValueError(f"the delta rule runs in mode 'chunk' or 'recurrent', got {mode!r}")
+    common = dict(initial_state=initial_state, output_final_state=output_final_state)
+    if (backend == "auto" and mode == "chunk" and q.is_cuda and attention_mask is None and fla_available()):
+        return fla_delta_rule(q, k, v, log_decay, beta, **common)
+    if mode == "recurrent":
+        return recurrent_delta_rule(q, k, v, log_decay, beta, attention_mask=attention_mask, **common)
+    return chunk_delta_rule(q, k, v, log_decay, beta, chunk_size=chunk_size, attention_mask=attention_mask, **common)
