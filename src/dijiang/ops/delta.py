@@ -19,7 +19,7 @@ written values u solve the unit lower-triangular system
 so u = W_v - W_k S0 with W_v, W_k from one triangular solve per chunk that does not depend on S0; only the
 chunk-to-chunk state walk is sequential.
 
-Padding (``attention_mask`` 0/False): a padded token writes nothing (beta 0), does not decay the state and
+Padding (``attention_mask`` 0/False): a padded token writes nothing (its key and value are zeroed), does not decay the state and
 gets output 0, as in the additive ops.
 """
 from __future__ import annotations
@@ -30,46 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .naive import check_attention_mask, check_head_or_token_log_decay, check_rank4
+from .naive import finish_outputs, prepare_inputs
 
 DELTA_MODES = ("chunk", "recurrent")
 
 
 def _prepare(q, k, v, log_decay, beta, initial_state, attention_mask):
-    check_rank4(q=q, k=k, v=v)
-    B, T, H, m = k.shape
-    if q.shape != k.shape or v.shape[:3] != (B, T, H):
-        raise ValueError(f"q, k must be [B, T, H, m] and v [B, T, H, dv] alike; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    check_head_or_token_log_decay(log_decay, B, T, H)
+    """The additive ops' checked float32 inputs (``prepare_inputs``, no normaliser): a padded token's k and v are
+    zero, so it writes nothing whatever its beta, and its log decay is 0. Plus beta, checked, float32."""
+    prepared = prepare_inputs(q, k, v, log_decay, initial_state, False, attention_mask)
+    B, T, H, _ = k.shape
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must have shape [B, T, H] = [{B}, {T}, {H}], got {tuple(beta.shape)}")
-    check_attention_mask(attention_mask, B, T)
-    g = log_decay.float()
-    g = g.expand(B, T, H) if g.dim() == 1 else g
-    beta = beta.float()
-    if attention_mask is not None:
-        real = attention_mask.to(torch.bool)[..., None]  # [B, T, 1]
-        g, beta = g * real, beta * real
-    dv = v.shape[-1]
-    state = (torch.zeros(B, H, m, dv, device=v.device, dtype=torch.float32) if initial_state is None
-             else initial_state.float())
-    if tuple(state.shape) != (B, H, m, dv):
-        raise ValueError(f"initial_state must have shape [B, H, m, dv] = [{B}, {H}, {m}, {dv}], "
-                         f"got {tuple(state.shape)}")
-    return q.float(), k.float(), v.float(), g, beta, state
-
-
-def _finish(o: Tensor, attention_mask, dtype) -> Tensor:
-    if attention_mask is not None:
-        o = o * attention_mask.to(o.dtype)[..., None, None]
-    return o.to(dtype)
+    return prepared, beta.float()
 
 
 def recurrent_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output_final_state=False,
                          attention_mask=None) -> tuple[Tensor, Tensor | None]:
     """Token by token: the reference (and the decode step). Same contract as :func:`delta_rule`."""
-    qf, kf, vf, g, beta, state = _prepare(q, k, v, log_decay, beta, initial_state, attention_mask)
+    (qf, kf, vf, g, state, mask), beta = _prepare(q, k, v, log_decay, beta, initial_state, attention_mask)
     outputs = []
     for g_t, b_t, q_t, k_t, v_t in zip(*(x.unbind(dim=1) for x in (g, beta, qf, kf, vf))):
         state = torch.exp(g_t)[..., None, None] * state
@@ -77,13 +56,13 @@ def recurrent_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output
         state = state + k_t[..., :, None] * (b_t[..., None] * (v_t - read))[..., None, :]
         outputs.append(torch.einsum("bhm,bhmv->bhv", q_t, state))
     o = torch.stack(outputs, dim=1)
-    return _finish(o, attention_mask, v.dtype), (state if output_final_state else None)
+    return finish_outputs(o, False, mask, 0.0, v.dtype), (state if output_final_state else None)
 
 
 def chunk_delta_rule(q, k, v, log_decay, beta, *, chunk_size=64, initial_state=None, output_final_state=False,
                      attention_mask=None) -> tuple[Tensor, Tensor | None]:
     """Chunkwise (training, prefill). Same contract as :func:`delta_rule`."""
-    qf, kf, vf, g, beta, state = _prepare(q, k, v, log_decay, beta, initial_state, attention_mask)
+    (qf, kf, vf, g, state, mask), beta = _prepare(q, k, v, log_decay, beta, initial_state, attention_mask)
     B, T, H, m = kf.shape
     C = min(chunk_size, T)
     N = -(-T // C)
@@ -95,12 +74,10 @@ def chunk_delta_rule(q, k, v, log_decay, beta, *, chunk_size=64, initial_state=N
 
     qc, kc, vc, gc, bc = chunks(qf), chunks(kf), chunks(vf), chunks(g), chunks(beta)
     within = gc.cumsum(-1)  # [B, H, N, C]
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
-    # decays e^{b_i - b_j} for j <= i, masked before exp so every exponent is <= 0
-    exponent = within[..., :, None] - within[..., None, :]
-    decay_strict = torch.exp(exponent.masked_fill(~lower, float("-inf")))
-    decay_causal = torch.exp(exponent.masked_fill(~(lower | torch.eye(C, dtype=torch.bool, device=k.device)),
-                                                  float("-inf")))
+    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    # decays e^{b_i - b_j} for j <= i, masked before exp so every exponent is <= 0; the solve takes j < i only
+    decay_causal = torch.exp((within[..., :, None] - within[..., None, :]).masked_fill(~causal, float("-inf")))
+    decay_strict = decay_causal.tril(-1)
     system = torch.eye(C, device=k.device) + bc[..., :, None] * decay_strict * (kc @ kc.transpose(-1, -2))
     rhs = torch.cat([bc[..., None] * vc, (bc * torch.exp(within))[..., None] * kc], dim=-1)
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
@@ -114,7 +91,7 @@ def chunk_delta_rule(q, k, v, log_decay, beta, *, chunk_size=64, initial_state=N
         outputs.append(q_decayed[:, :, n] @ state + scores[:, :, n] @ u)
         state = torch.exp(within[:, :, n, -1])[..., None, None] * state + to_end[:, :, n].transpose(-1, -2) @ u
     o = torch.stack(outputs, dim=2).movedim(1, 3).reshape(B, N * C, H, -1)[:, :T]
-    return _finish(o, attention_mask, v.dtype), (state if output_final_state else None)
+    return finish_outputs(o, False, mask, 0.0, v.dtype), (state if output_final_state else None)
 
 
 def fla_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output_final_state=False):
