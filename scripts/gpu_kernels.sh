@@ -24,7 +24,7 @@
 #                                              of teacher and pure
 #   bash scripts/gpu_kernels.sh sink-decode    on ~/model/hf: the GPU tests of the fast decoder with sinks, then decode
 #                                              tok/s of window-128 and the shipped recipe's layer (window-sinks: 124 + 4
-#                                              sinks), its sink layers on the PyTorch step and on the window kernel (force)
+#                                              sinks), every window layer on the PyTorch step (0) and on the kernel (1)
 # A device call is limited to 10 minutes, so the model stages may need running one command at a time.
 # Results are copied into docs/ by hand (docs/bench_*.md, docs/bench_data/).
 set -uo pipefail
@@ -127,7 +127,7 @@ elif [ "$stage" = model-decode ]; then
 elif [ "$stage" = sink-decode ]; then
   timeout 150 python -m pytest -q -m gpu tests/test_fast_decode.py -k "sink" 2>&1 | tail -n 20 > "$OUT/gpu_tests_sink_decode.txt"
   bench() { timeout "$1" python benchmarks/bench_model.py --model ~/model/hf --keep-going "${@:2}"; }
-  for kernel in 1 force; do  # 1: the default (sink layers on the PyTorch step), force: every window layer on the kernel
+  for kernel in 0 1; do  # 0: every window layer on the compiled PyTorch step, 1 (the default): on the kernel, sinks too
     DIJIANG_WINDOW_DECODE_KERNEL=$kernel bench 200 --kinds window,window-sinks --window 128 --contexts 2048,8192 \
       --batches 1,16 --batch-contexts 8192 --new-tokens 128 --hf-new-tokens 0 --train-contexts '' --repeats 2 \
       --json "$OUT/decode_sinks_kernel_$kernel.json" --out "$OUT/decode_sinks_kernel_$kernel.md" \

@@ -2,8 +2,9 @@
 """Tables and plots of the long-context ablation from each run's `dijiang eval` JSON and training log.
 
 Reads RUNS/JOB/eval.json (or RUNS/JOB/eval/eval.json, as the GPU driver leaves them) and RUNS/JOB/log.jsonl
-(or log.jsonl.xz, as docs/bench_data keeps them: a tenth of the size, and every GPU call carries the tree) for every recipe of recipes/long-context/, prints the markdown tables that docs/results.md shows and writes
-its plots. Nothing is written into docs/ unless --out says so.
+(or log.jsonl.xz, as docs/bench_data keeps them: a tenth of the size, and every GPU call carries the tree) for
+every recipe of recipes/long-context/, prints the markdown tables that docs/results.md shows and writes its plots.
+Nothing is written into docs/ unless --out says so.
 
     python scripts/long_context_report.py docs/bench_data/long_context --out docs
 """
