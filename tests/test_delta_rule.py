@@ -92,23 +92,26 @@ def test_bad_inputs_are_refused():
         delta_rule(q, k, v, -g, beta)
     with pytest.raises(ValueError, match="mode"):
         delta_rule(q, k, v, g, beta, mode="parallel")
-    with pytest.raises(ValueError, match="pure layers"):
-        dijiang.convert(tiny_model("llama"), dict(window=4, state_update="delta"))
     with pytest.raises(ValueError, match="state_update"):
         dijiang.convert(tiny_model("llama"), dict(state_update="overwrite"))
 
 
-@pytest.mark.parametrize("feature_map", ["dijiang", "hedgehog"])
-def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, feature_map):
+@pytest.mark.parametrize("feature_map,window", [("dijiang", 0), ("hedgehog", 0), ("dijiang", 4), ("hedgehog", 5)])
+def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, feature_map, window):
+    """Pure delta layers, and window layers with a delta branch (window 4 + 1 sink, 5 without sinks: 20 tokens
+    take them well past the window)."""
     ids = torch.randint(3, VOCAB, (2, 20))
+    sinks = 1 if window == 4 else 0
     model = dijiang.convert(tiny_model("llama", seed=4), dict(state_update="delta", feature_map=feature_map,
-                                                             decay_gate=True)).eval()
+                                                             decay_gate=True, window=window, sinks=sinks)).eval()
     layers = [layer for _, layer in iter_dijiang_layers(model)]
     model.train()
     model(ids, labels=ids, use_cache=False).loss.backward()
     for layer in layers:
         assert layer.delta_beta.grad.abs().sum() > 0 and layer.delta_beta_logit.grad.abs().sum() > 0
         assert any(p is layer.delta_beta for p in layer.new_parameters())
+        if window:
+            assert layer.window_mix.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         for layer in layers:
@@ -143,3 +146,35 @@ def test_cuda_fla_kernel_equals_the_chunk_form(per_token):
     assert rel_err(o_fla, o_ref) < 2e-3 and rel_err(s_fla, s_ref) < 2e-3
     for a, b in zip(g_fla, g_ref):
         assert rel_err(a, b) < 5e-3
+
+
+def test_window_layer_with_a_delta_branch_is_the_window_plus_the_weighted_rule():
+    """o = the window's softmax (what an additive hybrid gives with its branch off) + softplus(window_mix) x the
+    delta rule over the layer's unit-norm features, every token included; switched off, the plain window."""
+    from dijiang.evaluate import linear_branch_off
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 24))
+    settings = dict(window=6, sinks=2, feature_map="hedgehog")
+    delta = dijiang.convert(tiny_model("llama", seed=5), dict(settings, state_update="delta")).eval()
+    additive = dijiang.convert(tiny_model("llama", seed=5), settings).eval()
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(iter_dijiang_layers(delta), iter_dijiang_layers(additive)):
+            a.delta_beta.normal_(std=0.5)
+            a.window_mix.fill_(0.3)
+        with linear_branch_off(delta), linear_branch_off(additive):
+            assert rel_err(delta(ids, use_cache=False).logits, additive(ids, use_cache=False).logits) < 1e-5
+        layer = next(layer for _, layer in iter_dijiang_layers(delta))
+        plain = next(layer for _, layer in iter_dijiang_layers(additive))
+        q, k, v = (torch.randn(2, 24, layer.num_heads, layer.head_dim) for _ in range(3))
+        o, _ = layer._attend(q, k, v, mode="chunk", mask=None, initial_state=None, output_final_state=False)
+        with linear_branch_off(additive):
+            window_only, _ = plain._attend(q, k, v, mode="chunk", mask=None, initial_state=None,
+                                           output_final_state=False)
+        qf = F.normalize(layer.feature_map(q), dim=-1)
+        kf = F.normalize(layer.key_map(k), dim=-1)
+        g = layer.step_log_decay(v).expand(2, 24, -1)
+        rule, _ = plain_delta_rule(qf, kf, v, g, layer.write_strength(v), torch.zeros(2, layer.num_heads,
+                                                                                       qf.shape[-1], v.shape[-1]))
+        expected = window_only.double() + F.softplus(torch.tensor(0.3)).double() * rule
+        assert (o.double() - expected).abs().max() < 1e-4

@@ -157,11 +157,14 @@ def test_two_stage_run_logs_checkpoints_evaluates_and_saves(assets, tmp_path):
         train(config)
 
 
-def test_attention_transfer_trains_only_the_new_parameters(assets, tmp_path):
+@pytest.mark.parametrize("attention", [None, dict(window=8, sinks=2, state_update="delta", decay_gate=True)])
+def test_attention_transfer_trains_only_the_new_parameters(assets, tmp_path, attention):
+    """The default layer, and a window layer with a delta branch (its beta, gate and mix among the new ones)."""
     from dijiang.loading import load_pretrained
     from dijiang.train import new_parameter_ids
 
-    summary = train(small_config(assets, tmp_path / "out", attention_transfer_tokens="512", max_steps=4))
+    extra = {} if attention is None else dict(attention=attention)
+    summary = train(small_config(assets, tmp_path / "out", attention_transfer_tokens="512", max_steps=4, **extra))
     student = summary["model"]
     original, _ = load_pretrained(str(assets["model"]))
     before = dict(original.named_parameters())

@@ -56,7 +56,7 @@ def test_every_case_ran(results):
     assert sum(name.startswith("window") and not name.startswith("window decode") for name in results) == 10
     assert sum(name.startswith("dijiang") for name in results) == 9
     assert sum(name.startswith("reduce") for name in results) == 1
-    assert sum(name.startswith("layer, ") for name in results) == 6
+    assert sum(name.startswith("layer, ") for name in results) == 8
     assert sum(name.startswith("window decode") for name in results) == 7
 
 

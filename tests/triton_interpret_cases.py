@@ -150,23 +150,26 @@ def dijiang_case(B, T, H, d, normalize, with_state, seed=0, frozen_map=False, fi
 
 
 def layer_case(B, T, feature_map="hedgehog", seed=0, with_state=False, gate=False, window=0, sinks=0,
-               transform=False) -> dict:
+               transform=False, delta=False) -> dict:
     """A converted layer through the fused kernels (``DiJiangAttention._fused``: Hedgehog's map as its log-features
     with an identity projection, DiJiang's as its projection) against the layer's torch path: output, final state
     and the gradients of q, k, v and every new parameter of the layer (maps, decay, gate, linear weight,
-    transform); with_state: a state carried in (pure layers only: the fused window op starts empty)."""
+    transform); with_state: a state carried in (pure layers only: the fused window op starts empty); delta: a
+    window layer with a delta branch (the band kernel without its linear part, the delta rule's torch form)."""
     import dijiang
     from dijiang.conversion import iter_dijiang_layers
     from helpers import tiny_model
 
     torch.manual_seed(seed)
-    settings = dict(feature_map=feature_map, decay_gate=gate, window=window, sinks=sinks, feature_transform=transform)
+    settings = dict(feature_map=feature_map, decay_gate=gate, window=window, sinks=sinks, feature_transform=transform,
+                    state_update="delta" if delta else "add")
     model = dijiang.convert(tiny_model("llama", seed=seed), settings)
     layer = next(layer for _, layer in iter_dijiang_layers(model))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # away from the init (identity maps, u = 0), so that each parameter matters
         for name, p in layer.named_parameters():
-            if name.startswith(("feature_map.", "key_feature_map.", "decay_gate", "window_mix", "feature_transform")):
+            if name.startswith(("feature_map.", "key_feature_map.", "decay_gate", "window_mix", "feature_transform",
+                                "delta_beta")):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     new = {id(p) for p in layer.new_parameters()}
     named = [(name, p) for name, p in layer.named_parameters() if id(p) in new and p.requires_grad]
@@ -317,6 +320,10 @@ CASES = {
                                                                     transform=True),
     "layer, dijiang: T150 window 40 + 4 sinks, transform, data-dependent decay":
         lambda: layer_case(1, 150, "dijiang", seed=5, window=40, sinks=4, transform=True, gate=True),
+    "layer, hedgehog: B2 T150 window 40 + 4 sinks with a delta branch, data-dependent decay":
+        lambda: layer_case(2, 150, seed=6, window=40, sinks=4, gate=True, delta=True),
+    "layer, dijiang: T120 window 48 with a delta branch, transform":
+        lambda: layer_case(1, 120, "dijiang", seed=7, window=48, transform=True, delta=True),
     "window decode B2 H3 d16 m32 W8, ring 0": lambda: window_decode_case(2, 3, 16, 32, 8, 0),
     "window decode B2 H2 d16 m16 W5 (window not a power of two), ring 13": lambda: window_decode_case(2, 2, 16, 16, 5,
                                                                                                        13, seed=1),

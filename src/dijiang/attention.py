@@ -58,7 +58,8 @@ class DiJiangSettings:
         part only (identity at init), so that the features can learn which directions to compare; the fused
         kernels see transformed q, k as ordinary inputs, so training keeps the fast path. The softmax window
         keeps the untransformed q, k.
-    window_mix_init: the linear part's weight (softplus of ``window_mix``) at init, per head.
+    window_mix_init: the linear part's weight (softplus of ``window_mix``) at init, per head (with
+        ``state_update="delta"`` the weight of the delta branch's output added to the window's).
     sinks: with a window, how many of the first tokens stay softmax keys of every query after they leave the
         window (StreamingLLM's attention sinks, inside the window's max and normaliser): a constant S more keys
         and values per layer. Pretrained models park much attention on the first tokens; a window without them
@@ -67,12 +68,15 @@ class DiJiangSettings:
         and head log gamma_t = logsigmoid(decay_logit_h + u_h . v_t), u zero at init (the learned per-head
         decay), so that the state can keep what matters and forget filler; in pure and window layers alike. On
         CUDA it runs through the fused kernels (the chunk kernel takes per-token decays).
-    state_update: ``add`` (linear attention: S += k v^T, the paper's) or ``delta`` (pure layers only: the gated
-        delta rule, S = gamma S + beta k (v - gamma S^T k)^T over L2-normalised features, no normaliser;
+    state_update: ``add`` (linear attention: S += k v^T, the paper's) or ``delta`` (the gated delta rule,
+        S = gamma S + beta k (v - gamma S^T k)^T over L2-normalised features, no normaliser;
         ``dijiang.ops.delta``): the state overwrites what a key held instead of blurring it, the update
         DeltaNet showed recalls associations that additive states lose. beta_t = sigmoid(b_h + w_h . v_t) per
-        token and head from v (w zero, b zero at init: beta 0.5). Runs fla's Triton kernel on CUDA where fla is
-        installed, else the PyTorch chunk form; the fast decoder does not take it (``model.generate`` does).
+        token and head from v (w zero, b zero at init: beta 0.5). With a window the delta branch has no
+        normaliser to share: the layer adds it to the window's own softmax output, o = window softmax (+ sinks)
+        + softplus(window_mix) x delta output (Liger's sum of a sliding window and a gated linear branch), over
+        every token, the window's too. Runs fla's Triton kernel on CUDA where fla is installed, else the
+        PyTorch chunk form; the fast decoder does not take it (``model.generate`` does).
     checkpoint: in training, recompute the PyTorch attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
         fused path on CUDA is not recomputed.
@@ -133,8 +137,6 @@ class DiJiangSettings:
         self.window_mix_init = positive_float.check("window_mix_init (the linear part's weight at init)",
                                                     self.window_mix_init)
         self.sinks = Number(int, 0, MAX_SINKS).check("sinks (first tokens kept as softmax keys)", self.sinks)
-        if self.state_update == "delta" and self.window:
-            raise ValueError(f"state_update='delta' is for pure layers (window=0); got window={self.window}")
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
         if len(self.decay_range) != 2:
@@ -306,14 +308,18 @@ class DiJiangAttention(nn.Module):
     def _attend(self, q, k, v, *, mode, mask, initial_state, output_final_state):
         q_lin, k_lin = self.linear_inputs(q, k)
         qf, kf = self.feature_map(q_lin), self.key_map(k_lin)
-        if self.delta_beta is not None:
-            # unit-norm features: I - beta k k^T is then a contraction and reads are comparable across tokens
-            qf, kf = F.normalize(qf.float(), dim=-1).to(v.dtype), F.normalize(kf.float(), dim=-1).to(v.dtype)
-            return delta_rule(
-                qf, kf, v, self.step_log_decay(v), self.write_strength(v), mode="recurrent" if mode == "recurrent"
-                else "chunk", chunk_size=self.settings.chunk_size, initial_state=initial_state,
-                output_final_state=output_final_state, attention_mask=mask, backend=self.settings.backend,
+        if self.delta_beta is not None and self.settings.window:
+            window_state, delta_state = _split_delta_state(initial_state)
+            # the window's softmax alone: zero features give its linear part nothing to add
+            zeros = torch.zeros_like(qf)
+            o, state = window_attention(
+                q, k, v, zeros, zeros, self.log_decay, torch.ones_like(self.log_decay), window=self.settings.window,
+                scale=self.scale, mode=mode, initial_state=window_state, output_final_state=output_final_state,
+                attention_mask=mask, sinks=self.settings.sinks,
             )
+            return self._add_delta_branch(o, state, qf, kf, v, mode, mask, delta_state, output_final_state)
+        if self.delta_beta is not None:
+            return self._delta(qf, kf, v, mode, mask, initial_state, output_final_state)
         if self.settings.window:
             lin_weight = F.softplus(self.window_mix.float())
             return window_attention(
@@ -326,6 +332,23 @@ class DiJiangAttention(nn.Module):
             initial_state=initial_state, output_final_state=output_final_state, normalize=self.settings.normalize,
             attention_mask=mask,
         )
+
+    def _delta(self, qf, kf, v, mode, mask, initial_state, output_final_state):
+        """The gated delta rule over this layer's features (``dijiang.ops.delta``)."""
+        # unit-norm features: I - beta k k^T is then a contraction and reads are comparable across tokens
+        qf, kf = F.normalize(qf.float(), dim=-1).to(v.dtype), F.normalize(kf.float(), dim=-1).to(v.dtype)
+        return delta_rule(
+            qf, kf, v, self.step_log_decay(v), self.write_strength(v), mode="recurrent" if mode == "recurrent"
+            else "chunk", chunk_size=self.settings.chunk_size, initial_state=initial_state,
+            output_final_state=output_final_state, attention_mask=mask, backend=self.settings.backend,
+        )
+
+    def _add_delta_branch(self, o, window_state, qf, kf, v, mode, mask, delta_state, output_final_state):
+        """A window layer's output plus softplus(window_mix) x the delta branch's; the state holds both."""
+        o_delta, delta_state = self._delta(qf, kf, v, mode, mask, delta_state, output_final_state)
+        weight = F.softplus(self.window_mix.float())[:, None]
+        o = (o.float() + weight * o_delta.float()).to(v.dtype)
+        return o, (dict(window_state, delta=delta_state) if output_final_state else None)
 
     def _kernel_inputs(self, q_lin, k_lin, v):
         """What the fused kernels take for this layer's feature map: (q and k of the linear part, projection P,
@@ -345,6 +368,14 @@ class DiJiangAttention(nn.Module):
         beside the softmax window the linear weight goes in x c^2; alone, the normaliser cancels it (eps / c^2
         matches the torch path's). The states come out / c and are scaled back."""
         q_lin, k_lin = self.linear_inputs(q, k)
+        if self.delta_beta is not None:  # a window layer with a delta branch: the band kernel, then fla's
+            o, state = fused_window_attention(
+                q, k, v, self._state_width(q), None, self.log_decay, torch.ones_like(self.log_decay),
+                window=self.settings.window, scale=self.scale, output_final_state=want_state,
+                sinks=self.settings.sinks, linear=False,
+            )
+            qf, kf = self.feature_map(q_lin), self.key_map(k_lin)
+            return self._add_delta_branch(o, state, qf, kf, v, "chunk", None, None, want_state)
         q_lin, k_lin, proj, log_weight, feature_scale, c = self._kernel_inputs(q_lin, k_lin, v)
         if self.settings.window:
             o, state = fused_window_attention(
@@ -364,6 +395,11 @@ class DiJiangAttention(nn.Module):
         )
         return o, state if state is None or c == 1 else state * c
 
+    def _state_width(self, q: torch.Tensor) -> torch.Tensor:
+        """A [d, m] stand-in projection: what tells the band kernel, run without its linear part, the width m of
+        the (zero) linear state it hands on, the width the PyTorch window op's state has for this layer."""
+        return q.new_zeros(self.head_dim, self.feature_map.num_features)
+
     def feature_map_fuses(self) -> bool:
         """Whether the fused kernels can compute this layer's feature map: one softmax-stabilised projection
         map for q and k, with a projection that needs no gradient (the kernels have none for it); or Hedgehog's
@@ -377,9 +413,13 @@ class DiJiangAttention(nn.Module):
 
     def _can_fuse(self, q: torch.Tensor, v: torch.Tensor, mode: str, mask, initial_state) -> bool:
         fm = self.feature_map
-        common = (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None
-                  and self.delta_beta is None and self.feature_map_fuses())
+        common = (self.settings.backend == "auto" and q.is_cuda and mode == "chunk" and mask is None)
         if not common:
+            return False
+        if self.delta_beta is not None:  # pure: the delta op picks fla itself; window: the band kernel beside it
+            return (bool(self.settings.window) and initial_state is None
+                    and triton_supported(q, q, v, self._state_width(q))[0])
+        if not self.feature_map_fuses():
             return False
         if isinstance(fm, HedgehogFeatureMap):  # the linear part's inputs: m log-features a token, an m x m identity
             m = fm.num_features
@@ -420,6 +460,14 @@ def gate_summary(layers) -> dict:
     if gates:
         summary["gate_norm_max"] = torch.cat(gates).max().item()
     return summary
+
+
+def _split_delta_state(state: dict | None) -> tuple[dict | None, torch.Tensor | None]:
+    """A window + delta layer's state: (the window op's dict, the delta state), or (None, None)."""
+    if state is None:
+        return None, None
+    window_state = {key: value for key, value in state.items() if key != "delta"}
+    return window_state, state["delta"]
 
 
 def _layer_cache(cache, layer_idx: int):

@@ -287,7 +287,7 @@ class _WindowBand(torch.autograd.Function):
     def forward(ctx, q, k, v, lin_num, lin_den, lin_weight, window, scale, eps, sinks):
         B, T, H, d = q.shape
         dv = v.shape[-1]
-        has_lin = T > window
+        has_lin = lin_num.shape[1] > 0  # T > window, unless the caller left the linear part out
         o = torch.empty_like(v)
         mx = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
         den = torch.empty_like(mx)
@@ -307,7 +307,7 @@ class _WindowBand(torch.autograd.Function):
         B, T, H, d = q.shape
         dv_dim = v.shape[-1]
         window = ctx.window
-        has_lin = T > window
+        has_lin = lin_num.shape[1] > 0
         do = do.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         d_num, d_den = torch.empty_like(lin_num), torch.empty_like(lin_den)  # every shifted row is written
@@ -390,6 +390,7 @@ def fused_window_attention(
     q_lin: Tensor | None = None,
     k_lin: Tensor | None = None,
     sinks: int = 0,
+    linear: bool = True,
 ) -> tuple[Tensor, dict | None]:
     """Window hybrid with the DiJiang softmax feature map ``phi(x) = softmax(sqrt(feature_scale) x P + log_weight)``.
 
@@ -404,6 +405,9 @@ def fused_window_attention(
             per-head transform of them, or a learned map's log-features with an identity proj); the softmax band
             always uses q, k.
         sinks: tokens 0 .. sinks - 1 stay softmax keys of every row once out of its band (at most 64).
+        linear: False leaves the linear part out: the band softmax (and sinks) alone, the state's S and kf zero
+            (a layer that adds another branch beside the window: ``state_update="delta"``); proj then only gives
+            the state's feature width m (its values are not read).
 
     Returns ``(o [B, T, H, dv] in v.dtype, state dict or None)`` as ``window_attention``; gradients flow to
     q, k, v, log_weight, log_decay and lin_weight. CUDA (or the Triton interpreter) only.
@@ -437,7 +441,7 @@ def fused_window_attention(
         if not ok:
             raise ValueError(f"fused window attention cannot run its linear part: {why}")
     lin_state = None
-    if T > window:
+    if T > window and linear:
         # one normalised call that also returns its denominator D; N = o * (D + eps) recovers the numerator. A
         # per-token decay: row r is query r + window, whose step decays what left the window before it
         lin_decay = log_decay[:, window:].contiguous() if log_decay.dim() == 3 else log_decay
@@ -453,5 +457,8 @@ def fused_window_attention(
     if not output_final_state:
         return o, None
     kept = k_lin[:, T - min(T, window):]
-    k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
+    if linear:
+        k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
+    else:
+        k_feat = k.new_zeros(*kept.shape[:-1], proj.shape[1])
     return o, _final_state(k, v, k_feat, lin_state, window, proj.shape[1], sinks)
