@@ -131,7 +131,7 @@ def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, fea
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not fla_available(), reason="needs CUDA and fla")
+@pytest.mark.skipif(not torch.cuda.is_available() or not fla_available(), reason="needs CUDA and a usable fla (fla_unusable)")
 @pytest.mark.parametrize("per_token", [True, False])
 def test_cuda_fla_kernel_equals_the_chunk_form(per_token):
     """fla's chunk_gated_delta_rule under the same contract: outputs, final state, every gradient."""

@@ -110,12 +110,24 @@ def fla_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output_final
 
 
 @functools.cache
-def fla_available() -> bool:
+def fla_unusable() -> str | None:
+    """Why fla's gated delta rule cannot train here (None: it can): fla missing or failing to import, or the
+    combination fla itself refuses in the backward, a Hopper GPU under Triton 3.4-3.7.0 without tilelang (fla
+    issue #640, wrong gradients; the H200 image's Triton 3.6 is one)."""
+    import importlib.util
+
     try:
         import fla.ops.gated_delta_rule  # noqa: F401
-    except Exception:  # fla missing, or its Triton import failing on this machine
-        return False
-    return True
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except Exception as error:  # fla missing, or its Triton import failing on this machine
+        return f"fla does not import ({type(error).__name__}: {error})"
+    if IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1 and not importlib.util.find_spec("tilelang"):
+        return "fla refuses the gated backward on Hopper with Triton >= 3.4, < 3.7.1 and no tilelang (fla #640)"
+    return None
+
+
+def fla_available() -> bool:
+    return fla_unusable() is None
 
 
 def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial_state=None,
