@@ -170,6 +170,11 @@ class DiJiangSettings:
         return dataclasses.asdict(self)
 
 
+def _per_token_logit(bias: torch.Tensor, weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """b_h + w_h . v_t per token and head, [B, T, H] float32: the gates read from v (bias [H], weight [H, d])."""
+    return bias.float() + torch.einsum("bthd,hd->bth", v.float(), weight.float())
+
+
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -239,13 +244,11 @@ class DiJiangAttention(nn.Module):
         expanded), float32."""
         if self.decay_gate is None:
             return self.log_decay
-        gate = torch.einsum("bthd,hd->bth", v.float(), self.decay_gate.float())
-        return F.logsigmoid(self.decay_logit.float() + gate)
+        return F.logsigmoid(_per_token_logit(self.decay_logit, self.decay_gate, v))
 
     def write_strength(self, v: torch.Tensor) -> torch.Tensor:
         """The delta rule's beta_t = sigmoid(b_h + w_h . v_t), [B, T, H] float32."""
-        return torch.sigmoid(self.delta_beta_logit.float()
-                             + torch.einsum("bthd,hd->bth", v.float(), self.delta_beta.float()))
+        return torch.sigmoid(_per_token_logit(self.delta_beta_logit, self.delta_beta, v))
 
     def linear_inputs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The q, k the linear part's feature map sees: ``feature_transform`` applied per head, if any."""
@@ -335,8 +338,9 @@ class DiJiangAttention(nn.Module):
 
     def _delta(self, qf, kf, v, mode, mask, initial_state, output_final_state):
         """The gated delta rule over this layer's features (``dijiang.ops.delta``)."""
-        # unit-norm features: I - beta k k^T is then a contraction and reads are comparable across tokens
-        qf, kf = F.normalize(qf.float(), dim=-1).to(v.dtype), F.normalize(kf.float(), dim=-1).to(v.dtype)
+        # unit-norm features: I - beta k k^T is then a contraction and reads are comparable across tokens; float32
+        # (the PyTorch forms compute in it; fla's kernel takes them in v's dtype)
+        qf, kf = F.normalize(qf.float(), dim=-1), F.normalize(kf.float(), dim=-1)
         return delta_rule(
             qf, kf, v, self.step_log_decay(v), self.write_strength(v), mode="recurrent" if mode == "recurrent"
             else "chunk", chunk_size=self.settings.chunk_size, initial_state=initial_state,

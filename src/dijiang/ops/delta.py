@@ -102,7 +102,8 @@ def fla_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output_final
     g = log_decay.float()
     g = g.expand(B, T, H).contiguous() if g.dim() == 1 else g.contiguous()
     o, state = chunk_gated_delta_rule(
-        q.contiguous(), k.contiguous(), v.contiguous(), g, beta.to(v.dtype).contiguous(), scale=1.0,
+        q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous(), v.contiguous(), g, beta.to(v.dtype).contiguous(),
+        scale=1.0,
         initial_state=None if initial_state is None else initial_state.float().contiguous(),
         output_final_state=output_final_state,
     )
@@ -135,7 +136,8 @@ def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial
     """Gated delta rule over feature-mapped q, k (see the module docstring).
 
     Args:
-        q, k: ``[B, T, H, m]``; k should be unit-norm (the layer normalises both).
+        q, k: ``[B, T, H, m]``, any float dtype (fla gets them in v's); k should be unit-norm (the layer
+            normalises both).
         v: ``[B, T, H, dv]``.
         log_decay: ``[H]`` or ``[B, T, H]``, all ``<= 0``.
         beta: ``[B, T, H]`` write strengths in [0, 1].
