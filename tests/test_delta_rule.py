@@ -94,16 +94,32 @@ def test_bad_inputs_are_refused():
         delta_rule(q, k, v, g, beta, mode="parallel")
     with pytest.raises(ValueError, match="state_update"):
         dijiang.convert(tiny_model("llama"), dict(state_update="overwrite"))
+    for settings in (dict(state_decay=False), dict(state_decay=False, state_update="delta", decay_gate=True)):
+        with pytest.raises(ValueError, match="DeltaNet's rule"):
+            dijiang.convert(tiny_model("llama"), settings)
 
 
-@pytest.mark.parametrize("feature_map,window", [("dijiang", 0), ("hedgehog", 0), ("dijiang", 4), ("hedgehog", 5)])
-def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, feature_map, window):
+def test_no_decay_is_a_zero_log_decay():
+    q, k, v, _, beta, state = inputs(T=21)
+    zero = torch.zeros(3)
+    for mode in ("chunk", "recurrent"):
+        expected = delta_rule(q, k, v, zero, beta, mode=mode, chunk_size=8, initial_state=state, output_final_state=True)
+        got = delta_rule(q, k, v, None, beta, mode=mode, chunk_size=8, initial_state=state, output_final_state=True)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("feature_map,window,decay", [("dijiang", 0, "gate"), ("hedgehog", 0, "gate"),
+                                                      ("dijiang", 4, "gate"), ("hedgehog", 5, "gate"),
+                                                      ("hedgehog", 0, "none"), ("dijiang", 4, "none")])
+def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, feature_map, window, decay):
     """Pure delta layers, and window layers with a delta branch (window 4 + 1 sink, 5 without sinks: 20 tokens
-    take them well past the window)."""
+    take them well past the window); decay "gate": the data-dependent decay, "none": DeltaNet's state that never
+    decays (state_decay=False)."""
     ids = torch.randint(3, VOCAB, (2, 20))
     sinks = 1 if window == 4 else 0
+    decay_settings = dict(decay_gate=True) if decay == "gate" else dict(state_decay=False)
     model = dijiang.convert(tiny_model("llama", seed=4), dict(state_update="delta", feature_map=feature_map,
-                                                             decay_gate=True, window=window, sinks=sinks)).eval()
+                                                             window=window, sinks=sinks, **decay_settings)).eval()
     layers = [layer for _, layer in iter_dijiang_layers(model)]
     model.train()
     model(ids, labels=ids, use_cache=False).loss.backward()
@@ -112,6 +128,8 @@ def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, fea
         assert any(p is layer.delta_beta for p in layer.new_parameters())
         if window:
             assert layer.window_mix.grad.abs().sum() > 0
+        if decay == "none":  # nothing to learn about a decay that is not there
+            assert not isinstance(layer.decay_logit, torch.nn.Parameter) and layer.log_decay.abs().max() == 0
     model.eval()
     with torch.no_grad():
         for layer in layers:
@@ -130,15 +148,25 @@ def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, fea
     assert torch.equal(out[1:, -10:], alone)
 
 
+def _fla_usable(gated: bool) -> bool:
+    return torch.cuda.is_available() and fla_available(gated)
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not fla_available(), reason="needs CUDA and a usable fla (fla_unusable)")
-@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("per_token", [
+    pytest.param(per_token, marks=pytest.mark.skipif(not _fla_usable(per_token is not None),
+                                                     reason="needs CUDA and a usable fla (fla_unusable)"))
+    for per_token in (True, False, None)])
 def test_cuda_fla_kernel_equals_the_chunk_form(per_token):
-    """fla's chunk_gated_delta_rule under the same contract: outputs, final state, every gradient."""
-    leaves = [x.cuda().requires_grad_() for x in inputs(B=2, T=300, H=4, m=64, dv=64, per_token=per_token)]
+    """fla's chunk_gated_delta_rule (per_token True / False: per-token and per-head decays) or, with no decay (None),
+    its chunk_delta_rule, under the same contract: outputs, final state, every gradient."""
+    args = [x.cuda().requires_grad_() for x in inputs(B=2, T=300, H=4, m=64, dv=64, per_token=bool(per_token))]
+    if per_token is None:
+        args[3] = None  # no decay
+    leaves = [x for x in args if x is not None]
     grads = []
     for backend in ("auto", "torch"):
-        o, final = delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True, backend=backend)
+        o, final = delta_rule(*args[:5], initial_state=args[5], output_final_state=True, backend=backend)
         outs = (o.float(), final.float())
         grads.append((outs, torch.autograd.grad((outs[0] * outs[0].detach().sin()).sum() + outs[1].sum(), leaves)))
     (o_fla, s_fla), g_fla = grads[0]

@@ -29,7 +29,7 @@ from dijiang.ops.triton_window import MAX_SINKS, fused_window_attention
 MODES = ("chunk", "recurrent", "parallel")
 MAX_WINDOW = 65536
 BOOL_SETTINGS = ("normalize", "use_norm", "use_gate", "learn_decay", "checkpoint", "learn_projection",
-                 "feature_transform", "decay_gate")
+                 "feature_transform", "decay_gate", "state_decay")
 STATE_UPDATES = ("add", "delta")
 CHOICES = {"stabiliser": STABILISERS, "qmc": QMC_KINDS, "radius": RADII, "state_update": STATE_UPDATES}
 
@@ -77,6 +77,9 @@ class DiJiangSettings:
         + softplus(window_mix) x delta output (Liger's sum of a sliding window and a gated linear branch), over
         every token, the window's too. Runs fla's Triton kernel on CUDA where fla is installed, else the
         PyTorch chunk form; the fast decoder does not take it (``model.generate`` does).
+    state_decay: False (``state_update="delta"`` only) lets the state never decay, DeltaNet's rule, whose overwrite
+        is its forgetting: no decay parameters, no gate; on CUDA fla's ungated ``chunk_delta_rule``, which trains
+        where its gated kernel does not (``dijiang.ops.delta.fla_unusable``).
     checkpoint: in training, recompute the PyTorch attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
         fused path on CUDA is not recomputed.
@@ -110,6 +113,7 @@ class DiJiangSettings:
     sinks: int = 0
     decay_gate: bool = False
     state_update: str = "add"
+    state_decay: bool = True
 
     def __post_init__(self):
         from dijiang.arguments import Number, non_negative_int, parse_bool, positive_float, positive_int
@@ -137,6 +141,10 @@ class DiJiangSettings:
         self.window_mix_init = positive_float.check("window_mix_init (the linear part's weight at init)",
                                                     self.window_mix_init)
         self.sinks = Number(int, 0, MAX_SINKS).check("sinks (first tokens kept as softmax keys)", self.sinks)
+        if not self.state_decay and (self.state_update != "delta" or self.decay_gate):
+            raise ValueError("state_decay=False (a state that never decays) is DeltaNet's rule: it needs "
+                             f"state_update='delta' and no decay_gate; got state_update={self.state_update!r}, "
+                             f"decay_gate={self.decay_gate}")
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
         if len(self.decay_range) != 2:
@@ -215,7 +223,7 @@ class DiJiangAttention(nn.Module):
         # Hedgehog (as LoLCATs) trains a key map apart from the query map, both from the same init.
         self.key_feature_map = copy.deepcopy(self.feature_map) if self.feature_map.separate_key_map else None
         logits = initial_decay_logits(H, settings.decay_range).to(param.device)
-        if settings.learn_decay:
+        if settings.learn_decay and settings.state_decay:
             self.decay_logit = nn.Parameter(logits)
         else:
             self.register_buffer("decay_logit", logits)
@@ -237,6 +245,8 @@ class DiJiangAttention(nn.Module):
 
     @property
     def log_decay(self) -> torch.Tensor:
+        if not self.settings.state_decay:  # DeltaNet's state: gamma = 1
+            return torch.zeros_like(self.decay_logit, dtype=torch.float32)
         return F.logsigmoid(self.decay_logit.float())
 
     def step_log_decay(self, v: torch.Tensor) -> torch.Tensor:
@@ -342,7 +352,8 @@ class DiJiangAttention(nn.Module):
         # (the PyTorch forms compute in it; fla's kernel takes them in v's dtype)
         qf, kf = F.normalize(qf.float(), dim=-1), F.normalize(kf.float(), dim=-1)
         return delta_rule(
-            qf, kf, v, self.step_log_decay(v), self.write_strength(v), mode="recurrent" if mode == "recurrent"
+            qf, kf, v, self.step_log_decay(v) if self.settings.state_decay else None, self.write_strength(v),
+            mode="recurrent" if mode == "recurrent"
             else "chunk", chunk_size=self.settings.chunk_size, initial_state=initial_state,
             output_final_state=output_final_state, attention_mask=mask, backend=self.settings.backend,
         )

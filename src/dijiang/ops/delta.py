@@ -95,40 +95,47 @@ def chunk_delta_rule(q, k, v, log_decay, beta, *, chunk_size=64, initial_state=N
 
 
 def fla_delta_rule(q, k, v, log_decay, beta, *, initial_state=None, output_final_state=False):
-    """fla's ``chunk_gated_delta_rule`` (Triton, CUDA) under this module's contract; ImportError without fla."""
+    """fla's ``chunk_gated_delta_rule`` (Triton, CUDA) under this module's contract, or its ungated
+    ``chunk_delta_rule`` when ``log_decay`` is None; ImportError without fla."""
+    common = dict(scale=1.0, initial_state=None if initial_state is None else initial_state.float().contiguous(),
+                  output_final_state=output_final_state)
+    q, k, beta = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous(), beta.to(v.dtype).contiguous()
+    if log_decay is None:
+        from fla.ops.delta_rule import chunk_delta_rule
+
+        o, state = chunk_delta_rule(q, k, v.contiguous(), beta, **common)
+        return o.to(v.dtype), state
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     B, T, H, _ = k.shape
     g = log_decay.float()
     g = g.expand(B, T, H).contiguous() if g.dim() == 1 else g.contiguous()
-    o, state = chunk_gated_delta_rule(
-        q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous(), v.contiguous(), g, beta.to(v.dtype).contiguous(),
-        scale=1.0,
-        initial_state=None if initial_state is None else initial_state.float().contiguous(),
-        output_final_state=output_final_state,
-    )
+    o, state = chunk_gated_delta_rule(q, k, v.contiguous(), g, beta, **common)
     return o.to(v.dtype), state
 
 
 @functools.cache
-def fla_unusable() -> str | None:
-    """Why fla's gated delta rule cannot train here (None: it can): fla missing or failing to import, or the
-    combination fla itself refuses in the backward, a Hopper GPU under Triton 3.4-3.7.0 without tilelang (fla
-    issue #640, wrong gradients; the H200 image's Triton 3.6 is one)."""
+def fla_unusable(gated: bool = True) -> str | None:
+    """Why fla's delta rule (gated: ``chunk_gated_delta_rule``, else ``chunk_delta_rule``) cannot train here (None:
+    it can): fla missing or failing to import, or, gated, the combination fla itself refuses in the backward, a
+    Hopper GPU under Triton 3.4-3.7.0 without tilelang (fla issue #640, wrong gradients; the H200 image's Triton 3.6
+    is one). The ungated kernel's backward takes no decay and is not refused."""
     import importlib.util
 
     try:
+        import fla.ops.delta_rule  # noqa: F401
         import fla.ops.gated_delta_rule  # noqa: F401
         from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
     except Exception as error:  # fla missing, or its Triton import failing on this machine
         return f"fla does not import ({type(error).__name__}: {error})"
-    if IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1 and not importlib.util.find_spec("tilelang"):
+    if (gated and IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+            and not importlib.util.find_spec("tilelang")):
         return "fla refuses the gated backward on Hopper with Triton >= 3.4, < 3.7.1 and no tilelang (fla #640)"
     return None
 
 
-def fla_available() -> bool:
-    return fla_unusable() is None
+def fla_available(gated: bool = True) -> bool:
+    return fla_unusable(gated) is None
 
 
 def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial_state=None,
@@ -139,7 +146,7 @@ def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial
         q, k: ``[B, T, H, m]``, any float dtype (fla gets them in v's); k should be unit-norm (the layer
             normalises both).
         v: ``[B, T, H, dv]``.
-        log_decay: ``[H]`` or ``[B, T, H]``, all ``<= 0``.
+        log_decay: ``[H]`` or ``[B, T, H]``, all ``<= 0``; None: no decay (DeltaNet's rule; fla's ungated kernel).
         beta: ``[B, T, H]`` write strengths in [0, 1].
         mode: ``"chunk"`` or ``"recurrent"`` (token by token, decode).
         backend: ``"auto"`` runs fla's Triton kernel on CUDA where fla is installed and nothing is padded;
@@ -151,8 +158,11 @@ def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial
     if mode not in DELTA_MODES:
         raise ValueError(f"the delta rule runs in mode 'chunk' or 'recurrent', got {mode!r}")
     common = dict(initial_state=initial_state, output_final_state=output_final_state)
-    if (backend == "auto" and mode == "chunk" and q.is_cuda and attention_mask is None and fla_available()):
+    if (backend == "auto" and mode == "chunk" and q.is_cuda and attention_mask is None
+            and fla_available(gated=log_decay is not None)):
         return fla_delta_rule(q, k, v, log_decay, beta, **common)
+    if log_decay is None:
+        log_decay = q.new_zeros(q.shape[2], dtype=torch.float32)
     if mode == "recurrent":
         return recurrent_delta_rule(q, k, v, log_decay, beta, attention_mask=attention_mask, **common)
     return chunk_delta_rule(q, k, v, log_decay, beta, chunk_size=chunk_size, attention_mask=attention_mask, **common)
