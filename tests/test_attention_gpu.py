@@ -94,17 +94,21 @@ def test_hedgehog_prefill_on_the_fused_kernel_then_decode_equals_one_forward():
     assert ((stepped - whole).norm() / whole.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("window,sinks,gate,feature_map", [(64, 0, False, "dijiang"), (60, 4, True, "hedgehog")])
-def test_window_layers_with_a_delta_branch_fused_equal_their_torch_path(window, sinks, gate, feature_map):
+@pytest.mark.parametrize("window,sinks,gate,feature_map,decay", [(64, 0, False, "dijiang", True),
+                                                                (60, 4, True, "hedgehog", True),
+                                                                (60, 4, False, "dijiang", False)])
+def test_window_layers_with_a_delta_branch_fused_equal_their_torch_path(window, sinks, gate, feature_map, decay):
     """The band kernel without its linear part beside the delta rule (fla's kernel where it can train, else the
     PyTorch chunk form) against the layer's torch path, in float32: logits and every gradient. In bf16 the
     per-head scalars' gradients (beta's bias, the decay), sums that cancel, were 9-20 % apart on the H200, the
-    bf16 band kernel against float32 window math; in float32 every one was within 5e-5."""
+    bf16 band kernel against float32 window math; in float32 every one was within 5e-5. decay False: DeltaNet's
+    state, on fla's ungated kernel (which trains on Hopper where the gated one is refused)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     model = dijiang.convert(transformers.LlamaForCausalLM(config).cuda(), {
-        "window": window, "sinks": sinks, "decay_gate": gate, "feature_map": feature_map, "state_update": "delta"})
+        "window": window, "sinks": sinks, "decay_gate": gate, "feature_map": feature_map, "state_update": "delta",
+        "state_decay": decay})
     layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(model)]
     with torch.no_grad():
         for layer in layers:

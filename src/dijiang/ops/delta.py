@@ -120,11 +120,11 @@ def fla_unusable(gated: bool = True) -> str | None:
     it can): fla missing or failing to import, or, gated, the combination fla itself refuses in the backward, a
     Hopper GPU under Triton 3.4-3.7.0 without tilelang (fla issue #640, wrong gradients; the H200 image's Triton 3.6
     is one). The ungated kernel's backward takes no decay and is not refused."""
+    import importlib
     import importlib.util
 
-    try:
-        import fla.ops.delta_rule  # noqa: F401
-        import fla.ops.gated_delta_rule  # noqa: F401
+    try:  # only the kernel asked for: the ungated one must not hinge on the gated module importing
+        importlib.import_module("fla.ops.gated_delta_rule" if gated else "fla.ops.delta_rule")
         from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
     except Exception as error:  # fla missing, or its Triton import failing on this machine
         return f"fla does not import ({type(error).__name__}: {error})"
