@@ -102,7 +102,9 @@ def test_window_layers_with_a_delta_branch_fused_equal_their_torch_path(window, 
     PyTorch chunk form) against the layer's torch path, in float32: logits and every gradient. In bf16 the
     per-head scalars' gradients (beta's bias, the decay), sums that cancel, were 9-20 % apart on the H200, the
     bf16 band kernel against float32 window math; in float32 every one was within 5e-5. decay False: DeltaNet's
-    state, on fla's ungated kernel (which trains on Hopper where the gated one is refused)."""
+    state; fla's ungated kernel (which trains on Hopper where the gated one is refused) takes only half precision,
+    so in float32 both sides run its torch form, and the model is compared once more in bfloat16 (logits), where
+    the fused side runs fla's kernel."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -129,3 +131,12 @@ def test_window_layers_with_a_delta_branch_fused_equal_their_torch_path(window, 
     assert fused_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         assert ((fused_grads[name] - grad).norm() / (grad.norm() + 1e-12)).item() < 1e-3, name
+    if not decay:
+        model.bfloat16()
+        with torch.no_grad():
+            half = []
+            for backend in ("auto", "torch"):
+                for layer in layers:
+                    layer.settings.backend = backend
+                half.append(model(ids, use_cache=False).logits.float())
+        assert ((half[0] - half[1]).norm() / half[1].norm()).item() < 3e-2

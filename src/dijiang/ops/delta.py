@@ -149,8 +149,9 @@ def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial
         log_decay: ``[H]`` or ``[B, T, H]``, all ``<= 0``; None: no decay (DeltaNet's rule; fla's ungated kernel).
         beta: ``[B, T, H]`` write strengths in [0, 1].
         mode: ``"chunk"`` or ``"recurrent"`` (token by token, decode).
-        backend: ``"auto"`` runs fla's Triton kernel on CUDA where fla is installed and nothing is padded;
-            ``"torch"`` always the forms here.
+        backend: ``"auto"`` runs fla's Triton kernel on CUDA where fla is installed and nothing is padded (with
+            no decay, only for bfloat16 / float16 v: fla's ungated kernel refuses float32); ``"torch"`` always
+            the forms here.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, dv]`` in ``v.dtype``; final_state ``[B, H, m, dv]`` float32 or None.
@@ -158,8 +159,9 @@ def delta_rule(q, k, v, log_decay, beta, *, mode="chunk", chunk_size=64, initial
     if mode not in DELTA_MODES:
         raise ValueError(f"the delta rule runs in mode 'chunk' or 'recurrent', got {mode!r}")
     common = dict(initial_state=initial_state, output_final_state=output_final_state)
+    # fla's ungated chunk_delta_rule asserts half-precision inputs: float32 takes the forms here
     if (backend == "auto" and mode == "chunk" and q.is_cuda and attention_mask is None
-            and fla_available(gated=log_decay is not None)):
+            and (log_decay is not None or v.dtype != torch.float32) and fla_available(gated=log_decay is not None)):
         return fla_delta_rule(q, k, v, log_decay, beta, **common)
     if log_decay is None:
         log_decay = q.new_zeros(q.shape[2], dtype=torch.float32)
