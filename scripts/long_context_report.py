@@ -27,7 +27,7 @@ TEXTS = {"pydoc": "pydoc", "austen-pride-and-prejudice.txt": "Austen", "python-s
 ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k", "transform-at", "transform-at-8k",
          "transform-8k-retrieval", "transform-8k-performer", "transform-8k-m128", "transform-8k-sinks",
          "transform-8k-10m", "transform-8k-sinks-20m", "transform-8k-sinks-lr3-20m", "transform-8k-sinks-performer",
-         "transform-8k-sinks-gate", "transform-8k-sinks-at",
+         "transform-8k-sinks-gate", "transform-8k-sinks-at", "transform-8k-sinks-deltanet",
          "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m", "layer-hybrid-8k-sinks",
          "layer-hybrid-8k-sinks-20m", "layer-hybrid-8k-sinks-ppl", "layer-hybrid-8k-sinks-ppl-20m", "layer-hybrid8-8k",
          "layer-hybrid12-8k", "layer-hybrid16-8k", "layer-choice", "layer-choice-at", "pure",
