@@ -8,7 +8,8 @@
 #                                              # wheels) and call 2's size against the 64 MiB a call carries
 #   bash scripts/gpu_long_context.sh stash     # call 1 (carries .gguf_a): the model's first half
 #   bash scripts/gpu_long_context.sh start     # call 2 (carries .gguf_b .gpu_whl .gpu_corpus): model, launch
-#   bash scripts/gpu_long_context.sh status    # later calls: one line per job; also collects (below) into $OUT
+#   bash scripts/gpu_long_context.sh status    # later calls: one line per job; also collects (below) into $OUT;
+#                                              # WAIT=540 first waits (up to 540 s) for the jobs to finish
 #   bash scripts/gpu_long_context.sh collect   # everything small into $OUT/long_context.tar.gz
 #   bash scripts/gpu_long_context.sh tests     # any call: the GPU-only tests (-m gpu), into $OUT/gpu_tests.txt
 #   STOP="job ..." bash scripts/gpu_long_context.sh stop   # end those jobs (training or evaluation); the queue
@@ -137,6 +138,13 @@ queue)
   ;;
 status)
   cd $WORK
+  # WAIT=540: stay in this call until every job is done or that many seconds have passed, collecting each minute,
+  # so that polls follow one another with no gap (the machine goes back 30 s after a call, and the runs with it)
+  deadline=$((SECONDS + ${WAIT:-0}))
+  while [ $SECONDS -lt $deadline ] && [ "$(for j in $JOBS; do [ -f $RUNS/$j.done ] || echo; done | wc -l)" -gt 0 ]; do
+    sleep 10
+    if [ -n "${OUT:-}" ] && [ $((SECONDS % 60)) -lt 10 ]; then bash scripts/gpu_long_context.sh collect > /dev/null; fi
+  done
   tail -n 3 $RUNS/queue.log 2>/dev/null
   for job in $JOBS; do
     log=$RUNS/$job/log.jsonl

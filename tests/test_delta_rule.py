@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 import dijiang
 from dijiang.conversion import iter_dijiang_layers
 from dijiang.fast_decode import supports_fast_decode
+from dijiang.hf_compat import output_cache
 from dijiang.ops.delta import chunk_delta_rule, delta_rule, fla_available, recurrent_delta_rule
 from helpers import VOCAB, left_padded, reference, tiny_model
 from test_conversion import incremental_logits, rel_err
@@ -137,6 +138,10 @@ def test_delta_layers_train_decode_from_their_state_and_round_trip(tmp_path, fea
         logits = model(ids, use_cache=False).logits
         stepped, _ = incremental_logits(model, ids, prefill=7)  # prefill in chunks, then the recurrent step
         assert rel_err(stepped, logits) < 1e-5
+        if window:  # the cache holds the window, the sinks and the delta state; the window op's linear state is empty
+            cache = output_cache(model(ids, use_cache=True))
+            for state in (cache.layers[i].state for i in range(len(layers))):
+                assert state["S"].numel() == 0 and state["kf"].numel() == 0 and state["delta"].numel() > 0
         model.save_pretrained(tmp_path)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         assert torch.equal(loaded(ids, use_cache=False).logits, logits)

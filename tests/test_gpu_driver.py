@@ -113,3 +113,22 @@ time.sleep(60)
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+
+
+def test_status_with_wait_returns_once_every_job_is_done(machine, tmp_path):
+    """WAIT keeps the poll in its call until the jobs finish (a job that finishes while it waits ends the wait; no
+    gap between calls, in which the machine would go back), and collects into $OUT as it goes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    runs = machine["runs"]
+    (runs / "a").mkdir()
+    (runs / "a" / "log.jsonl").write_text('{"step": 1}\n')
+    waiter = subprocess.Popen(["bash", str(DRIVER), "status"], cwd=machine["work"], stdout=subprocess.PIPE, text=True,
+                              env={**machine["env"], "JOBS": "a", "WAIT": "50", "OUT": str(out)})
+    time.sleep(1.5)
+    assert waiter.poll() is None  # job a not done: still waiting
+    (runs / "a.done").write_text("0\n")
+    stdout, _ = waiter.communicate(timeout=40)
+    assert waiter.returncode == 0
+    assert "== a: done=0 last: {\"step\": 1}" in stdout
+    assert (out / "long_context.tar.gz").stat().st_size > 0

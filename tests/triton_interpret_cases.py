@@ -196,6 +196,7 @@ def layer_case(B, T, feature_map="hedgehog", seed=0, with_state=False, gate=Fals
         out.update({f"state_{key}": rel(s1[key].float(), s2[key].float()) for key in s2
                     if not key.endswith("mask") and s2[key].abs().sum() > 0})
         out["state_mask_equal"] = float(not all(torch.equal(s1[key], s2[key]) for key in s2 if key.endswith("mask")))
+        out["state_shape_mismatch"] = float(s1.keys() != s2.keys() or any(s1[key].shape != s2[key].shape for key in s2))
     else:
         out["state"] = rel(s1, s2)
     return out

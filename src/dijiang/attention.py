@@ -323,8 +323,9 @@ class DiJiangAttention(nn.Module):
         qf, kf = self.feature_map(q_lin), self.key_map(k_lin)
         if self.delta_beta is not None and self.settings.window:
             window_state, delta_state = _split_delta_state(initial_state)
-            # the window's softmax alone: zero features give its linear part nothing to add
-            zeros = torch.zeros_like(qf)
+            # the window's softmax alone: features of width 0 give its linear part nothing to add and a linear
+            # state of no size ([B, H, 0, dv]), so the cache holds only the window and the delta state
+            zeros = qf.new_zeros(*qf.shape[:-1], 0)
             o, state = window_attention(
                 q, k, v, zeros, zeros, self.log_decay, torch.ones_like(self.log_decay), window=self.settings.window,
                 scale=self.scale, mode=mode, initial_state=window_state, output_final_state=output_final_state,
@@ -411,8 +412,8 @@ class DiJiangAttention(nn.Module):
         return o, state if state is None or c == 1 else state * c
 
     def _state_width(self, q: torch.Tensor) -> torch.Tensor:
-        """A [d, m] stand-in projection: what tells the band kernel, run without its linear part, the width m of
-        the (zero) linear state it hands on, the width the PyTorch window op's state has for this layer."""
+        """A [d, m] stand-in projection for the band kernel run without its linear part (a delta layer): its
+        support check takes one; its values are not read, and the state it hands on has no linear part."""
         return q.new_zeros(self.head_dim, self.feature_map.num_features)
 
     def feature_map_fuses(self) -> bool:

@@ -405,9 +405,9 @@ def fused_window_attention(
             per-head transform of them, or a learned map's log-features with an identity proj); the softmax band
             always uses q, k.
         sinks: tokens 0 .. sinks - 1 stay softmax keys of every row once out of its band (at most 64).
-        linear: False leaves the linear part out: the band softmax (and sinks) alone, the state's S and kf zero
-            (a layer that adds another branch beside the window: ``state_update="delta"``); proj then only gives
-            the state's feature width m (its values are not read).
+        linear: False leaves the linear part out: the band softmax (and sinks) alone, the state's S and kf of
+            width 0 (a layer that adds another branch beside the window: ``state_update="delta"``); proj's values
+            are then not read.
 
     Returns ``(o [B, T, H, dv] in v.dtype, state dict or None)`` as ``window_attention``; gradients flow to
     q, k, v, log_weight, log_decay and lin_weight. CUDA (or the Triton interpreter) only.
@@ -459,6 +459,6 @@ def fused_window_attention(
     kept = k_lin[:, T - min(T, window):]
     if linear:
         k_feat = dijiang_feature_map(kept, proj, log_weight, feature_scale).to(k.dtype)
-    else:
-        k_feat = k.new_zeros(*kept.shape[:-1], proj.shape[1])
-    return o, _final_state(k, v, k_feat, lin_state, window, proj.shape[1], sinks)
+    else:  # no linear part, no linear state: S and kf of width 0 (what window_attention gives for features of width 0)
+        k_feat = k.new_zeros(*kept.shape[:-1], 0)
+    return o, _final_state(k, v, k_feat, lin_state, window, k_feat.shape[-1], sinks)
