@@ -7,6 +7,9 @@ as ``dijiang eval --cache-memory``: softmax keys and values plus DiJiang states 
 built one at a time, so only one is in memory. Prints a table, writes its plot and JSON.
 
     python benchmarks/bench_cache_memory.py --contexts 1024,2048,4096,8192 --out docs/bench_data/cache_memory
+    python benchmarks/bench_cache_memory.py --contexts 512,1024 \
+      --recipe additive=recipes/long-context/transform-8k-sinks.yaml \
+      --recipe deltanet=recipes/long-context/transform-8k-sinks-deltanet.yaml   # a recipe's layers, as converted
 """
 
 from __future__ import annotations
@@ -33,11 +36,17 @@ KEPT = {
 }
 
 
-def build(model_name: str, kept: list[int] | None, window: int, dtype: torch.dtype):
-    """The teacher (kept None) or the teacher with every layer but `kept` converted to the window hybrid."""
+def build(model_name: str, kept: list[int] | None, window: int, dtype: torch.dtype, recipe: Path | None = None):
+    """The teacher (kept None), the teacher with every layer but `kept` converted to the window hybrid, or, with
+    a recipe, converted as that recipe converts it (its `attention` settings, its `layers` if it names them)."""
     model, _ = dijiang.load_pretrained(model_name)
     model.to(dtype).eval()
-    if kept is not None:
+    if recipe is not None:
+        from dijiang.train_config import load_recipe
+
+        settings = load_recipe(recipe)
+        dijiang.convert(model, settings.get("attention") or {}, layers=settings.get("layers"))
+    elif kept is not None:
         num_layers = model.config.num_hidden_layers
         if any(not 0 <= i < num_layers for i in kept):
             raise SystemExit(f"softmax layers {kept} do not all exist in a model of {num_layers} layers (--kept)")
@@ -77,15 +86,27 @@ def main(argv=None) -> int:
     parser.add_argument("--kept", action="append", metavar="NAME=I,J,...",
                         help="a model keeping softmax layers I, J, ... (repeatable; default: SmolLM2's three above; "
                         "NAME= with no layers converts every layer)")
+    parser.add_argument("--recipe", action="append", metavar="NAME=PATH",
+                        help="a model converted as the recipe at PATH converts it (repeatable; replaces the default "
+                        "models, as --kept does)")
     parser.add_argument("--out", type=Path, help="folder for cache_memory.json and cache_memory.png")
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
-    kept_sets = KEPT if not args.kept else {
-        name: [int(i) for i in layers.split(",") if i] for name, layers in (k.split("=", 1) for k in args.kept)}
+    for spec in (args.kept or []) + (args.recipe or []):
+        if "=" not in spec:
+            parser.error(f"--kept and --recipe take NAME=..., got {spec!r}")
+    kept_sets = KEPT if not (args.kept or args.recipe) else {
+        name: [int(i) for i in layers.split(",") if i] for name, layers in (k.split("=", 1) for k in args.kept or [])}
+    recipes = {name: Path(path) for name, path in (r.split("=", 1) for r in args.recipe or [])}
+    for name, path in recipes.items():
+        if not path.is_file():
+            parser.error(f"--recipe {name}={path}: no such file")
     dtype = getattr(torch, args.dtype)
     rows = []
-    for name, kept in {"teacher": None, **kept_sets}.items():
-        model = build(args.model, kept, args.window, dtype)
+    models = {"teacher": (None, None), **{n: (k, None) for n, k in kept_sets.items()},
+              **{n: ([], path) for n, path in recipes.items()}}
+    for name, (kept, recipe) in models.items():
+        model = build(args.model, kept, args.window, dtype, recipe)
         for context in tqdm(contexts, desc=name, leave=False):
             measured = cache_memory({name: model}, [context], model.config.vocab_size)[0]
             rows.append({"model": name, "context": context, "MiB": measured["mib"]})
@@ -98,7 +119,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cache_memory.json").write_text(json.dumps(
-            {"model": args.model, "dtype": args.dtype, "window": args.window, "kept": kept_sets, "rows": rows}, indent=1) + "\n")
+            {"model": args.model, "dtype": args.dtype, "window": args.window, "kept": kept_sets,
+             "recipes": {n: str(p) for n, p in recipes.items()}, "rows": rows}, indent=1) + "\n")
         print(plot(rows, args.out / "cache_memory.png"))
     return 0
 
