@@ -1,0 +1,213 @@
+"""Can a converted layer learn to recall past its softmax window at all? Multi-query associative recall (MQAR,
+as in Zoology) on tiny Llamas trained from scratch, one per attention kind: softmax, a plain sliding window,
+the window with DiJiang's additive branch, the window with the delta-rule branch (DeltaNet's state), and both
+states without a window.
+
+Each sequence: BOS, N key-value pairs, a gap of filler tokens longer than the window, then the N keys again in
+another order, each followed by its value; the loss and the accuracy count only those values, which a window
+cannot see (every pair is more than ``--window`` tokens before its query). A window model is at chance (1 / the
+number of values); what a branch adds above that is what its state carries. The window kinds are scored with
+their branch switched off too (``dijiang.evaluate.linear_branch_off``).
+
+    python scripts/probe_recall.py --steps 1500 --json docs/bench_data/recall/recall.json --png docs/recall.png
+
+Prints a table (accuracy on held-out sequences, against training steps), writes the JSON and the plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import dijiang  # noqa: E402
+from dijiang.evaluate import has_linear_branch, linear_branch_off  # noqa: E402
+from dijiang.tables import markdown_table  # noqa: E402
+
+PAD, BOS = 0, 1
+# what each kind converts (None: the softmax model itself); "window" is the additive hybrid with its branch off
+KINDS = {
+    "softmax": None,
+    "window": dict(state_update="add"),
+    "window + additive": dict(state_update="add"),
+    "window + delta": dict(state_update="delta", state_decay=False),
+    "additive": dict(state_update="add", window=0),
+    "delta": dict(state_update="delta", state_decay=False, window=0),
+}
+
+
+def mqar_batch(batch: int, pairs: int, gap: int, keys: int, values: int, filler: int, gen: torch.Generator):
+    """Token ids [batch, T] and the answer mask [batch, T] (True where the next token is a value to recall).
+    Ids: 0 pad, 1 BOS, then keys, values and filler, disjoint."""
+    key_ids = 2 + torch.stack([torch.randperm(keys, generator=gen)[:pairs] for _ in range(batch)])
+    value_ids = 2 + keys + torch.randint(0, values, (batch, pairs), generator=gen)
+    context = torch.stack([key_ids, value_ids], dim=-1).reshape(batch, 2 * pairs)
+    noise = 2 + keys + values + torch.randint(0, filler, (batch, gap), generator=gen)
+    order = torch.stack([torch.randperm(pairs, generator=gen) for _ in range(batch)])
+    queries = torch.stack([key_ids.gather(1, order), value_ids.gather(1, order)], dim=-1).reshape(batch, 2 * pairs)
+    ids = torch.cat([torch.full((batch, 1), BOS), context, noise, queries], dim=1)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    start = 1 + 2 * pairs + gap
+    answer[:, start::2] = True  # the query keys: the next token is its value
+    return ids, answer
+
+
+def build(kind: str, args, vocab: int) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, head_dim=args.hidden // args.heads,
+        max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS,
+        eos_token_id=BOS)
+    model = transformers.LlamaForCausalLM(config)
+    settings = KINDS[kind]
+    if settings is not None:
+        model = dijiang.convert(model, {"window": args.window, **settings})
+    return model
+
+
+def answer_loss(model, ids, answer):
+    logits = model(ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1][answer[:, :-1]], ids[:, 1:][answer[:, :-1]])
+
+
+@torch.no_grad()
+def accuracy(model, data) -> float:
+    model.eval()
+    hits = total = 0
+    for ids, answer in data:
+        logits = model(ids, use_cache=False).logits[:, :-1]
+        predicted = logits.argmax(-1)
+        hits += int((predicted == ids[:, 1:])[answer[:, :-1]].sum())
+        total += int(answer[:, :-1].sum())
+    model.train()
+    return hits / total
+
+
+def train_kind(kind: str, args, vocab: int, held_out) -> dict:
+    model = build(kind, args, vocab)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    branch_off = kind == "window"
+    curve, start = [], time.perf_counter()
+    context = linear_branch_off(model) if branch_off else None
+    if context is not None:
+        context.__enter__()  # the plain window: trained and scored with the branch at softplus(-30)
+    try:
+        for step in tqdm(range(1, args.steps + 1), desc=kind, leave=False):
+            ids, answer = mqar_batch(args.batch, args.pairs, args.gap, args.keys, args.values, args.filler, gen)
+            loss = answer_loss(model, ids, answer)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            if branch_off:  # keep the branch off: the optimiser may nudge the mix
+                with torch.no_grad():
+                    for _, layer in dijiang.conversion.iter_dijiang_layers(model):
+                        layer.window_mix.fill_(-30.0)
+            if step % args.eval_every == 0 or step == args.steps:
+                curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy(model, held_out)})
+                tqdm.write(f"{kind}: step {step} loss {loss.item():.3f} accuracy {curve[-1]['accuracy']:.3f}")
+    finally:
+        if context is not None:
+            context.__exit__(None, None, None)
+    result = {"kind": kind, "curve": curve, "accuracy": curve[-1]["accuracy"],
+              "seconds": time.perf_counter() - start}
+    if kind != "window" and has_linear_branch(model):
+        with linear_branch_off(model):
+            result["accuracy_branch_off"] = accuracy(model, held_out)
+    return result
+
+
+def plot(results: list[dict], chance: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in results:
+        ax.plot([p["step"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], marker="o", ms=3,
+                label=r["kind"])
+    ax.axhline(chance, color="k", lw=0.8, ls="--", label="chance")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("recall accuracy, held out")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("MQAR past the window, tiny Llamas from scratch", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--gap", type=int, default=48, help="filler tokens between the pairs and the queries")
+    parser.add_argument("--keys", type=int, default=64)
+    parser.add_argument("--values", type=int, default=64)
+    parser.add_argument("--filler", type=int, default=32)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--held-out", type=int, default=256, help="held-out sequences")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--png", type=Path)
+    args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        parser.error(f"unknown kinds {unknown}; known: {', '.join(KINDS)}")
+    for name in ("pairs", "keys", "values", "filler", "window", "steps", "batch", "eval_every", "held_out", "layers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.pairs > args.keys:
+        parser.error("--pairs must not exceed --keys (the keys of a sequence are distinct)")
+    if args.gap < args.window:
+        parser.error(f"--gap {args.gap} < --window {args.window}: a window would see the pairs")
+    if args.hidden % args.heads:
+        parser.error("--hidden must be a multiple of --heads")
+    vocab = 2 + args.keys + args.values + args.filler
+    gen = torch.Generator().manual_seed(10_000 + args.seed)  # held out: another stream than training's
+    held_out = [mqar_batch(min(64, args.held_out), args.pairs, args.gap, args.keys, args.values, args.filler, gen)
+                for _ in range(-(-args.held_out // 64))]
+    results = [train_kind(kind, args, vocab, held_out) for kind in kinds]
+    chance = 1 / args.values
+    rows = [{"kind": r["kind"], "accuracy": f"{r['accuracy']:.3f}",
+             "branch off": f"{r['accuracy_branch_off']:.3f}" if "accuracy_branch_off" in r else "",
+             "seconds": f"{r['seconds']:.0f}"} for r in results]
+    T = 1 + 4 * args.pairs + args.gap
+    print(f"MQAR: {args.pairs} pairs, gap {args.gap}, T {T}, window {args.window}, chance {chance:.3f}; "
+          f"{args.layers} layers x {args.hidden}, {args.steps} steps of {args.batch}")
+    print(markdown_table(rows, ["kind", "accuracy", "branch off", "seconds"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "png": str(args.png)},
+                                         "chance": chance, "results": results}, indent=1) + "\n")
+    if args.png:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        plot(results, chance, args.png)
+        print(args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""scripts/probe_recall.py: its MQAR sequences put every pair farther back than the window, and a short run of
+every kind writes its table, JSON and plot (what the kinds learn is in docs/results.md)."""
+import json
+
+import pytest
+import torch
+from script_loader import load_script
+
+probe = load_script("scripts/probe_recall.py")
+
+
+def test_every_answer_is_a_value_whose_pair_is_past_the_window():
+    gen = torch.Generator().manual_seed(0)
+    pairs, gap, keys, values, filler, window = 4, 20, 10, 7, 5, 16
+    ids, answer = probe.mqar_batch(3, pairs, gap, keys, values, filler, gen)
+    assert ids.shape == (3, 1 + 4 * pairs + gap) and int(answer.sum()) == 3 * pairs
+    for row, mask in zip(ids, answer):
+        pair_keys, pair_values = row[1:1 + 2 * pairs:2].tolist(), row[2:2 + 2 * pairs:2].tolist()
+        assert len(set(pair_keys)) == pairs and all(2 <= k < 2 + keys for k in pair_keys)
+        assert all(2 + keys + values <= t < 2 + keys + values + filler for t in row[1 + 2 * pairs:1 + 2 * pairs + gap])
+        for position in mask.nonzero().flatten().tolist():
+            key, value = row[position].item(), row[position + 1].item()
+            source = pair_keys.index(key)
+            assert pair_values[source] == value  # the query's answer is its pair's value
+            assert position - (1 + 2 * source) > window  # and the pair is out of the window's reach
+
+
+def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "recall.json"
+    assert probe.main(["--steps", "2", "--eval-every", "1", "--held-out", "4", "--batch", "2", "--pairs", "2",
+                       "--gap", "8", "--window", "4", "--hidden", "32", "--heads", "2", "--keys", "6", "--values", "5",
+                       "--filler", "3", "--json", str(out), "--png", str(tmp_path / "recall.png")]) == 0
+    data = json.loads(out.read_text())
+    assert [r["kind"] for r in data["results"]] == list(probe.KINDS)
+    for r in data["results"]:
+        assert len(r["curve"]) == 2 and 0 <= r["accuracy"] <= 1
+        assert ("accuracy_branch_off" in r) == (r["kind"] in ("window + additive", "window + delta"))
+    assert (tmp_path / "recall.png").stat().st_size > 1000 and "| window + delta |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--gap", "4", "--window", "8"], ["--pairs", "9", "--keys", "8"],
+                                 ["--kinds", "softmax,nope"], ["--steps", "0"], ["--hidden", "30", "--heads", "4"]])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(SystemExit):
+        probe.main(bad)
