@@ -9,13 +9,15 @@ cannot see (every pair is more than ``--window`` tokens before its query). A win
 number of values); what a branch adds above that is what its state carries. The window kinds are scored with
 their branch switched off too (``dijiang.evaluate.linear_branch_off``).
 
-    python scripts/probe_recall.py --steps 1500 --json docs/bench_data/recall/recall.json --png docs/recall.png
+    python scripts/probe_recall.py --kinds "softmax,window,window + additive,window + delta,delta" --pairs 4 \
+      --keys 32 --values 32 --steps 2000 --eval-every 250 --lr 1e-3 --json recall.json --png recall.png
 
 Prints a table (accuracy on held-out sequences, against training steps), writes the JSON and the plot.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -97,12 +99,11 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    branch_off = kind == "window"
     curve, start = [], time.perf_counter()
-    context = linear_branch_off(model) if branch_off else None
-    if context is not None:
-        context.__enter__()  # the plain window: trained and scored with the branch at softplus(-30)
-    try:
+    with linear_branch_off(model) if kind == "window" else contextlib.nullcontext():
+        if kind == "window":  # the plain window: trained and scored with the branch held at softplus(-30)
+            for _, layer in dijiang.conversion.iter_dijiang_layers(model):
+                layer.window_mix.requires_grad_(False)
         for step in tqdm(range(1, args.steps + 1), desc=kind, leave=False):
             ids, answer = mqar_batch(args.batch, args.pairs, args.gap, args.keys, args.values, args.filler, gen)
             loss = answer_loss(model, ids, answer)
@@ -111,16 +112,9 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            if branch_off:  # keep the branch off: the optimiser may nudge the mix
-                with torch.no_grad():
-                    for _, layer in dijiang.conversion.iter_dijiang_layers(model):
-                        layer.window_mix.fill_(-30.0)
             if step % args.eval_every == 0 or step == args.steps:
                 curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy(model, held_out)})
                 tqdm.write(f"{kind}: step {step} loss {loss.item():.3f} accuracy {curve[-1]['accuracy']:.3f}")
-    finally:
-        if context is not None:
-            context.__exit__(None, None, None)
     result = {"kind": kind, "curve": curve, "accuracy": curve[-1]["accuracy"],
               "seconds": time.perf_counter() - start}
     if kind != "window" and has_linear_branch(model):
