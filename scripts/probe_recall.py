@@ -3,10 +3,11 @@ as in Zoology) on tiny Llamas trained from scratch, one per attention kind: soft
 the window with DiJiang's additive branch, the window with the delta-rule branch (DeltaNet's state), and both
 states without a window.
 
-Each sequence: BOS, N key-value pairs, a gap of filler tokens longer than the window, then the N keys again in
-another order, each followed by its value; the loss and the accuracy count only those values, which a window
+Each sequence: BOS, N key-value pairs, a gap of filler tokens longer than the window, then Q < N of the keys
+again (distinct, in another order), each followed by its value; the loss and the accuracy count only those values, which a window
 cannot see (every pair is more than ``--window`` tokens before its query). A window model is at chance (1 / the
-number of values); what a branch adds above that is what its state carries. The window kinds are scored with
+number of values); a model that remembers only which values occurred, not which key each went with, reaches the
+"set level" (`set_level`); what a kind scores above that is key-value recall. The window kinds are scored with
 their branch switched off too (``dijiang.evaluate.linear_branch_off``).
 
     python scripts/probe_recall.py --kinds "softmax,window,window + additive,window + delta,delta" --pairs 4 \
@@ -46,16 +47,21 @@ KINDS = {
 }
 
 
-def mqar_batch(batch: int, pairs: int, gap: int, keys: int, values: int, filler: int, gen: torch.Generator):
-    """Token ids [batch, T] and the answer mask [batch, T] (True where the next token is a value to recall).
-    Ids: 0 pad, 1 BOS, then keys, values and filler, disjoint."""
+def mqar_batch(batch: int, pairs: int, queries: int, gap: int, keys: int, values: int, filler: int,
+               gen: torch.Generator):
+    """Token ids [batch, T] and the answer mask [batch, T] (True where the next token is a value to recall):
+    `pairs` pairs, `queries` (<= pairs) of their keys asked again, distinct. Ids: 0 pad, 1 BOS, then keys, values
+    and filler, disjoint."""
     key_ids = 2 + torch.stack([torch.randperm(keys, generator=gen)[:pairs] for _ in range(batch)])
     value_ids = 2 + keys + torch.randint(0, values, (batch, pairs), generator=gen)
     context = torch.stack([key_ids, value_ids], dim=-1).reshape(batch, 2 * pairs)
     noise = 2 + keys + values + torch.randint(0, filler, (batch, gap), generator=gen)
-    order = torch.stack([torch.randperm(pairs, generator=gen) for _ in range(batch)])
-    queries = torch.stack([key_ids.gather(1, order), value_ids.gather(1, order)], dim=-1).reshape(batch, 2 * pairs)
-    ids = torch.cat([torch.full((batch, 1), BOS), context, noise, queries], dim=1)
+    # fewer queries than pairs, distinct: with every pair asked, the last value follows by elimination from the
+    # values already restated (a softmax model trained so answered the last of 4 queries always and the first a
+    # third of the time), and a query asked twice can be copied from inside the window; neither is recall
+    order = torch.stack([torch.randperm(pairs, generator=gen)[:queries] for _ in range(batch)])
+    asked = torch.stack([key_ids.gather(1, order), value_ids.gather(1, order)], dim=-1).reshape(batch, 2 * queries)
+    ids = torch.cat([torch.full((batch, 1), BOS), context, noise, asked], dim=1)
     answer = torch.zeros_like(ids, dtype=torch.bool)
     start = 1 + 2 * pairs + gap
     answer[:, start::2] = True  # the query keys: the next token is its value
@@ -105,7 +111,7 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
             for _, layer in dijiang.conversion.iter_dijiang_layers(model):
                 layer.window_mix.requires_grad_(False)
         for step in tqdm(range(1, args.steps + 1), desc=kind, leave=False):
-            ids, answer = mqar_batch(args.batch, args.pairs, args.gap, args.keys, args.values, args.filler, gen)
+            ids, answer = mqar_batch(args.batch, args.pairs, args.queries, args.gap, args.keys, args.values, args.filler, gen)
             loss = answer_loss(model, ids, answer)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,7 +129,13 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
     return result
 
 
-def plot(results: list[dict], chance: float, path: Path) -> None:
+def set_level(pairs: int, queries: int) -> float:
+    """The accuracy of a model that remembers which values the pairs held but not which key each went with,
+    guessing among the values not yet restated: the level above which a kind binds keys to values."""
+    return sum(1 / (pairs - i) for i in range(queries)) / queries
+
+
+def plot(results: list[dict], chance: float, set_only: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,6 +146,7 @@ def plot(results: list[dict], chance: float, path: Path) -> None:
         ax.plot([p["step"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], marker="o", ms=3,
                 label=r["kind"])
     ax.axhline(chance, color="k", lw=0.8, ls="--", label="chance")
+    ax.axhline(set_only, color="k", lw=0.8, ls=":", label="the values' set, no binding")
     ax.set_xlabel("training step")
     ax.set_ylabel("recall accuracy, held out")
     ax.set_ylim(0, 1.02)
@@ -149,6 +162,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
     parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--queries", type=int, help="keys asked again, distinct (default: half the pairs)")
     parser.add_argument("--gap", type=int, default=48, help="filler tokens between the pairs and the queries")
     parser.add_argument("--keys", type=int, default=64)
     parser.add_argument("--values", type=int, default=64)
@@ -166,13 +180,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args(argv)
+    args.queries = max(1, args.pairs // 2) if args.queries is None else args.queries
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {', '.join(KINDS)}")
-    for name in ("pairs", "keys", "values", "filler", "window", "steps", "batch", "eval_every", "held_out", "layers"):
+    for name in ("pairs", "queries", "keys", "values", "filler", "window", "steps", "batch", "eval_every", "held_out", "layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.queries > args.pairs:
+        parser.error("--queries must not exceed --pairs (each key is asked once)")
     if args.pairs > args.keys:
         parser.error("--pairs must not exceed --keys (the keys of a sequence are distinct)")
     if args.gap < args.window:
@@ -181,24 +198,27 @@ def main(argv=None) -> int:
         parser.error("--hidden must be a multiple of --heads")
     vocab = 2 + args.keys + args.values + args.filler
     gen = torch.Generator().manual_seed(10_000 + args.seed)  # held out: another stream than training's
-    held_out = [mqar_batch(min(64, args.held_out), args.pairs, args.gap, args.keys, args.values, args.filler, gen)
+    held_out = [mqar_batch(min(64, args.held_out), args.pairs, args.queries, args.gap, args.keys, args.values,
+                           args.filler, gen)
                 for _ in range(-(-args.held_out // 64))]
     results = [train_kind(kind, args, vocab, held_out) for kind in kinds]
-    chance = 1 / args.values
+    chance, set_only = 1 / args.values, set_level(args.pairs, args.queries)
     rows = [{"kind": r["kind"], "accuracy": f"{r['accuracy']:.3f}",
              "branch off": f"{r['accuracy_branch_off']:.3f}" if "accuracy_branch_off" in r else "",
              "seconds": f"{r['seconds']:.0f}"} for r in results]
-    T = 1 + 4 * args.pairs + args.gap
-    print(f"MQAR: {args.pairs} pairs, gap {args.gap}, T {T}, window {args.window}, chance {chance:.3f}; "
+    T = 1 + 2 * (args.pairs + args.queries) + args.gap
+    print(f"MQAR: {args.pairs} pairs, {args.queries} asked, gap {args.gap}, T {T}, window {args.window}, chance {chance:.3f}, "
+          f"set level {set_only:.3f}; "
           f"{args.layers} layers x {args.hidden}, {args.steps} steps of {args.batch}")
     print(markdown_table(rows, ["kind", "accuracy", "branch off", "seconds"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "png": str(args.png)},
-                                         "chance": chance, "results": results}, indent=1) + "\n")
+                                         "chance": chance, "set_level": set_only,
+                                         "results": results}, indent=1) + "\n")
     if args.png:
         args.png.parent.mkdir(parents=True, exist_ok=True)
-        plot(results, chance, args.png)
+        plot(results, chance, set_only, args.png)
         print(args.png)
     return 0
 

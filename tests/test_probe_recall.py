@@ -11,9 +11,9 @@ probe = load_script("scripts/probe_recall.py")
 
 def test_every_answer_is_a_value_whose_pair_is_past_the_window():
     gen = torch.Generator().manual_seed(0)
-    pairs, gap, keys, values, filler, window = 4, 20, 10, 7, 5, 16
-    ids, answer = probe.mqar_batch(3, pairs, gap, keys, values, filler, gen)
-    assert ids.shape == (3, 1 + 4 * pairs + gap) and int(answer.sum()) == 3 * pairs
+    pairs, queries, gap, keys, values, filler, window = 4, 3, 20, 10, 7, 5, 16
+    ids, answer = probe.mqar_batch(3, pairs, queries, gap, keys, values, filler, gen)
+    assert ids.shape == (3, 1 + 2 * (pairs + queries) + gap) and int(answer.sum()) == 3 * queries
     for row, mask in zip(ids, answer):
         pair_keys, pair_values = row[1:1 + 2 * pairs:2].tolist(), row[2:2 + 2 * pairs:2].tolist()
         assert len(set(pair_keys)) == pairs and all(2 <= k < 2 + keys for k in pair_keys)
@@ -23,6 +23,13 @@ def test_every_answer_is_a_value_whose_pair_is_past_the_window():
             source = pair_keys.index(key)
             assert pair_values[source] == value  # the query's answer is its pair's value
             assert position - (1 + 2 * source) > window  # and the pair is out of the window's reach
+        asked = row[mask].tolist()
+        assert len(set(asked)) == queries  # no key asked twice: a repeat could be copied from inside the window
+
+
+def test_the_set_level_is_the_mean_chance_among_the_values_not_yet_asked():
+    assert probe.set_level(4, 2) == pytest.approx((1 / 4 + 1 / 3) / 2)
+    assert probe.set_level(3, 1) == pytest.approx(1 / 3)
 
 
 def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
@@ -32,13 +39,14 @@ def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
                        "--filler", "3", "--json", str(out), "--png", str(tmp_path / "recall.png")]) == 0
     data = json.loads(out.read_text())
     assert [r["kind"] for r in data["results"]] == list(probe.KINDS)
+    assert data["set_level"] == pytest.approx(probe.set_level(2, 1)) and data["chance"] == pytest.approx(1 / 5)
     for r in data["results"]:
         assert len(r["curve"]) == 2 and 0 <= r["accuracy"] <= 1
         assert ("accuracy_branch_off" in r) == (r["kind"] in ("window + additive", "window + delta"))
     assert (tmp_path / "recall.png").stat().st_size > 1000 and "| window + delta |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bad", [["--gap", "4", "--window", "8"], ["--pairs", "9", "--keys", "8"],
+@pytest.mark.parametrize("bad", [["--gap", "4", "--window", "8"], ["--pairs", "9", "--keys", "8"], ["--pairs", "2", "--queries", "3"],
                                  ["--kinds", "softmax,nope"], ["--steps", "0"], ["--hidden", "30", "--heads", "4"]])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SystemExit):
