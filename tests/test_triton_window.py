@@ -94,3 +94,5 @@ def test_bad_shapes_raise():
         fused_window_attention(q, q, q, torch.randn(16, 16), None, -torch.ones(1, 7, 2), torch.ones(2), window=4)
     with pytest.raises(ValueError, match="do not match"):
         fused_window_attention(q, q[:, :4], q, torch.randn(16, 16), None, -torch.ones(2), torch.ones(2), window=4)
+    with pytest.raises(ValueError, match="needs its projection"):  # only the band alone (linear=False) goes without
+        fused_window_attention(q, q, q, None, None, -torch.ones(2), torch.ones(2), window=4)

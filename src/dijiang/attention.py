@@ -386,7 +386,7 @@ class DiJiangAttention(nn.Module):
         q_lin, k_lin = self.linear_inputs(q, k)
         if self.delta_beta is not None:  # a window layer with a delta branch: the band kernel, then fla's
             o, state = fused_window_attention(
-                q, k, v, self._state_width(q), None, self.log_decay, torch.ones_like(self.log_decay),
+                q, k, v, None, None, self.log_decay, torch.ones_like(self.log_decay),
                 window=self.settings.window, scale=self.scale, output_final_state=want_state,
                 sinks=self.settings.sinks, linear=False,
             )
@@ -411,11 +411,6 @@ class DiJiangAttention(nn.Module):
         )
         return o, state if state is None or c == 1 else state * c
 
-    def _state_width(self, q: torch.Tensor) -> torch.Tensor:
-        """A [d, m] stand-in projection for the band kernel run without its linear part (a delta layer): its
-        support check takes one; its values are not read, and the state it hands on has no linear part."""
-        return q.new_zeros(self.head_dim, self.feature_map.num_features)
-
     def feature_map_fuses(self) -> bool:
         """Whether the fused kernels can compute this layer's feature map: one softmax-stabilised projection
         map for q and k, with a projection that needs no gradient (the kernels have none for it); or Hedgehog's
@@ -434,7 +429,7 @@ class DiJiangAttention(nn.Module):
             return False
         if self.delta_beta is not None:  # pure: the delta op picks fla itself; window: the band kernel beside it
             return (bool(self.settings.window) and initial_state is None
-                    and triton_supported(q, q, v, self._state_width(q))[0])
+                    and triton_supported(q, q, v, None)[0])
         if not self.feature_map_fuses():
             return False
         if isinstance(fm, HedgehogFeatureMap):  # the linear part's inputs: m log-features a token, an m x m identity

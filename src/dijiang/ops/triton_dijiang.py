@@ -939,15 +939,16 @@ class _FusedDiJiang(torch.autograd.Function):
 _RAW_APPLY = super(torch.autograd.Function, _FusedDiJiang).apply  # torch._C._FunctionBase.apply, bound
 
 
-def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, chunk_size: int = 64) -> tuple[bool, str]:
-    """Whether the fused Triton path takes these inputs; else (False, reason)."""
+def triton_supported(q: Tensor, k: Tensor, v: Tensor, proj: Tensor | None, chunk_size: int = 64) -> tuple[bool, str]:
+    """Whether the fused Triton path takes these inputs; else (False, reason). proj None: no feature width to
+    check (the window op without its linear part)."""
     if not HAS_TRITON:
         return False, "triton is not installed"
     if not (q.is_cuda or INTERPRETED):
         return False, "inputs are not on a CUDA device"
-    d, m, dv = q.shape[-1], proj.shape[-1], v.shape[-1]
+    widths = {"d": q.shape[-1], "dv": v.shape[-1]} | ({} if proj is None else {"m": proj.shape[-1]})
     dims = GPU_DIMS if q.is_cuda else SUPPORTED_DIMS
-    for name, x in (("d", d), ("m", m), ("dv", dv)):
+    for name, x in widths.items():
         if x not in dims:
             return False, f"{name}={x} not in {dims}"
     if chunk_size not in (16, 32, 64):

@@ -377,7 +377,7 @@ def fused_window_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    proj: Tensor,
+    proj: Tensor | None,
     log_weight: Tensor | None,
     log_decay: Tensor,
     lin_weight: Tensor,
@@ -396,7 +396,7 @@ def fused_window_attention(
 
     Args:
         q, k: ``[B, T, H, d]`` post-RoPE queries/keys (kv heads already expanded). v: ``[B, T, H, dv]``.
-        proj: ``[d_lin, m]`` frozen projection (d_lin: q_lin's width, d without q_lin). log_weight: ``[H, m]`` or
+        proj: ``[d_lin, m]`` frozen projection (d_lin: q_lin's width, d without q_lin); None with ``linear=False``. log_weight: ``[H, m]`` or
             None. log_decay: ``[H]``, or per token
             ``[B, T, H]`` (module docstring), <= 0.
         lin_weight: ``[H]`` (> 0), the linear part's weight. window: softmax band length.
@@ -406,8 +406,8 @@ def fused_window_attention(
             always uses q, k.
         sinks: tokens 0 .. sinks - 1 stay softmax keys of every row once out of its band (at most 64).
         linear: False leaves the linear part out: the band softmax (and sinks) alone, the state's S and kf of
-            width 0 (a layer that adds another branch beside the window: ``state_update="delta"``); proj's values
-            are then not read.
+            width 0 (a layer that adds another branch beside the window: ``state_update="delta"``); proj, log_weight,
+            q_lin and k_lin are then not read.
 
     Returns ``(o [B, T, H, dv] in v.dtype, state dict or None)`` as ``window_attention``; gradients flow to
     q, k, v, log_weight, log_decay and lin_weight. CUDA (or the Triton interpreter) only.
@@ -425,18 +425,20 @@ def fused_window_attention(
     if lin_weight.shape != (H,):
         raise ValueError(f"lin_weight must have shape [H] = [{H}], got {tuple(lin_weight.shape)}")
     check_decay_shape(log_decay, B, T, H)  # before it is sliced for the linear part
-    ok, why = triton_supported(q, k, v, proj)
+    if linear and proj is None:
+        raise ValueError("the linear part needs its projection: pass proj, or linear=False")
+    ok, why = triton_supported(q, k, v, proj if linear else None)
     if not ok:
         raise ValueError(f"fused window attention cannot run: {why}")
     scale = d**-0.5 if scale is None else float(scale)
     feature_scale = scale if feature_scale is None else float(feature_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    q_lin = q if q_lin is None else q_lin.contiguous()
-    k_lin = k if k_lin is None else k_lin.contiguous()
-    if k_lin.shape != q_lin.shape or q_lin.shape[:3] != q.shape[:3] or q_lin.shape[-1] != proj.shape[0]:
+    q_lin = q if q_lin is None or not linear else q_lin.contiguous()
+    k_lin = k if k_lin is None or not linear else k_lin.contiguous()
+    if linear and (k_lin.shape != q_lin.shape or q_lin.shape[:3] != q.shape[:3] or q_lin.shape[-1] != proj.shape[0]):
         raise ValueError(f"q_lin {tuple(q_lin.shape)} / k_lin {tuple(k_lin.shape)} must be [B, T, H] = "
                          f"{tuple(q.shape[:3])} by proj's {proj.shape[0]} rows")
-    if q_lin is not q:  # of another width: the linear part's chunk kernel must take them too
+    if linear and q_lin is not q:  # of another width: the linear part's chunk kernel must take them too
         ok, why = triton_supported(q_lin, k_lin, v, proj)
         if not ok:
             raise ValueError(f"fused window attention cannot run its linear part: {why}")
