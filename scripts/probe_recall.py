@@ -7,7 +7,8 @@ Each sequence: BOS, N key-value pairs, a gap of filler tokens longer than the wi
 again (distinct, in another order), each followed by its value; the loss and the accuracy count only those values, which a window
 cannot see (every pair is more than ``--window`` tokens before its query). A window model is at chance (1 / the
 number of values); a model that remembers only which values occurred, not which key each went with, reaches the
-"set level" (`set_level`); what a kind scores above that is key-value recall. The window kinds are scored with
+"set level" (`set_level`) with every answer one of the sequence's values ("in set" 1); what a kind scores
+above that is key-value recall. The window kinds are scored with
 their branch switched off too (``dijiang.evaluate.linear_branch_off``).
 
     python scripts/probe_recall.py --kinds "softmax,window,window + additive,window + delta,delta" --pairs 4 \
@@ -88,16 +89,20 @@ def answer_loss(model, ids, answer):
 
 
 @torch.no_grad()
-def accuracy(model, data) -> float:
+def scores(model, data, pairs: int) -> dict:
+    """accuracy: the share of answers right; in_set: the share that is one of the sequence's values at all (1 for
+    a model that holds the set of values, whether or not it binds them to their keys)."""
     model.eval()
-    hits = total = 0
+    hits = in_set = total = 0
     for ids, answer in data:
-        logits = model(ids, use_cache=False).logits[:, :-1]
-        predicted = logits.argmax(-1)
-        hits += int((predicted == ids[:, 1:])[answer[:, :-1]].sum())
-        total += int(answer[:, :-1].sum())
+        predicted = model(ids, use_cache=False).logits[:, :-1].argmax(-1)
+        mask = answer[:, :-1]
+        hits += int((predicted == ids[:, 1:])[mask].sum())
+        values = ids[:, 2:2 + 2 * pairs:2]  # [B, pairs]
+        in_set += int((predicted.unsqueeze(-1) == values.unsqueeze(1)).any(-1)[mask].sum())
+        total += int(mask.sum())
     model.train()
-    return hits / total
+    return {"accuracy": hits / total, "in_set": in_set / total}
 
 
 def train_kind(kind: str, args, vocab: int, held_out) -> dict:
@@ -119,13 +124,14 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
             optimizer.step()
             schedule.step()
             if step % args.eval_every == 0 or step == args.steps:
-                curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy(model, held_out)})
-                tqdm.write(f"{kind}: step {step} loss {loss.item():.3f} accuracy {curve[-1]['accuracy']:.3f}")
-    result = {"kind": kind, "curve": curve, "accuracy": curve[-1]["accuracy"],
+                curve.append({"step": step, "loss": loss.item(), **scores(model, held_out, args.pairs)})
+                tqdm.write(f"{kind}: step {step} loss {loss.item():.3f} accuracy {curve[-1]['accuracy']:.3f} "
+                           f"in set {curve[-1]['in_set']:.3f}")
+    result = {"kind": kind, "curve": curve, "accuracy": curve[-1]["accuracy"], "in_set": curve[-1]["in_set"],
               "seconds": time.perf_counter() - start}
     if kind != "window" and has_linear_branch(model):
         with linear_branch_off(model):
-            result["accuracy_branch_off"] = accuracy(model, held_out)
+            result["accuracy_branch_off"] = scores(model, held_out, args.pairs)["accuracy"]
     return result
 
 
@@ -203,14 +209,14 @@ def main(argv=None) -> int:
                 for _ in range(-(-args.held_out // 64))]
     results = [train_kind(kind, args, vocab, held_out) for kind in kinds]
     chance, set_only = 1 / args.values, set_level(args.pairs, args.queries)
-    rows = [{"kind": r["kind"], "accuracy": f"{r['accuracy']:.3f}",
+    rows = [{"kind": r["kind"], "accuracy": f"{r['accuracy']:.3f}", "in set": f"{r['in_set']:.3f}",
              "branch off": f"{r['accuracy_branch_off']:.3f}" if "accuracy_branch_off" in r else "",
              "seconds": f"{r['seconds']:.0f}"} for r in results]
     T = 1 + 2 * (args.pairs + args.queries) + args.gap
     print(f"MQAR: {args.pairs} pairs, {args.queries} asked, gap {args.gap}, T {T}, window {args.window}, chance {chance:.3f}, "
           f"set level {set_only:.3f}; "
           f"{args.layers} layers x {args.hidden}, {args.steps} steps of {args.batch}")
-    print(markdown_table(rows, ["kind", "accuracy", "branch off", "seconds"]))
+    print(markdown_table(rows, ["kind", "accuracy", "in set", "branch off", "seconds"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "png": str(args.png)},

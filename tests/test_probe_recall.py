@@ -32,6 +32,25 @@ def test_the_set_level_is_the_mean_chance_among_the_values_not_yet_asked():
     assert probe.set_level(3, 1) == pytest.approx(1 / 3)
 
 
+def test_in_set_counts_answers_that_are_some_value_of_the_sequence():
+    class Echo(torch.nn.Module):  # predicts, after every token, the first pair's value
+        def forward(self, ids, use_cache=False):
+            logits = torch.zeros(*ids.shape, 20)
+            logits.scatter_(-1, ids[:, 2:3].expand(ids.shape).unsqueeze(-1), 1.0)
+            return type("Out", (), {"logits": logits})()
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+    gen = torch.Generator().manual_seed(0)
+    data = [probe.mqar_batch(8, 3, 2, 6, 5, 6, 4, gen)]
+    got = probe.scores(Echo(), data, pairs=3)
+    assert got["in_set"] == 1.0 and 0 < got["accuracy"] < 1  # always a value of the sequence, not always its
+
+
 def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "recall.json"
     assert probe.main(["--steps", "2", "--eval-every", "1", "--held-out", "4", "--batch", "2", "--pairs", "2",
@@ -41,7 +60,7 @@ def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
     assert [r["kind"] for r in data["results"]] == list(probe.KINDS)
     assert data["set_level"] == pytest.approx(probe.set_level(2, 1)) and data["chance"] == pytest.approx(1 / 5)
     for r in data["results"]:
-        assert len(r["curve"]) == 2 and 0 <= r["accuracy"] <= 1
+        assert len(r["curve"]) == 2 and 0 <= r["accuracy"] <= r["in_set"] <= 1
         assert ("accuracy_branch_off" in r) == (r["kind"] in ("window + additive", "window + delta"))
     assert (tmp_path / "recall.png").stat().st_size > 1000 and "| window + delta |" in capsys.readouterr().out
 
