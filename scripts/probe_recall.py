@@ -4,14 +4,14 @@ the window with DiJiang's additive branch, the window with the delta-rule branch
 states without a window.
 
 Each sequence: BOS, N key-value pairs, a gap of filler tokens longer than the window, then Q < N of the keys
-again (distinct, in another order), each followed by its value; the loss and the accuracy count only those values, which a window
-cannot see (every pair is more than ``--window`` tokens before its query). A window model is at chance (1 / the
-number of values); a model that remembers only which values occurred, not which key each went with, reaches the
-"set level" (`set_level`) with every answer one of the sequence's values ("in set" 1); what a kind scores
-above that is key-value recall. The window kinds are scored with
-their branch switched off too (``dijiang.evaluate.linear_branch_off``).
+again (distinct, in another order), each followed by its value; the loss and the accuracy count only those
+values, which a window cannot see (every pair is more than ``--window`` tokens before its query). A window model
+is at chance (1 / the number of values); a model that remembers only which values occurred, not which key each
+went with, reaches the "set level" (`set_level`) with every answer one of the sequence's values ("in set" 1);
+what a kind scores above that is key-value recall. The window kinds are scored with their branch switched off
+too (``dijiang.evaluate.linear_branch_off``).
 
-    python scripts/probe_recall.py --kinds "softmax,window,window + additive,window + delta,delta" --pairs 4 \
+    python scripts/probe_recall.py --kinds "softmax,window,window + additive,window + delta" --pairs 4 \
       --keys 32 --values 32 --steps 2000 --eval-every 250 --lr 1e-3 --json recall.json --png recall.png
 
 Prints a table (accuracy on held-out sequences, against training steps), writes the JSON and the plot.
@@ -116,7 +116,8 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
             for _, layer in dijiang.conversion.iter_dijiang_layers(model):
                 layer.window_mix.requires_grad_(False)
         for step in tqdm(range(1, args.steps + 1), desc=kind, leave=False):
-            ids, answer = mqar_batch(args.batch, args.pairs, args.queries, args.gap, args.keys, args.values, args.filler, gen)
+            ids, answer = mqar_batch(args.batch, args.pairs, args.queries, args.gap, args.keys, args.values,
+                                     args.filler, gen)
             loss = answer_loss(model, ids, answer)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,7 +192,8 @@ def main(argv=None) -> int:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {', '.join(KINDS)}")
-    for name in ("pairs", "queries", "keys", "values", "filler", "window", "steps", "batch", "eval_every", "held_out", "layers"):
+    for name in ("pairs", "queries", "keys", "values", "filler", "window", "steps", "batch", "eval_every", "held_out",
+                 "layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.queries > args.pairs:
@@ -213,7 +215,8 @@ def main(argv=None) -> int:
              "branch off": f"{r['accuracy_branch_off']:.3f}" if "accuracy_branch_off" in r else "",
              "seconds": f"{r['seconds']:.0f}"} for r in results]
     T = 1 + 2 * (args.pairs + args.queries) + args.gap
-    print(f"MQAR: {args.pairs} pairs, {args.queries} asked, gap {args.gap}, T {T}, window {args.window}, chance {chance:.3f}, "
+    print(f"MQAR: {args.pairs} pairs, {args.queries} asked, gap {args.gap}, T {T}, window {args.window}, "
+          f"chance {chance:.3f}, "
           f"set level {set_only:.3f}; "
           f"{args.layers} layers x {args.hidden}, {args.steps} steps of {args.batch}")
     print(markdown_table(rows, ["kind", "accuracy", "in set", "branch off", "seconds"]))

@@ -65,7 +65,8 @@ def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "recall.png").stat().st_size > 1000 and "| window + delta |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bad", [["--gap", "4", "--window", "8"], ["--pairs", "9", "--keys", "8"], ["--pairs", "2", "--queries", "3"],
+@pytest.mark.parametrize("bad", [["--gap", "4", "--window", "8"], ["--pairs", "9", "--keys", "8"],
+                                 ["--pairs", "2", "--queries", "3"],
                                  ["--kinds", "softmax,nope"], ["--steps", "0"], ["--hidden", "30", "--heads", "4"]])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SystemExit):

@@ -396,8 +396,8 @@ def fused_window_attention(
 
     Args:
         q, k: ``[B, T, H, d]`` post-RoPE queries/keys (kv heads already expanded). v: ``[B, T, H, dv]``.
-        proj: ``[d_lin, m]`` frozen projection (d_lin: q_lin's width, d without q_lin); None with ``linear=False``. log_weight: ``[H, m]`` or
-            None. log_decay: ``[H]``, or per token
+        proj: ``[d_lin, m]`` frozen projection (d_lin: q_lin's width, d without q_lin); may be None with
+            ``linear=False``. log_weight: ``[H, m]`` or None. log_decay: ``[H]``, or per token
             ``[B, T, H]`` (module docstring), <= 0.
         lin_weight: ``[H]`` (> 0), the linear part's weight. window: softmax band length.
         scale: softmax scale (default ``d ** -0.5``); feature_scale: the feature map's (default the same).
