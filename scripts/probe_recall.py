@@ -216,15 +216,14 @@ def main(argv=None) -> int:
              "seconds": f"{r['seconds']:.0f}"} for r in results]
     T = 1 + 2 * (args.pairs + args.queries) + args.gap
     print(f"MQAR: {args.pairs} pairs, {args.queries} asked, gap {args.gap}, T {T}, window {args.window}, "
-          f"chance {chance:.3f}, "
-          f"set level {set_only:.3f}; "
+          f"chance {chance:.3f}, set level {set_only:.3f}; "
           f"{args.layers} layers x {args.hidden}, {args.steps} steps of {args.batch}")
     print(markdown_table(rows, ["kind", "accuracy", "in set", "branch off", "seconds"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "png": str(args.png)},
-                                         "chance": chance, "set_level": set_only,
-                                         "results": results}, indent=1) + "\n")
+                                         "chance": chance, "set_level": set_only, "results": results},
+                                        indent=1) + "\n")
     if args.png:
         args.png.parent.mkdir(parents=True, exist_ok=True)
         plot(results, chance, set_only, args.png)

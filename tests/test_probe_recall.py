@@ -39,12 +39,6 @@ def test_in_set_counts_answers_that_are_some_value_of_the_sequence():
             logits.scatter_(-1, ids[:, 2:3].expand(ids.shape).unsqueeze(-1), 1.0)
             return type("Out", (), {"logits": logits})()
 
-        def eval(self):
-            return self
-
-        def train(self, mode=True):
-            return self
-
     gen = torch.Generator().manual_seed(0)
     data = [probe.mqar_batch(8, 3, 2, 6, 5, 6, 4, gen)]
     got = probe.scores(Echo(), data, pairs=3)

@@ -438,7 +438,7 @@ def fused_window_attention(
     if linear and (k_lin.shape != q_lin.shape or q_lin.shape[:3] != q.shape[:3] or q_lin.shape[-1] != proj.shape[0]):
         raise ValueError(f"q_lin {tuple(q_lin.shape)} / k_lin {tuple(k_lin.shape)} must be [B, T, H] = "
                          f"{tuple(q.shape[:3])} by proj's {proj.shape[0]} rows")
-    if linear and q_lin is not q:  # of another width: the linear part's chunk kernel must take them too
+    if q_lin is not q:  # of another width: the linear part's chunk kernel must take them too
         ok, why = triton_supported(q_lin, k_lin, v, proj)
         if not ok:
             raise ValueError(f"fused window attention cannot run its linear part: {why}")
