@@ -26,7 +26,7 @@ WINDOWS = (512, 2048, 8192)
 TEXTS = {"pydoc": "pydoc", "austen-pride-and-prejudice.txt": "Austen", "python-stdlib.txt": "code"}
 ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k", "transform-at", "transform-at-8k",
          "transform-8k-retrieval", "transform-8k-performer", "transform-8k-m128", "transform-8k-sinks",
-         "transform-8k-10m", "transform-8k-sinks-20m", "transform-8k-sinks-lr3-20m", "transform-8k-sinks-performer",
+         "transform-8k-10m", "transform-8k-sinks-20m", "transform-8k-sinks-lr3-20m", "transform-8k-sinks-w64", "transform-8k-sinks-performer",
          "transform-8k-sinks-gate", "transform-8k-sinks-at", "transform-8k-sinks-deltanet",
          "transform-8k-sinks-deltanet-at", "transform-8k-sinks-retrieval", "transform-8k-sinks-deltanet-retrieval",
          "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m", "layer-hybrid-8k-sinks",
