@@ -50,8 +50,8 @@ KINDS = {
 
 def mqar_batch(batch: int, pairs: int, queries: int, gap: int, keys: int, values: int, filler: int,
                gen: torch.Generator):
-    """Token ids [batch, T] and the answer mask [batch, T] (True where the next token is a value to recall):
-    `pairs` pairs, `queries` (<= pairs) of their keys asked again, distinct. Ids: 0 pad, 1 BOS, then keys, values
+    """Token ids [batch, T], the answer mask [batch, T] (True where the next token is a value to recall) and the
+    pairs' values [batch, pairs] (what "in set" counts): `pairs` pairs, `queries` (<= pairs) of their keys asked again, distinct. Ids: 0 pad, 1 BOS, then keys, values
     and filler, disjoint."""
     key_ids = 2 + torch.stack([torch.randperm(keys, generator=gen)[:pairs] for _ in range(batch)])
     value_ids = 2 + keys + torch.randint(0, values, (batch, pairs), generator=gen)
@@ -66,7 +66,7 @@ def mqar_batch(batch: int, pairs: int, queries: int, gap: int, keys: int, values
     answer = torch.zeros_like(ids, dtype=torch.bool)
     start = 1 + 2 * pairs + gap
     answer[:, start::2] = True  # the query keys: the next token is its value
-    return ids, answer
+    return ids, answer, value_ids
 
 
 def build(kind: str, args, vocab: int) -> torch.nn.Module:
@@ -89,16 +89,15 @@ def answer_loss(model, ids, answer):
 
 
 @torch.no_grad()
-def scores(model, data, pairs: int) -> dict:
+def scores(model, data) -> dict:
     """accuracy: the share of answers right; in_set: the share that is one of the sequence's values at all (1 for
     a model that holds the set of values, whether or not it binds them to their keys)."""
     model.eval()
     hits = in_set = total = 0
-    for ids, answer in data:
+    for ids, answer, values in data:
         predicted = model(ids, use_cache=False).logits[:, :-1].argmax(-1)
         mask = answer[:, :-1]
         hits += int((predicted == ids[:, 1:])[mask].sum())
-        values = ids[:, 2:2 + 2 * pairs:2]  # [B, pairs]
         in_set += int((predicted.unsqueeze(-1) == values.unsqueeze(1)).any(-1)[mask].sum())
         total += int(mask.sum())
     model.train()
@@ -116,7 +115,7 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
             for _, layer in dijiang.conversion.iter_dijiang_layers(model):
                 layer.window_mix.requires_grad_(False)
         for step in tqdm(range(1, args.steps + 1), desc=kind, leave=False):
-            ids, answer = mqar_batch(args.batch, args.pairs, args.queries, args.gap, args.keys, args.values,
+            ids, answer, _ = mqar_batch(args.batch, args.pairs, args.queries, args.gap, args.keys, args.values,
                                      args.filler, gen)
             loss = answer_loss(model, ids, answer)
             optimizer.zero_grad(set_to_none=True)
@@ -125,14 +124,14 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
             optimizer.step()
             schedule.step()
             if step % args.eval_every == 0 or step == args.steps:
-                curve.append({"step": step, "loss": loss.item(), **scores(model, held_out, args.pairs)})
+                curve.append({"step": step, "loss": loss.item(), **scores(model, held_out)})
                 tqdm.write(f"{kind}: step {step} loss {loss.item():.3f} accuracy {curve[-1]['accuracy']:.3f} "
                            f"in set {curve[-1]['in_set']:.3f}")
     result = {"kind": kind, "curve": curve, "accuracy": curve[-1]["accuracy"], "in_set": curve[-1]["in_set"],
               "seconds": time.perf_counter() - start}
     if kind != "window" and has_linear_branch(model):
         with linear_branch_off(model):
-            result["accuracy_branch_off"] = scores(model, held_out, args.pairs)["accuracy"]
+            result["accuracy_branch_off"] = scores(model, held_out)["accuracy"]
     return result
 
 

@@ -12,10 +12,11 @@ probe = load_script("scripts/probe_recall.py")
 def test_every_answer_is_a_value_whose_pair_is_past_the_window():
     gen = torch.Generator().manual_seed(0)
     pairs, queries, gap, keys, values, filler, window = 4, 3, 20, 10, 7, 5, 16
-    ids, answer = probe.mqar_batch(3, pairs, queries, gap, keys, values, filler, gen)
+    ids, answer, values_of_pairs = probe.mqar_batch(3, pairs, queries, gap, keys, values, filler, gen)
     assert ids.shape == (3, 1 + 2 * (pairs + queries) + gap) and int(answer.sum()) == 3 * queries
-    for row, mask in zip(ids, answer):
+    for row, mask, given_values in zip(ids, answer, values_of_pairs):
         pair_keys, pair_values = row[1:1 + 2 * pairs:2].tolist(), row[2:2 + 2 * pairs:2].tolist()
+        assert pair_values == given_values.tolist()  # what "in set" counts is the layout's values
         assert len(set(pair_keys)) == pairs and all(2 <= k < 2 + keys for k in pair_keys)
         assert all(2 + keys + values <= t < 2 + keys + values + filler for t in row[1 + 2 * pairs:1 + 2 * pairs + gap])
         for position in mask.nonzero().flatten().tolist():
@@ -41,7 +42,7 @@ def test_in_set_counts_answers_that_are_some_value_of_the_sequence():
 
     gen = torch.Generator().manual_seed(0)
     data = [probe.mqar_batch(8, 3, 2, 6, 5, 6, 4, gen)]
-    got = probe.scores(Echo(), data, pairs=3)
+    got = probe.scores(Echo(), data)
     assert got["in_set"] == 1.0 and 0 < got["accuracy"] < 1  # always a value of the sequence, not always its
 
 
