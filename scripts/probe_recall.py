@@ -79,7 +79,9 @@ def build(kind: str, args, vocab: int) -> torch.nn.Module:
     model = transformers.LlamaForCausalLM(config)
     settings = KINDS[kind]
     if settings is not None:
-        model = dijiang.convert(model, {"window": args.window, **settings})
+        windowed = settings.get("window", args.window) > 0
+        mix = {"window_mix_init": args.mix_init} if args.mix_init is not None and windowed else {}
+        model = dijiang.convert(model, {"window": args.window, **mix, **settings})
     return model
 
 
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--values", type=int, default=64)
     parser.add_argument("--filler", type=int, default=32)
     parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--mix-init", type=float, help="the window kinds' branch weight at init (softplus of "
+                        "window_mix; default: the library's, 0.1)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
@@ -201,6 +205,8 @@ def main(argv=None) -> int:
         parser.error("--pairs must not exceed --keys (the keys of a sequence are distinct)")
     if args.gap < args.window:
         parser.error(f"--gap {args.gap} < --window {args.window}: a window would see the pairs")
+    if args.mix_init is not None and args.mix_init <= 0:
+        parser.error("--mix-init must be > 0 (it is a softplus)")
     if args.hidden % args.heads:
         parser.error("--hidden must be a multiple of --heads")
     vocab = 2 + args.keys + args.values + args.filler

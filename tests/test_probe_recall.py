@@ -1,5 +1,6 @@
 """scripts/probe_recall.py: its MQAR sequences put every pair farther back than the window, and a short run of
 every kind writes its table, JSON and plot (what the kinds learn is in docs/results.md)."""
+import argparse
 import json
 
 import pytest
@@ -60,9 +61,17 @@ def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "recall.png").stat().st_size > 1000 and "| window + delta |" in capsys.readouterr().out
 
 
+def test_mix_init_sets_the_window_kinds_branch_weight_only():
+    args = argparse.Namespace(seed=0, hidden=32, layers=1, heads=2, window=4, mix_init=1.0)
+    window_layer = probe.build("window + delta", args, vocab=12).model.layers[0].self_attn
+    assert torch.nn.functional.softplus(window_layer.window_mix.detach()).tolist() == pytest.approx([1.0, 1.0], rel=1e-5)
+    assert probe.build("delta", args, vocab=12).model.layers[0].self_attn.window_mix is None
+
+
 @pytest.mark.parametrize("bad", [["--gap", "4", "--window", "8"], ["--pairs", "9", "--keys", "8"],
                                  ["--pairs", "2", "--queries", "3"],
-                                 ["--kinds", "softmax,nope"], ["--steps", "0"], ["--hidden", "30", "--heads", "4"]])
+                                 ["--kinds", "softmax,nope"], ["--steps", "0"], ["--hidden", "30", "--heads", "4"],
+                                 ["--mix-init", "0"]])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SystemExit):
         probe.main(bad)
