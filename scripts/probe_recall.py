@@ -51,8 +51,8 @@ KINDS = {
 def mqar_batch(batch: int, pairs: int, queries: int, gap: int, keys: int, values: int, filler: int,
                gen: torch.Generator):
     """Token ids [batch, T], the answer mask [batch, T] (True where the next token is a value to recall) and the
-    pairs' values [batch, pairs] (what "in set" counts): `pairs` pairs, `queries` (<= pairs) of their keys asked again, distinct. Ids: 0 pad, 1 BOS, then keys, values
-    and filler, disjoint."""
+    pairs' values [batch, pairs] (what "in set" counts): `pairs` pairs, `queries` (<= pairs) of their keys asked
+    again, distinct. Ids: 0 pad, 1 BOS, then keys, values and filler, disjoint."""
     key_ids = 2 + torch.stack([torch.randperm(keys, generator=gen)[:pairs] for _ in range(batch)])
     value_ids = 2 + keys + torch.randint(0, values, (batch, pairs), generator=gen)
     context = torch.stack([key_ids, value_ids], dim=-1).reshape(batch, 2 * pairs)

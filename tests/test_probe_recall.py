@@ -64,7 +64,8 @@ def test_a_short_run_of_every_kind_writes_table_json_and_plot(tmp_path, capsys):
 def test_mix_init_sets_the_window_kinds_branch_weight_only():
     args = argparse.Namespace(seed=0, hidden=32, layers=1, heads=2, window=4, mix_init=1.0)
     window_layer = probe.build("window + delta", args, vocab=12).model.layers[0].self_attn
-    assert torch.nn.functional.softplus(window_layer.window_mix.detach()).tolist() == pytest.approx([1.0, 1.0], rel=1e-5)
+    weights = torch.nn.functional.softplus(window_layer.window_mix.detach()).tolist()
+    assert weights == pytest.approx([1.0, 1.0], rel=1e-5)
     assert probe.build("delta", args, vocab=12).model.layers[0].self_attn.window_mix is None
 
 
