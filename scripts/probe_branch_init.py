@@ -6,7 +6,7 @@ adds to what the window already gets right. This probe converts the model by a r
 with `window_mix_init` set to each weight asked, untrained, and prints its perplexity next to the teacher's.
 
     python scripts/probe_branch_init.py --recipe recipes/long-context/transform-8k-sinks-deltanet.yaml \
-        --mix 0.03,0.1,0.3,1.0 [--text pydoc] [--windows 512,2048] [--max-windows 4] [--json out.json]
+        --mix 0.03,0.1,0.3,1.0 [--text pydoc] [--windows 512,2048] [--max-windows 4] [--json out.json [--overwrite]]
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import dijiang  # noqa: E402
 from dijiang.arguments import Number, non_empty_int_list, positive_float, positive_int  # noqa: E402
 from dijiang.evaluate import load_text, perplexity  # noqa: E402
+from dijiang.files import refuse_to_replace, write_text_atomic  # noqa: E402
 from dijiang.tables import markdown_table  # noqa: E402
 from dijiang.train_config import load_recipe  # noqa: E402
 
@@ -53,7 +54,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-windows", type=positive_int, default=4, help="windows scored a length (from the start)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace --json when it exists")
     args = parser.parse_args(argv)
+    if args.json:
+        try:
+            refuse_to_replace(args.json, args.overwrite, "--json")
+        except ValueError as error:
+            parser.error(str(error))
     recipe = load_recipe(args.recipe)
     try:
         settings = {w: branch_settings(recipe, w) for w in args.mix}
@@ -74,8 +81,8 @@ def main(argv=None) -> int:
         del student
     print(markdown_table(rows, ["model", "weight", *((str(w), f"ppl at {w}") for w in args.windows)]))
     if args.json:
-        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "text": args.text,
-                                         "rows": rows}, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                 "text": args.text, "rows": rows}, indent=1) + "\n")
     return 0
 
 

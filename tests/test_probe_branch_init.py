@@ -30,6 +30,9 @@ def test_each_weight_is_a_row_and_its_weight_is_the_layers_at_init(tmp_path, cap
     assert all(r["32"] > 1 and r["64"] > 1 for r in rows)
     assert rows[1]["32"] != rows[2]["32"]  # the weight changes the untrained model
     assert "| teacher |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the JSON is there: refused before any model loads
+        probe.main(["--recipe", str(recipe), "--json", str(out)])
+    assert "--overwrite" in capsys.readouterr().err
     settings = probe.branch_settings(yaml.safe_load(recipe.read_text()), 0.3)
     assert settings["window_mix_init"] == 0.3 and "checkpoint" not in settings and settings["window"] == 8
 
