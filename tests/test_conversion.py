@@ -311,6 +311,22 @@ def test_hedgehog_maps_are_new_parameters_and_fuse_where_a_normaliser_absorbs_th
     assert supports_fast_decode(model)[0]  # its own query and key maps (tests/test_fast_decode.py)
 
 
+def test_mix_lr_puts_the_branch_weights_in_their_own_group_and_only_then():
+    model = dijiang.convert(tiny_model("llama"), dict(window=4))
+    new_ids = new_parameter_ids(model)
+    mixes = {id(layer.window_mix) for _, layer in iter_dijiang_layers(model)}
+    assert mixes and mixes <= new_ids
+    optimizer = build_optimizer(model.named_parameters(), new_ids, TrainConfig(lr=1e-5, new_lr=1e-3, mix_lr=2e-2))
+    peak_lr = {id(p): group["peak_lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(peak_lr[i] == 2e-2 for i in mixes)
+    assert all(peak_lr[i] == 1e-3 for i in new_ids - mixes) and len(new_ids - mixes) > 0
+    mix_groups = [g for g in optimizer.param_groups if g["name"].startswith("mix")]
+    assert [g["name"] for g in mix_groups] == ["mix_vector"] and mix_groups[0]["weight_decay"] == 0.0
+    plain = build_optimizer(model.named_parameters(), new_ids, TrainConfig(lr=1e-5, new_lr=1e-3))
+    assert len(plain.param_groups) == 4  # what a checkpoint without mix_lr resumes
+    assert all(g["peak_lr"] == 1e-3 for g in plain.param_groups for p in g["params"] if id(p) in mixes)
+
+
 def test_hedgehog_round_trips_through_save_and_from_pretrained(tmp_path):
     model = dijiang.convert(tiny_model("llama"), dict(feature_map="hedgehog", window=4)).eval()
     with torch.no_grad():  # trained-looking maps, query and key apart, so the reload must restore both

@@ -126,16 +126,18 @@ def freeze(model):
 def build_optimizer(named_parameters, new_ids: set[int], config: TrainConfig,
                     new_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW with four groups: {pretrained, new} x {matrices (decayed), vectors (not)}; each keeps its peak lr
-    (new_lr, when given, replaces config.new_lr)."""
+    (new_lr, when given, replaces config.new_lr). With config.mix_lr, the window layers' branch weights
+    (`window_mix`) form a fifth group at that peak; without it the groups are the four a checkpoint resumes."""
     new_lr = config.new_lr if new_lr is None else new_lr
     groups = {}
-    for _, parameter in named_parameters:
+    for name, parameter in named_parameters:
         if not parameter.requires_grad:
             continue
         is_new = id(parameter) in new_ids
-        key = ("new" if is_new else "pretrained", parameter.ndim >= 2)
+        is_mix = is_new and config.mix_lr is not None and name.rsplit(".", 1)[-1] == "window_mix"
+        key = ("mix" if is_mix else "new" if is_new else "pretrained", parameter.ndim >= 2)
         if key not in groups:
-            peak = new_lr if is_new else config.lr
+            peak = config.mix_lr if is_mix else new_lr if is_new else config.lr
             groups[key] = {"params": [], "weight_decay": config.weight_decay if key[1] else 0.0,
                            "peak_lr": peak, "lr": peak, "name": f"{key[0]}_{'matrix' if key[1] else 'vector'}"}
         groups[key]["params"].append(parameter)

@@ -52,6 +52,10 @@ class TrainConfig:
     lr: float = field(default=1e-4, metadata=_help("peak learning rate of pretrained weights", check=non_negative_float))
     new_lr: float = field(default=1e-3, metadata=_help("peak learning rate of the parameters DiJiang added",
                                                        check=non_negative_float))
+    mix_lr: float | None = field(default=None, metadata=_help(
+        "peak learning rate of the window layers' branch weights (window_mix), in their own group: a weight that "
+        "starts at 0.1 moves ~new_lr a step (default: --new-lr, in the new parameters' group)",
+        type=float, check=positive_float))
     weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay (matrices only)", check=non_negative_float))
     beta1: float = field(default=0.9, metadata=_help("AdamW beta1", check=fraction))
     beta2: float = field(default=0.95, metadata=_help("AdamW beta2", check=fraction))
