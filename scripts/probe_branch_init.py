@@ -27,14 +27,6 @@ from dijiang.tables import markdown_table  # noqa: E402
 from dijiang.train_config import load_recipe  # noqa: E402
 
 
-def parse_weights(text: str) -> list[float]:
-    """Comma-separated weights at init, each > 0 (a softplus)."""
-    weights = [positive_float(w.strip()) for w in text.split(",") if w.strip()]
-    if not weights:
-        raise argparse.ArgumentTypeError(f"expected comma-separated weights > 0, e.g. 0.1,1.0, got {text!r}")
-    return weights
-
-
 def branch_settings(recipe: dict, weight: float) -> dict:
     """The recipe's layer settings with the branch's weight at init; `checkpoint` only matters in training."""
     settings = {k: v for k, v in recipe.get("attention", {}).items() if k != "checkpoint"}
@@ -46,7 +38,8 @@ def branch_settings(recipe: dict, weight: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, required=True, help="a recipe with window layers (its attention:)")
-    parser.add_argument("--mix", type=parse_weights, default=[0.1, 1.0], help="branch weights at init")
+    parser.add_argument("--mix", type=non_empty_int_list(positive_float), default=[0.1, 1.0],
+                        help="branch weights at init, each > 0 (a softplus; the list parser takes any Number)")
     parser.add_argument("--model", help="default: the recipe's model")
     parser.add_argument("--text", default="pydoc")
     parser.add_argument("--windows", type=non_empty_int_list(Number(int, 2)), default=[512, 2048],

@@ -33,6 +33,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import dijiang  # noqa: E402
+from dijiang.arguments import positive_float  # noqa: E402
 from dijiang.evaluate import has_linear_branch, linear_branch_off  # noqa: E402
 from dijiang.tables import markdown_table  # noqa: E402
 
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--values", type=int, default=64)
     parser.add_argument("--filler", type=int, default=32)
     parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--mix-init", type=float, help="the window kinds' branch weight at init (softplus of "
+    parser.add_argument("--mix-init", type=positive_float, help="the window kinds' branch weight at init (softplus of "
                         "window_mix; default: the library's, 0.1)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
@@ -205,8 +206,6 @@ def main(argv=None) -> int:
         parser.error("--pairs must not exceed --keys (the keys of a sequence are distinct)")
     if args.gap < args.window:
         parser.error(f"--gap {args.gap} < --window {args.window}: a window would see the pairs")
-    if args.mix_init is not None and args.mix_init <= 0:
-        parser.error("--mix-init must be > 0 (it is a softplus)")
     if args.hidden % args.heads:
         parser.error("--hidden must be a multiple of --heads")
     vocab = 2 + args.keys + args.values + args.filler
