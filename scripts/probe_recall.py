@@ -14,6 +14,9 @@ too (``dijiang.evaluate.linear_branch_off``).
     python scripts/probe_recall.py --kinds "softmax,window,window + additive,window + delta" --pairs 4 \
       --keys 32 --values 32 --steps 2000 --eval-every 250 --lr 1e-3 --json recall.json --png recall.png
 
+``--mix-init`` sets the window kinds' branch weight at init, ``--mix-lr`` gives those weights their own peak
+learning rate (as ``dijiang train --mix-lr``); the JSON records where each layer's weight started and ended.
+
 Prints a table (accuracy on held-out sequences, against training steps), writes the JSON and the plot.
 """
 from __future__ import annotations
@@ -107,10 +110,30 @@ def scores(model, data) -> dict:
     return {"accuracy": hits / total, "in_set": in_set / total}
 
 
+def branch_weights(model) -> list[float]:
+    """Each window layer's branch weight, softplus(window_mix) averaged over its heads ([] without a window)."""
+    return [F.softplus(layer.window_mix.detach().float()).mean().item()
+            for _, layer in dijiang.conversion.iter_dijiang_layers(model) if layer.window_mix is not None]
+
+
+def parameter_groups(model, lr: float, mix_lr: float | None) -> tuple[list[dict], list[float]]:
+    """AdamW's groups and each one's peak learning rate: everything at `lr`, or with `mix_lr` the window layers'
+    branch weights (window_mix) in a group of their own at that peak, as ``dijiang train --mix-lr`` does."""
+    mixes = [layer.window_mix for _, layer in dijiang.conversion.iter_dijiang_layers(model)
+             if layer.window_mix is not None] if mix_lr is not None else []
+    chosen = {id(p) for p in mixes}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    if not mixes:
+        return [{"params": rest, "lr": lr}], [lr]
+    return [{"params": rest, "lr": lr}, {"params": mixes, "lr": mix_lr}], [lr, mix_lr]
+
+
 def train_kind(kind: str, args, vocab: int, held_out) -> dict:
     model = build(kind, args, vocab)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    weights_at_init = branch_weights(model)
+    groups, peaks = parameter_groups(model, args.lr, args.mix_lr if kind != "window" else None)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(args.seed + 1)
     curve, start = [], time.perf_counter()
     with linear_branch_off(model) if kind == "window" else contextlib.nullcontext():
@@ -132,6 +155,8 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
                            f"in set {curve[-1]['in_set']:.3f}")
     result = {"kind": kind, "curve": curve, "accuracy": curve[-1]["accuracy"], "in_set": curve[-1]["in_set"],
               "seconds": time.perf_counter() - start}
+    if weights_at_init:  # where the window layers' branch weights went (what --mix-init and --mix-lr act on)
+        result |= {"branch_weight_init": weights_at_init, "branch_weight": branch_weights(model)}
     if kind != "window" and has_linear_branch(model):
         with linear_branch_off(model):
             result["accuracy_branch_off"] = scores(model, held_out)["accuracy"]
@@ -179,6 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--mix-init", type=positive_float, help="the window kinds' branch weight at init (softplus of "
                         "window_mix; default: the library's, 0.1)")
+    parser.add_argument("--mix-lr", type=positive_float, help="the window kinds' branch weights (window_mix) at "
+                        "their own peak learning rate (default: --lr, with the rest)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)

@@ -69,10 +69,36 @@ def test_mix_init_sets_the_window_kinds_branch_weight_only():
     assert probe.build("delta", args, vocab=12).model.layers[0].self_attn.window_mix is None
 
 
+def test_mix_lr_puts_the_branch_weights_in_a_group_of_their_own_and_only_then():
+    args = argparse.Namespace(seed=0, hidden=32, layers=2, heads=2, window=4, mix_init=None)
+    model = probe.build("window + delta", args, vocab=12)
+    groups, peaks = probe.parameter_groups(model, 1e-3, 3e-2)
+    mixes = [layer.self_attn.window_mix for layer in model.model.layers]
+    assert peaks == [1e-3, 3e-2] and [id(p) for p in groups[1]["params"]] == [id(p) for p in mixes]
+    assert not {id(p) for p in groups[0]["params"]} & {id(p) for p in mixes}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    alone, peaks = probe.parameter_groups(model, 1e-3, None)
+    assert peaks == [1e-3] and len(alone[0]["params"]) == len(list(model.parameters()))
+    no_window = probe.build("delta", args, vocab=12)  # no window_mix: one group even with mix_lr
+    assert probe.parameter_groups(no_window, 1e-3, 3e-2)[1] == [1e-3]
+
+
+def test_mix_lr_moves_the_branch_weights_faster(tmp_path):
+    def branch_weight_change(extra):
+        out = tmp_path / "recall.json"
+        probe.main(["--kinds", "window + delta", "--steps", "3", "--eval-every", "3", "--held-out", "4", "--batch",
+                    "2", "--pairs", "2", "--gap", "8", "--window", "4", "--hidden", "32", "--heads", "2", "--keys",
+                    "6", "--values", "5", "--filler", "3", "--lr", "1e-3", "--json", str(out), *extra])
+        result = json.loads(out.read_text())["results"][0]
+        return max(abs(a - b) for a, b in zip(result["branch_weight"], result["branch_weight_init"]))
+
+    assert branch_weight_change(["--mix-lr", "1.0"]) > 10 * branch_weight_change([])
+
+
 @pytest.mark.parametrize("bad", [["--gap", "4", "--window", "8"], ["--pairs", "9", "--keys", "8"],
                                  ["--pairs", "2", "--queries", "3"],
                                  ["--kinds", "softmax,nope"], ["--steps", "0"], ["--hidden", "30", "--heads", "4"],
-                                 ["--mix-init", "0"]])
+                                 ["--mix-init", "0"], ["--mix-lr", "0"]])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SystemExit):
         probe.main(bad)
