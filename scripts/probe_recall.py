@@ -17,12 +17,22 @@ too (``dijiang.evaluate.linear_branch_off``).
 ``--mix-init`` sets the window kinds' branch weight at init, ``--mix-lr`` gives those weights their own peak
 learning rate (as ``dijiang train --mix-lr``); the JSON records where each layer's weight started and ended.
 
+``--distil`` asks the question of a converted model instead: the softmax model is trained first (it binds: the
+teacher), then each other kind is made from it by ``dijiang.convert``, as SmolLM2 is (its weights kept, the new
+parameters at init), and distilled from it with ``dijiang train``'s loss (KD over every position + 0.2 LM) and
+its learning rates (--pretrained-lr for the kept weights, --lr for the new ones, --mix-lr for the branch weights).
+Its table adds what the converted model recalls before any training:
+
+    python scripts/probe_recall.py --distil --kinds "window,window + delta" --pairs 4 --keys 32 --values 32 \
+      --steps 2000 --distil-steps 1000 --eval-every 250 --lr 1e-3 --teacher-cache teacher.pt
+
 Prints a table (accuracy on held-out sequences, against training steps), writes the JSON and the plot.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import sys
 import time
@@ -38,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import dijiang  # noqa: E402
 from dijiang.arguments import positive_float  # noqa: E402
 from dijiang.evaluate import has_linear_branch, linear_branch_off  # noqa: E402
+from dijiang.losses import distillation_loss  # noqa: E402
 from dijiang.tables import markdown_table  # noqa: E402
 
 PAD, BOS = 0, 1
@@ -73,6 +84,16 @@ def mqar_batch(batch: int, pairs: int, queries: int, gap: int, keys: int, values
     return ids, answer, value_ids
 
 
+def kind_settings(kind: str, args) -> dict | None:
+    """What `dijiang.convert` gets for a kind (None: the softmax model itself), --mix-init applied to window kinds."""
+    settings = KINDS[kind]
+    if settings is None:
+        return None
+    windowed = settings.get("window", args.window) > 0
+    mix = {"window_mix_init": args.mix_init} if args.mix_init is not None and windowed else {}
+    return {"window": args.window, **mix, **settings}
+
+
 def build(kind: str, args, vocab: int) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     config = transformers.LlamaConfig(
@@ -81,12 +102,8 @@ def build(kind: str, args, vocab: int) -> torch.nn.Module:
         max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS,
         eos_token_id=BOS)
     model = transformers.LlamaForCausalLM(config)
-    settings = KINDS[kind]
-    if settings is not None:
-        windowed = settings.get("window", args.window) > 0
-        mix = {"window_mix_init": args.mix_init} if args.mix_init is not None and windowed else {}
-        model = dijiang.convert(model, {"window": args.window, **mix, **settings})
-    return model
+    settings = kind_settings(kind, args)
+    return model if settings is None else dijiang.convert(model, settings)
 
 
 def answer_loss(model, ids, answer):
@@ -128,31 +145,37 @@ def parameter_groups(model, lr: float, mix_lr: float | None) -> tuple[list[dict]
     return [{"params": rest, "lr": lr}, {"params": mixes, "lr": mix_lr}], [lr, mix_lr]
 
 
-def train_kind(kind: str, args, vocab: int, held_out) -> dict:
-    model = build(kind, args, vocab)
-    weights_at_init = branch_weights(model)
-    groups, peaks = parameter_groups(model, args.lr, args.mix_lr if kind != "window" else None)
+def train_loop(model, kind: str, args, held_out, groups, peaks, steps: int, loss_of, gen,
+               score_start: bool = False) -> list[dict]:
+    """AdamW with a one-cycle schedule over `steps` fresh batches, `loss_of(model, ids, answer)` the loss; returns
+    the held-out curve (from step 0 with `score_start`). The plain window trains and is scored with its branch held
+    at softplus(-30)."""
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=args.steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    curve, start = [], time.perf_counter()
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=steps, pct_start=0.1)
+    curve = []
     with linear_branch_off(model) if kind == "window" else contextlib.nullcontext():
-        if kind == "window":  # the plain window: trained and scored with the branch held at softplus(-30)
+        if kind == "window":
             for _, layer in dijiang.conversion.iter_dijiang_layers(model):
                 layer.window_mix.requires_grad_(False)
-        for step in tqdm(range(1, args.steps + 1), desc=kind, leave=False):
+        if score_start:
+            curve.append({"step": 0, "loss": None, **scores(model, held_out)})
+        for step in tqdm(range(1, steps + 1), desc=kind, leave=False):
             ids, answer, _ = mqar_batch(args.batch, args.pairs, args.queries, args.gap, args.keys, args.values,
-                                     args.filler, gen)
-            loss = answer_loss(model, ids, answer)
+                                        args.filler, gen)
+            loss = loss_of(model, ids, answer)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            if step % args.eval_every == 0 or step == args.steps:
+            if step % args.eval_every == 0 or step == steps:
                 curve.append({"step": step, "loss": loss.item(), **scores(model, held_out)})
                 tqdm.write(f"{kind}: step {step} loss {loss.item():.3f} accuracy {curve[-1]['accuracy']:.3f} "
                            f"in set {curve[-1]['in_set']:.3f}")
+    return curve
+
+
+def finish_result(kind: str, model, curve: list[dict], held_out, weights_at_init: list[float], start: float) -> dict:
     result = {"kind": kind, "curve": curve, "accuracy": curve[-1]["accuracy"], "in_set": curve[-1]["in_set"],
               "seconds": time.perf_counter() - start}
     if weights_at_init:  # where the window layers' branch weights went (what --mix-init and --mix-lr act on)
@@ -163,13 +186,86 @@ def train_kind(kind: str, args, vocab: int, held_out) -> dict:
     return result
 
 
+def train_kind(kind: str, args, vocab: int, held_out) -> tuple[torch.nn.Module, dict]:
+    """A kind trained from scratch on the task: the model and its result."""
+    start = time.perf_counter()
+    model = build(kind, args, vocab)
+    weights_at_init = branch_weights(model)
+    groups, peaks = parameter_groups(model, args.lr, args.mix_lr if kind != "window" else None)
+    curve = train_loop(model, kind, args, held_out, groups, peaks, args.steps, answer_loss,
+                       torch.Generator().manual_seed(args.seed + 1))
+    return model, finish_result(kind, model, curve, held_out, weights_at_init, start)
+
+
+TEACHER_SETTINGS = ("pairs", "queries", "gap", "keys", "values", "filler", "hidden", "heads", "layers", "steps",
+                    "batch", "lr", "seed")  # what the softmax model a --teacher-cache file holds was trained with
+
+
+def teacher_model(args, vocab: int, held_out) -> tuple[torch.nn.Module, dict]:
+    """The softmax model trained from scratch (as ``train_kind``), or read from --teacher-cache when that file was
+    written with the same settings; with --teacher-cache and no file there, it is written."""
+    wanted = {name: getattr(args, name) for name in TEACHER_SETTINGS}
+    cache = args.teacher_cache
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved["settings"] != wanted:
+            raise SystemExit(f"--teacher-cache {cache} was trained with {saved['settings']}, not {wanted}: "
+                             "name another file")
+        model = build("softmax", args, vocab)
+        model.load_state_dict(saved["state_dict"])
+        return model, saved["result"]
+    model, result = train_kind("softmax", args, vocab, held_out)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(cache.name + ".partial")
+        torch.save({"settings": wanted, "state_dict": model.state_dict(), "result": result}, partial)
+        partial.replace(cache)  # a kill leaves no half-written teacher to be read later
+    return model, result
+
+
+def distillation_groups(student, args, kind: str) -> tuple[list[dict], list[float]]:
+    """As ``dijiang train`` groups a converted model: the pretrained weights at --pretrained-lr, what conversion
+    added at --lr, and with --mix-lr the branch weights at theirs."""
+    added = {id(p) for _, layer in dijiang.conversion.iter_dijiang_layers(student) for p in layer.new_parameters()}
+    mixes = {id(layer.window_mix) for _, layer in dijiang.conversion.iter_dijiang_layers(student)
+             if layer.window_mix is not None} if args.mix_lr is not None and kind != "window" else set()
+    parameters = list(student.parameters())
+    named = [("pretrained", args.pretrained_lr, [p for p in parameters if id(p) not in added]),
+             ("added", args.lr, [p for p in parameters if id(p) in added and id(p) not in mixes]),
+             ("branch weights", args.mix_lr, [p for p in parameters if id(p) in mixes])]
+    named = [(name, lr, params) for name, lr, params in named if params]
+    return [{"params": params, "lr": lr, "name": name} for name, lr, params in named], [lr for _, lr, _ in named]
+
+
+def distil_kind(kind: str, teacher, args, held_out) -> dict:
+    """A kind made from the trained softmax model as SmolLM2 is made (``dijiang.convert``: its pretrained weights
+    kept, the new parameters at init), then distilled from it (KD + 0.2 LM, ``dijiang.losses``) on fresh batches."""
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    student = dijiang.convert(copy.deepcopy(teacher), kind_settings(kind, args))
+    weights_at_init = branch_weights(student)
+    groups, peaks = distillation_groups(student, args, kind)
+    teacher.eval()
+
+    def loss_of(model, ids, answer):
+        with torch.no_grad():
+            teacher_logits = teacher(ids, use_cache=False).logits
+        return distillation_loss(model(ids, use_cache=False).logits, teacher_logits, ids, 1.0, 0.2)["loss"]
+
+    curve = train_loop(student, kind, args, held_out, groups, peaks, args.distil_steps, loss_of,
+                       torch.Generator().manual_seed(args.seed + 2), score_start=True)
+    return finish_result(kind, student, curve, held_out, weights_at_init, start)
+
+
 def set_level(pairs: int, queries: int) -> float:
     """The accuracy of a model that remembers which values the pairs held but not which key each went with,
     guessing among the values not yet restated: the level above which a kind binds keys to values."""
     return sum(1 / (pairs - i) for i in range(queries)) / queries
 
 
-def plot(results: list[dict], chance: float, set_only: float, path: Path) -> None:
+def plot(results: list[dict], chance: float, set_only: float, path: Path, teacher: float | None = None) -> None:
+    """Accuracy against step for every result; with `teacher` (--distil) the students only, from their step 0,
+    and the teacher's accuracy as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +277,9 @@ def plot(results: list[dict], chance: float, set_only: float, path: Path) -> Non
                 label=r["kind"])
     ax.axhline(chance, color="k", lw=0.8, ls="--", label="chance")
     ax.axhline(set_only, color="k", lw=0.8, ls=":", label="the values' set, no binding")
-    ax.set_xlabel("training step")
+    if teacher is not None:
+        ax.axhline(teacher, color="tab:red", lw=0.8, label="the softmax teacher")
+    ax.set_xlabel("distillation step" if teacher is not None else "training step")
     ax.set_ylabel("recall accuracy, held out")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -215,6 +313,13 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--held-out", type=int, default=256, help="held-out sequences")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distil", action="store_true", help="train the softmax model first, then make each other "
+                        "kind from it by dijiang.convert and distil it from it (KD + 0.2 LM), as SmolLM2's students")
+    parser.add_argument("--distil-steps", type=int, help="distillation steps of each kind (default: --steps)")
+    parser.add_argument("--pretrained-lr", type=positive_float, help="with --distil: the converted model's pretrained "
+                        "weights' peak learning rate (default: --lr / 10; what conversion added trains at --lr)")
+    parser.add_argument("--teacher-cache", type=Path, help="with --distil: read the trained softmax model from this "
+                        "file if it was trained with the same settings, else train it and write it there")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args(argv)
@@ -235,29 +340,49 @@ def main(argv=None) -> int:
         parser.error(f"--gap {args.gap} < --window {args.window}: a window would see the pairs")
     if args.hidden % args.heads:
         parser.error("--hidden must be a multiple of --heads")
+    if not args.distil and (args.distil_steps, args.pretrained_lr, args.teacher_cache) != (None, None, None):
+        parser.error("--distil-steps, --pretrained-lr and --teacher-cache go with --distil")
+    if args.distil and "softmax" in kinds:
+        parser.error("with --distil the softmax model is the teacher: leave it out of --kinds")
+    args.distil_steps = args.steps if args.distil_steps is None else args.distil_steps
+    if args.distil_steps < 1:
+        parser.error("--distil-steps must be >= 1")
+    args.pretrained_lr = args.lr / 10 if args.pretrained_lr is None else args.pretrained_lr
     vocab = 2 + args.keys + args.values + args.filler
     gen = torch.Generator().manual_seed(10_000 + args.seed)  # held out: another stream than training's
     held_out = [mqar_batch(min(64, args.held_out), args.pairs, args.queries, args.gap, args.keys, args.values,
                            args.filler, gen)
                 for _ in range(-(-args.held_out // 64))]
-    results = [train_kind(kind, args, vocab, held_out) for kind in kinds]
+    if args.distil:
+        teacher, teacher_result = teacher_model(args, vocab, held_out)
+        results = [teacher_result] + [distil_kind(kind, teacher, args, held_out) for kind in kinds]
+    else:
+        results = [train_kind(kind, args, vocab, held_out)[1] for kind in kinds]
     chance, set_only = 1 / args.values, set_level(args.pairs, args.queries)
-    rows = [{"kind": r["kind"], "accuracy": f"{r['accuracy']:.3f}", "in set": f"{r['in_set']:.3f}",
+    rows = [{"kind": r["kind"] + (" (teacher)" if args.distil and r["kind"] == "softmax" else ""),
+             "converted, untrained": f"{r['curve'][0]['accuracy']:.3f}" if r["curve"][0]["step"] == 0 else "",
+             "accuracy": f"{r['accuracy']:.3f}", "in set": f"{r['in_set']:.3f}",
              "branch off": f"{r['accuracy_branch_off']:.3f}" if "accuracy_branch_off" in r else "",
              "seconds": f"{r['seconds']:.0f}"} for r in results]
     T = 1 + 2 * (args.pairs + args.queries) + args.gap
     print(f"MQAR: {args.pairs} pairs, {args.queries} asked, gap {args.gap}, T {T}, window {args.window}, "
           f"chance {chance:.3f}, set level {set_only:.3f}; "
-          f"{args.layers} layers x {args.hidden}, {args.steps} steps of {args.batch}")
-    print(markdown_table(rows, ["kind", "accuracy", "in set", "branch off", "seconds"]))
+          f"{args.layers} layers x {args.hidden}, {args.steps} steps of {args.batch}"
+          + (f"; then {args.distil_steps} steps of distillation from it" if args.distil else ""))
+    columns = ["kind", "accuracy", "in set", "branch off", "seconds"]
+    print(markdown_table(rows, columns[:1] + ["converted, untrained"] * args.distil + columns[1:]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "png": str(args.png)},
+        paths = {name: str(getattr(args, name)) for name in ("json", "png", "teacher_cache")}
+        args.json.write_text(json.dumps({"settings": vars(args) | paths,
                                          "chance": chance, "set_level": set_only, "results": results},
                                         indent=1) + "\n")
     if args.png:
         args.png.parent.mkdir(parents=True, exist_ok=True)
-        plot(results, chance, set_only, args.png)
+        if args.distil:
+            plot(results[1:], chance, set_only, args.png, teacher=results[0]["accuracy"])
+        else:
+            plot(results, chance, set_only, args.png)
         print(args.png)
     return 0
 

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+import dijiang
 from script_loader import load_script
 
 probe = load_script("scripts/probe_recall.py")
@@ -100,5 +102,63 @@ def test_mix_lr_moves_the_branch_weights_faster(tmp_path):
                                  ["--kinds", "softmax,nope"], ["--steps", "0"], ["--hidden", "30", "--heads", "4"],
                                  ["--mix-init", "0"], ["--mix-lr", "0"]])
 def test_bad_settings_are_refused(bad):
+    with pytest.raises(SystemExit):
+        probe.main(bad)
+
+
+TINY = ["--eval-every", "1", "--held-out", "4", "--batch", "2", "--pairs", "2", "--gap", "8", "--window", "4",
+        "--hidden", "32", "--heads", "2", "--keys", "6", "--values", "5", "--filler", "3"]
+
+
+def test_distil_converts_the_trained_softmax_model_and_reuses_it_from_the_cache(tmp_path, capsys):
+    cache, out = tmp_path / "teacher.pt", tmp_path / "distil.json"
+    run = ["--distil", "--kinds", "window,window + delta", "--steps", "2", "--distil-steps", "3",
+           "--teacher-cache", str(cache), "--json", str(out), *TINY]
+    assert probe.main([*run, "--png", str(tmp_path / "distil.png")]) == 0
+    first = json.loads(out.read_text())
+    assert [r["kind"] for r in first["results"]] == ["softmax", "window", "window + delta"]
+    for student in first["results"][1:]:  # scored from step 0: what conversion alone keeps
+        assert [p["step"] for p in student["curve"]] == [0, 1, 2, 3]
+    assert "accuracy_branch_off" in first["results"][2] and cache.exists()
+    assert "| softmax (teacher) |" in capsys.readouterr().out and (tmp_path / "distil.png").stat().st_size > 1000
+    assert probe.main(run) == 0  # the second run reads the teacher: the same teacher result, the same students
+    second = json.loads(out.read_text())
+    assert second["results"][0] == first["results"][0]
+    assert [r["curve"] for r in second["results"][1:]] == [r["curve"] for r in first["results"][1:]]
+    with pytest.raises(SystemExit, match="trained with"):  # another task: the cached teacher is not that one
+        probe.main([*run, "--pairs", "3"])
+
+
+def test_distil_kind_leaves_the_teacher_as_it_was():
+    args = argparse.Namespace(seed=0, hidden=32, layers=1, heads=2, window=4, mix_init=None, mix_lr=None, lr=1e-3,
+                              pretrained_lr=1e-4, distil_steps=2, eval_every=1, batch=2, pairs=2, queries=1, gap=8,
+                              keys=6, values=5, filler=3)
+    teacher = probe.build("softmax", args, vocab=16)
+    before = {name: p.detach().clone() for name, p in teacher.state_dict().items()}
+    held_out = [probe.mqar_batch(2, 2, 1, 8, 6, 5, 3, torch.Generator().manual_seed(1))]
+    probe.distil_kind("window + delta", teacher, args, held_out)
+    assert not list(dijiang.conversion.iter_dijiang_layers(teacher))
+    assert all(torch.equal(before[name], p) for name, p in teacher.state_dict().items())
+
+
+def test_distillation_groups_split_kept_added_and_branch_weights():
+    args = argparse.Namespace(seed=0, hidden=32, layers=2, heads=2, window=4, mix_init=None, mix_lr=3e-2, lr=1e-3,
+                              pretrained_lr=1e-4)
+    student = dijiang.convert(probe.build("softmax", args, vocab=12), probe.kind_settings("window + delta", args))
+    groups, peaks = probe.distillation_groups(student, args, "window + delta")
+    assert [g["name"] for g in groups] == ["pretrained", "added", "branch weights"] and peaks == [1e-4, 1e-3, 3e-2]
+    layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(student)]
+    assert {id(p) for p in groups[2]["params"]} == {id(layer.window_mix) for layer in layers}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for layer in layers for p in layer.new_parameters()
+                                                    if p is not layer.window_mix}
+    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
+    groups, peaks = probe.distillation_groups(student, args, "window")  # its branch is frozen: no group of its own
+    assert [g["name"] for g in groups] == ["pretrained", "added"]
+
+
+@pytest.mark.parametrize("bad", [["--distil-steps", "3"], ["--teacher-cache", "t.pt"],
+                                 ["--distil", "--kinds", "softmax,window"], ["--distil", "--distil-steps", "0"],
+                                 ["--distil", "--pretrained-lr", "0"]])
+def test_bad_distil_settings_are_refused(bad):
     with pytest.raises(SystemExit):
         probe.main(bad)
