@@ -1,6 +1,6 @@
 """Every place dijiang reaches into transformers' internals, and the releases each one handles.
 
-Tested on transformers 5.13 through 5.24 (pyproject.toml's bounds; constraints.txt pins the release the suite was
+Tested on transformers 5.13 through 5.25 (pyproject.toml's bounds; constraints.txt pins the release the suite was
 last green on). When a release renames something, this is the one file to change; tests/test_hf_compat.py fails
 first if the installed release passes the cache under a name this module does not know.
 
@@ -11,7 +11,7 @@ first if the installed release passes the cache under a name this module does no
 - The cache field of model outputs: ``.past_key_values`` up to 5.23, ``.cache`` from 5.24.
 - The cache classes ``dijiang.cache`` builds on: ``cache_utils.Cache``, ``CacheLayerMixin`` and ``DynamicLayer``
   (the per-layer cache API; 5.0-5.10 also declared ``get_max_cache_shape`` abstract, and 5.12 fails conversion:
-  hence the 5.13 floor. 5.13-5.24 pass ``get_mask_sizes`` the query length; older ones passed ``cache_position``).
+  hence the 5.13 floor. 5.13-5.25 pass ``get_mask_sizes`` the query length; older ones passed ``cache_position``).
 - RoPE: ``transformers.models.<module>.modeling_<module>.apply_rotary_pos_emb``; the module name is the
   model type except for Gemma 3 text (``gemma3``).
 - Class registration: ``CONFIG_MAPPING``, ``MODEL_FOR_CAUSAL_LM_MAPPING``, ``AutoConfig.register`` and
