@@ -284,7 +284,8 @@ def plot(results: list[dict], chance: float, set_only: float, path: Path, teache
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("MQAR past the window, tiny Llamas from scratch", fontsize=10)
+    ax.set_title("MQAR past the window, tiny Llamas " + ("converted from a softmax teacher and distilled"
+                                                          if teacher is not None else "from scratch"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
