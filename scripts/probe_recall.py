@@ -133,16 +133,24 @@ def branch_weights(model) -> list[float]:
             for _, layer in dijiang.conversion.iter_dijiang_layers(model) if layer.window_mix is not None]
 
 
-def parameter_groups(model, lr: float, mix_lr: float | None) -> tuple[list[dict], list[float]]:
-    """AdamW's groups and each one's peak learning rate: everything at `lr`, or with `mix_lr` the window layers'
-    branch weights (window_mix) in a group of their own at that peak, as ``dijiang train --mix-lr`` does."""
-    mixes = [layer.window_mix for _, layer in dijiang.conversion.iter_dijiang_layers(model)
-             if layer.window_mix is not None] if mix_lr is not None else []
-    chosen = {id(p) for p in mixes}
-    rest = [p for p in model.parameters() if id(p) not in chosen]
-    if not mixes:
-        return [{"params": rest, "lr": lr}], [lr]
-    return [{"params": rest, "lr": lr}, {"params": mixes, "lr": mix_lr}], [lr, mix_lr]
+def optimizer_groups(model, lr: float, mix_lr: float | None = None,
+                     kept_lr: float | None = None) -> tuple[list[dict], list[float]]:
+    """AdamW's groups and each one's peak learning rate, as ``dijiang train`` groups a model: everything at `lr`;
+    with `kept_lr` (a converted model) the weights conversion kept at that peak, what it added at `lr`; with
+    `mix_lr` the window layers' branch weights (window_mix) at theirs (``dijiang train --mix-lr``)."""
+    layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(model)]
+    mixes = {id(layer.window_mix) for layer in layers if layer.window_mix is not None} if mix_lr is not None else set()
+    added = {id(p) for layer in layers for p in layer.new_parameters()}
+
+    def group_of(parameter) -> str:
+        if id(parameter) in mixes:
+            return "branch weights"
+        return "kept" if kept_lr is not None and id(parameter) not in added else "new"
+
+    peaks = {"kept": kept_lr, "new": lr, "branch weights": mix_lr}
+    members = {name: [p for p in model.parameters() if group_of(p) == name] for name in peaks}
+    groups = [{"params": params, "lr": peaks[name], "name": name} for name, params in members.items() if params]
+    return groups, [group["lr"] for group in groups]
 
 
 def train_loop(model, kind: str, args, held_out, groups, peaks, steps: int, loss_of, gen,
@@ -191,7 +199,7 @@ def train_kind(kind: str, args, vocab: int, held_out) -> tuple[torch.nn.Module, 
     start = time.perf_counter()
     model = build(kind, args, vocab)
     weights_at_init = branch_weights(model)
-    groups, peaks = parameter_groups(model, args.lr, args.mix_lr if kind != "window" else None)
+    groups, peaks = optimizer_groups(model, args.lr, args.mix_lr if kind != "window" else None)
     curve = train_loop(model, kind, args, held_out, groups, peaks, args.steps, answer_loss,
                        torch.Generator().manual_seed(args.seed + 1))
     return model, finish_result(kind, model, curve, held_out, weights_at_init, start)
@@ -223,20 +231,6 @@ def teacher_model(args, vocab: int, held_out) -> tuple[torch.nn.Module, dict]:
     return model, result
 
 
-def distillation_groups(student, args, kind: str) -> tuple[list[dict], list[float]]:
-    """As ``dijiang train`` groups a converted model: the pretrained weights at --pretrained-lr, what conversion
-    added at --lr, and with --mix-lr the branch weights at theirs."""
-    added = {id(p) for _, layer in dijiang.conversion.iter_dijiang_layers(student) for p in layer.new_parameters()}
-    mixes = {id(layer.window_mix) for _, layer in dijiang.conversion.iter_dijiang_layers(student)
-             if layer.window_mix is not None} if args.mix_lr is not None and kind != "window" else set()
-    parameters = list(student.parameters())
-    named = [("pretrained", args.pretrained_lr, [p for p in parameters if id(p) not in added]),
-             ("added", args.lr, [p for p in parameters if id(p) in added and id(p) not in mixes]),
-             ("branch weights", args.mix_lr, [p for p in parameters if id(p) in mixes])]
-    named = [(name, lr, params) for name, lr, params in named if params]
-    return [{"params": params, "lr": lr, "name": name} for name, lr, params in named], [lr for _, lr, _ in named]
-
-
 def distil_kind(kind: str, teacher, args, held_out) -> dict:
     """A kind made from the trained softmax model as SmolLM2 is made (``dijiang.convert``: its pretrained weights
     kept, the new parameters at init), then distilled from it (KD + 0.2 LM, ``dijiang.losses``) on fresh batches."""
@@ -244,7 +238,7 @@ def distil_kind(kind: str, teacher, args, held_out) -> dict:
     torch.manual_seed(args.seed)
     student = dijiang.convert(copy.deepcopy(teacher), kind_settings(kind, args))
     weights_at_init = branch_weights(student)
-    groups, peaks = distillation_groups(student, args, kind)
+    groups, peaks = optimizer_groups(student, args.lr, args.mix_lr if kind != "window" else None, args.pretrained_lr)
     teacher.eval()
 
     def loss_of(model, ids, answer):

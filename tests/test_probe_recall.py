@@ -74,15 +74,15 @@ def test_mix_init_sets_the_window_kinds_branch_weight_only():
 def test_mix_lr_puts_the_branch_weights_in_a_group_of_their_own_and_only_then():
     args = argparse.Namespace(seed=0, hidden=32, layers=2, heads=2, window=4, mix_init=None)
     model = probe.build("window + delta", args, vocab=12)
-    groups, peaks = probe.parameter_groups(model, 1e-3, 3e-2)
+    groups, peaks = probe.optimizer_groups(model, 1e-3, 3e-2)
     mixes = [layer.self_attn.window_mix for layer in model.model.layers]
     assert peaks == [1e-3, 3e-2] and [id(p) for p in groups[1]["params"]] == [id(p) for p in mixes]
     assert not {id(p) for p in groups[0]["params"]} & {id(p) for p in mixes}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    alone, peaks = probe.parameter_groups(model, 1e-3, None)
+    alone, peaks = probe.optimizer_groups(model, 1e-3, None)
     assert peaks == [1e-3] and len(alone[0]["params"]) == len(list(model.parameters()))
     no_window = probe.build("delta", args, vocab=12)  # no window_mix: one group even with mix_lr
-    assert probe.parameter_groups(no_window, 1e-3, 3e-2)[1] == [1e-3]
+    assert probe.optimizer_groups(no_window, 1e-3, 3e-2)[1] == [1e-3]
 
 
 def test_mix_lr_moves_the_branch_weights_faster(tmp_path):
@@ -141,19 +141,18 @@ def test_distil_kind_leaves_the_teacher_as_it_was():
     assert all(torch.equal(before[name], p) for name, p in teacher.state_dict().items())
 
 
-def test_distillation_groups_split_kept_added_and_branch_weights():
-    args = argparse.Namespace(seed=0, hidden=32, layers=2, heads=2, window=4, mix_init=None, mix_lr=3e-2, lr=1e-3,
-                              pretrained_lr=1e-4)
+def test_a_converted_model_groups_its_kept_weights_what_conversion_added_and_the_branch_weights():
+    args = argparse.Namespace(seed=0, hidden=32, layers=2, heads=2, window=4, mix_init=None)
     student = dijiang.convert(probe.build("softmax", args, vocab=12), probe.kind_settings("window + delta", args))
-    groups, peaks = probe.distillation_groups(student, args, "window + delta")
-    assert [g["name"] for g in groups] == ["pretrained", "added", "branch weights"] and peaks == [1e-4, 1e-3, 3e-2]
+    groups, peaks = probe.optimizer_groups(student, 1e-3, 3e-2, kept_lr=1e-4)
+    assert [g["name"] for g in groups] == ["kept", "new", "branch weights"] and peaks == [1e-4, 1e-3, 3e-2]
     layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(student)]
     assert {id(p) for p in groups[2]["params"]} == {id(layer.window_mix) for layer in layers}
     assert {id(p) for p in groups[1]["params"]} == {id(p) for layer in layers for p in layer.new_parameters()
                                                     if p is not layer.window_mix}
     assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
-    groups, peaks = probe.distillation_groups(student, args, "window")  # its branch is frozen: no group of its own
-    assert [g["name"] for g in groups] == ["pretrained", "added"]
+    groups, peaks = probe.optimizer_groups(student, 1e-3, None, kept_lr=1e-4)  # no --mix-lr: no group of their own
+    assert [g["name"] for g in groups] == ["kept", "new"] and peaks == [1e-4, 1e-3]
 
 
 @pytest.mark.parametrize("bad", [["--distil-steps", "3"], ["--teacher-cache", "t.pt"],
