@@ -50,6 +50,8 @@ from dijiang.arguments import positive_float  # noqa: E402
 from dijiang.evaluate import has_linear_branch, linear_branch_off  # noqa: E402
 from dijiang.losses import distillation_loss  # noqa: E402
 from dijiang.tables import markdown_table  # noqa: E402
+from dijiang.train import build_optimizer, new_parameter_ids  # noqa: E402
+from dijiang.train_config import TrainConfig  # noqa: E402
 
 PAD, BOS = 0, 1
 # what each kind converts (None: the softmax model itself); "window" is the additive hybrid with its branch off
@@ -133,32 +135,24 @@ def branch_weights(model) -> list[float]:
             for _, layer in dijiang.conversion.iter_dijiang_layers(model) if layer.window_mix is not None]
 
 
-def optimizer_groups(model, lr: float, mix_lr: float | None = None,
-                     kept_lr: float | None = None) -> tuple[list[dict], list[float]]:
-    """AdamW's groups and each one's peak learning rate, as ``dijiang train`` groups a model: everything at `lr`;
-    with `kept_lr` (a converted model) the weights conversion kept at that peak, what it added at `lr`; with
-    `mix_lr` the window layers' branch weights (window_mix) at theirs (``dijiang train --mix-lr``)."""
-    layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(model)]
-    mixes = {id(layer.window_mix) for layer in layers if layer.window_mix is not None} if mix_lr is not None else set()
-    added = {id(p) for layer in layers for p in layer.new_parameters()}
-
-    def group_of(parameter) -> str:
-        if id(parameter) in mixes:
-            return "branch weights"
-        return "kept" if kept_lr is not None and id(parameter) not in added else "new"
-
-    peaks = {"kept": kept_lr, "new": lr, "branch weights": mix_lr}
-    members = {name: [p for p in model.parameters() if group_of(p) == name] for name in peaks}
-    groups = [{"params": params, "lr": peaks[name], "name": name} for name, params in members.items() if params]
-    return groups, [group["lr"] for group in groups]
+def make_optimizer(model, lr: float, mix_lr: float | None = None, kept_lr: float | None = None):
+    """``dijiang train``'s AdamW groups (``build_optimizer``): everything at `lr`; with `kept_lr` (a converted model)
+    the weights conversion kept at that peak and what it added at `lr`; with `mix_lr` the window layers' branch
+    weights (window_mix) at theirs. Plain AdamW otherwise, as the probe has always trained: no weight decay, betas
+    0.9 / 0.999. Each group's peak is its ``peak_lr``."""
+    added = {id(p) for p in model.parameters()} if kept_lr is None else new_parameter_ids(model)
+    config = TrainConfig(lr=lr if kept_lr is None else kept_lr, new_lr=lr, mix_lr=mix_lr, weight_decay=0.0,
+                         beta1=0.9, beta2=0.999)
+    return build_optimizer(model.named_parameters(), added, config)
 
 
-def train_loop(model, kind: str, args, held_out, groups, peaks, steps: int, loss_of, gen,
+def train_loop(model, kind: str, args, held_out, optimizer, steps: int, loss_of, gen,
                score_start: bool = False) -> list[dict]:
-    """AdamW with a one-cycle schedule over `steps` fresh batches, `loss_of(model, ids, answer)` the loss; returns
+    """`optimizer` with a one-cycle schedule to each group's peak over `steps` fresh batches, `loss_of(model, ids,
+    answer)` the loss; returns
     the held-out curve (from step 0 with `score_start`). The plain window trains and is scored with its branch held
     at softplus(-30)."""
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    peaks = [group["peak_lr"] for group in optimizer.param_groups]
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=steps, pct_start=0.1)
     curve = []
     with linear_branch_off(model) if kind == "window" else contextlib.nullcontext():
@@ -199,8 +193,8 @@ def train_kind(kind: str, args, vocab: int, held_out) -> tuple[torch.nn.Module, 
     start = time.perf_counter()
     model = build(kind, args, vocab)
     weights_at_init = branch_weights(model)
-    groups, peaks = optimizer_groups(model, args.lr, args.mix_lr if kind != "window" else None)
-    curve = train_loop(model, kind, args, held_out, groups, peaks, args.steps, answer_loss,
+    optimizer = make_optimizer(model, args.lr, args.mix_lr if kind != "window" else None)
+    curve = train_loop(model, kind, args, held_out, optimizer, args.steps, answer_loss,
                        torch.Generator().manual_seed(args.seed + 1))
     return model, finish_result(kind, model, curve, held_out, weights_at_init, start)
 
@@ -238,7 +232,7 @@ def distil_kind(kind: str, teacher, args, held_out) -> dict:
     torch.manual_seed(args.seed)
     student = dijiang.convert(copy.deepcopy(teacher), kind_settings(kind, args))
     weights_at_init = branch_weights(student)
-    groups, peaks = optimizer_groups(student, args.lr, args.mix_lr if kind != "window" else None, args.pretrained_lr)
+    optimizer = make_optimizer(student, args.lr, args.mix_lr if kind != "window" else None, args.pretrained_lr)
     teacher.eval()
 
     def loss_of(model, ids, answer):
@@ -246,7 +240,7 @@ def distil_kind(kind: str, teacher, args, held_out) -> dict:
             teacher_logits = teacher(ids, use_cache=False).logits
         return distillation_loss(model(ids, use_cache=False).logits, teacher_logits, ids, 1.0, 0.2)["loss"]
 
-    curve = train_loop(student, kind, args, held_out, groups, peaks, args.distil_steps, loss_of,
+    curve = train_loop(student, kind, args, held_out, optimizer, args.distil_steps, loss_of,
                        torch.Generator().manual_seed(args.seed + 2), score_start=True)
     return finish_result(kind, student, curve, held_out, weights_at_init, start)
 

@@ -71,18 +71,25 @@ def test_mix_init_sets_the_window_kinds_branch_weight_only():
     assert probe.build("delta", args, vocab=12).model.layers[0].self_attn.window_mix is None
 
 
+def ids_at_peak(optimizer) -> dict[float, set[int]]:
+    """Which parameters train at which peak learning rate."""
+    peaks = {}
+    for group in optimizer.param_groups:
+        peaks.setdefault(group["peak_lr"], set()).update(id(p) for p in group["params"])
+    return peaks
+
+
 def test_mix_lr_puts_the_branch_weights_in_a_group_of_their_own_and_only_then():
     args = argparse.Namespace(seed=0, hidden=32, layers=2, heads=2, window=4, mix_init=None)
     model = probe.build("window + delta", args, vocab=12)
-    groups, peaks = probe.optimizer_groups(model, 1e-3, 3e-2)
-    mixes = [layer.self_attn.window_mix for layer in model.model.layers]
-    assert peaks == [1e-3, 3e-2] and [id(p) for p in groups[1]["params"]] == [id(p) for p in mixes]
-    assert not {id(p) for p in groups[0]["params"]} & {id(p) for p in mixes}
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    alone, peaks = probe.optimizer_groups(model, 1e-3, None)
-    assert peaks == [1e-3] and len(alone[0]["params"]) == len(list(model.parameters()))
-    no_window = probe.build("delta", args, vocab=12)  # no window_mix: one group even with mix_lr
-    assert probe.optimizer_groups(no_window, 1e-3, 3e-2)[1] == [1e-3]
+    optimizer = probe.make_optimizer(model, 1e-3, 3e-2)
+    mixes = {id(layer.self_attn.window_mix) for layer in model.model.layers}
+    everything = {id(p) for p in model.parameters()}
+    assert ids_at_peak(optimizer) == {1e-3: everything - mixes, 3e-2: mixes}
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)  # plain AdamW, as the probe trained
+    assert ids_at_peak(probe.make_optimizer(model, 1e-3, None)) == {1e-3: everything}
+    no_window = probe.build("delta", args, vocab=12)  # no window_mix: one peak even with mix_lr
+    assert set(ids_at_peak(probe.make_optimizer(no_window, 1e-3, 3e-2))) == {1e-3}
 
 
 def test_mix_lr_moves_the_branch_weights_faster(tmp_path):
@@ -144,15 +151,14 @@ def test_distil_kind_leaves_the_teacher_as_it_was():
 def test_a_converted_model_groups_its_kept_weights_what_conversion_added_and_the_branch_weights():
     args = argparse.Namespace(seed=0, hidden=32, layers=2, heads=2, window=4, mix_init=None)
     student = dijiang.convert(probe.build("softmax", args, vocab=12), probe.kind_settings("window + delta", args))
-    groups, peaks = probe.optimizer_groups(student, 1e-3, 3e-2, kept_lr=1e-4)
-    assert [g["name"] for g in groups] == ["kept", "new", "branch weights"] and peaks == [1e-4, 1e-3, 3e-2]
     layers = [layer for _, layer in dijiang.conversion.iter_dijiang_layers(student)]
-    assert {id(p) for p in groups[2]["params"]} == {id(layer.window_mix) for layer in layers}
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for layer in layers for p in layer.new_parameters()
-                                                    if p is not layer.window_mix}
-    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
-    groups, peaks = probe.optimizer_groups(student, 1e-3, None, kept_lr=1e-4)  # no --mix-lr: no group of their own
-    assert [g["name"] for g in groups] == ["kept", "new"] and peaks == [1e-4, 1e-3]
+    mixes = {id(layer.window_mix) for layer in layers}
+    added = {id(p) for layer in layers for p in layer.new_parameters()}
+    kept = {id(p) for p in student.parameters()} - added
+    assert ids_at_peak(probe.make_optimizer(student, 1e-3, 3e-2, kept_lr=1e-4)) == {
+        1e-4: kept, 1e-3: added - mixes, 3e-2: mixes}
+    # no --mix-lr: the branch weights train with the rest of what conversion added
+    assert ids_at_peak(probe.make_optimizer(student, 1e-3, None, kept_lr=1e-4)) == {1e-4: kept, 1e-3: added}
 
 
 @pytest.mark.parametrize("bad", [["--distil-steps", "3"], ["--teacher-cache", "t.pt"],
