@@ -2,7 +2,8 @@
 # The long-context ablation on the lent GPU machine (docs/results.md holds what it measured).
 # Each recipe of recipes/long-context/ trains in its own background process (setsid), all at once on one
 # GPU, then `dijiang eval` scores it at 512 / 2048 / 8192-token windows on three texts, with its DiJiang
-# branch switched off too, and passkey retrieval at 1k-8k.
+# branch switched off too, and passkey retrieval at 1k-8k; scripts/branch_weights.py records each head's
+# branch weight (eval/branch_weights.json).
 #   bash scripts/gpu_long_context.sh slice     # here, on the CPU, after scripts/build_corpus.py: .gpu_corpus
 #   bash scripts/gpu_long_context.sh pack      # here, after ../shared/gpu/prepare.sh: .gpu_whl (the gguf and fla
 #                                              # wheels) and call 2's size against the 64 MiB a call carries
@@ -41,7 +42,8 @@ evaluate_command() {  # what scores job $1's model in $RUNS/$1/final (map-* jobs
   local job=$1 passkey="--passkey ${PASSKEY:-1024,2048,4096,8192} --passkey-trials ${PASSKEY_TRIALS:-10}"
   [[ $job == map-* ]] && passkey=""
   local command="python3 -m dijiang eval --teacher $HOME/model/hf --student $job=$RUNS/$job/final $TEXTS \
---windows 512,2048,8192 --branch-off --cache-memory $passkey --dtype bfloat16 --out $RUNS/$job/eval"
+--windows 512,2048,8192 --branch-off --cache-memory $passkey --dtype bfloat16 --out $RUNS/$job/eval \
+&& python3 scripts/branch_weights.py $job=$RUNS/$job/final --json $RUNS/$job/eval/branch_weights.json"
   [[ $job != map-* ]] && command="$command && python3 scripts/check_retrieval_data.py --model $RUNS/$job/final \
 $RETRIEVAL --json $RUNS/$job/eval/retrieval.json"
   echo "$command"

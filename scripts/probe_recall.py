@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import dijiang  # noqa: E402
 from dijiang.arguments import positive_float  # noqa: E402
 from dijiang.evaluate import has_linear_branch, linear_branch_off  # noqa: E402
+from dijiang.files import write_text_atomic  # noqa: E402
 from dijiang.losses import distillation_loss  # noqa: E402
 from dijiang.tables import markdown_table  # noqa: E402
 from dijiang.train import build_optimizer, new_parameter_ids  # noqa: E402
@@ -363,9 +364,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         paths = {name: str(getattr(args, name)) for name in ("json", "png", "teacher_cache")}
-        args.json.write_text(json.dumps({"settings": vars(args) | paths,
-                                         "chance": chance, "set_level": set_only, "results": results},
-                                        indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps({"settings": vars(args) | paths, "chance": chance,
+                                                 "set_level": set_only, "results": results}, indent=1) + "\n")
     if args.png:
         args.png.parent.mkdir(parents=True, exist_ok=True)
         if args.distil:

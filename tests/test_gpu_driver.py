@@ -1,5 +1,5 @@
 """scripts/gpu_long_context.sh on the CPU, with a stand-in `python3` that records its command lines: the commands
-the queue and `evaluate` run (train, then eval + retrieval documents; map-* jobs without passkey and retrieval),
+the queue and `evaluate` run (train, then eval + branch weights + retrieval documents; map-* jobs without passkey and retrieval),
 and `stop` waiting for a job's own checkpoint on SIGTERM. The GPU runs themselves are in docs/results.md."""
 import os
 import shutil
@@ -64,6 +64,9 @@ def test_the_queue_trains_then_scores_each_job(machine):
     assert "--passkey" not in map_eval
     retrieval = [c for c in got if "check_retrieval_data.py" in c]
     assert len(retrieval) == 1 and f"--model {runs}/pure-x/final" in retrieval[0]
+    weights = sorted(c for c in got if "branch_weights.py" in c)  # every job: each head's branch weight
+    assert weights == sorted(f"python3 scripts/branch_weights.py {job}={runs}/{job}/final "
+                             f"--json {runs}/{job}/eval/branch_weights.json" for job in ("pure-x", "map-x"))
     assert (runs / "pure-x.done").read_text().strip() == "0" == (runs / "map-x.done").read_text().strip()
 
 
