@@ -6,10 +6,12 @@ from a saved model's safetensors (no model is built, so it runs anywhere in a se
 turned the branch up or down.
 
     python scripts/branch_weights.py RUN=MODEL_DIR [RUN=MODEL_DIR ...] [--json out.json] [--plot out.png]
+        [--against NAME=PROBE.json ...]
 
 MODEL_DIR is a folder written by `dijiang train` / `save_pretrained` (its *.safetensors files); a JSON file
 written by --json before stands for the runs it holds, so a plot can be redrawn without the models (RUN=FILE.json
-renames the one run it holds).
+renames the one run it holds). --against ranks the heads against the teacher's own, from
+scripts/probe_far_attention.py: do the heads that training turned up retrieve, or look far, in the teacher?
 """
 from __future__ import annotations
 
@@ -84,6 +86,40 @@ def read_runs_json(path: str) -> dict[str, dict[int, list[float]]]:
     return {name: {int(layer): heads for layer, heads in run["layers"].items()} for name, run in record["runs"].items()}
 
 
+def read_head_scores(path: str) -> dict[int, list[float]]:
+    """{layer: [score per head]} from a scripts/probe_far_attention.py JSON: its retrieval-head score
+    (needle_mass, with --needles) or its far-attention mass (layers[i].far_mass, without)."""
+    record = read_json(path)
+    if isinstance(record, dict) and isinstance(record.get("needle_mass"), list):
+        return dict(enumerate(record["needle_mass"]))
+    if isinstance(record, dict) and isinstance(record.get("layers"), list):
+        return {i: layer["far_mass"] for i, layer in enumerate(record["layers"])}
+    raise SystemExit(f"{path}: not a JSON of scripts/probe_far_attention.py (no needle_mass, no layers' far_mass)")
+
+
+def compare(weights: dict[int, list[float]], scores: dict[int, list[float]], top: int) -> dict:
+    """Spearman's rho between a run's head weights and a probe's head scores over the heads both have, and how
+    many of the run's `top` heaviest heads are among the probe's `top` highest; the same rho within layers."""
+    from scipy.stats import rankdata, spearmanr
+
+    pairs = [((layer, head), w, scores[layer][head]) for layer, heads in weights.items() if layer in scores
+             for head, w in enumerate(heads) if head < len(scores[layer])]
+    if len(pairs) < 3:
+        raise SystemExit(f"only {len(pairs)} heads in common with the probe: is it the same model?")
+    rho, p = spearmanr([w for _, w, _ in pairs], [s for _, _, s in pairs])
+    # Both can simply grow with depth; ranks taken within each layer, then pooled, ask about the heads themselves.
+    within_w, within_s = [], []
+    for layer in sorted({key[0] for key, _, _ in pairs}):
+        rows = [(w, s) for key, w, s in pairs if key[0] == layer]
+        within_w += list(rankdata([w for w, _ in rows]))
+        within_s += list(rankdata([s for _, s in rows]))
+    rho_within, p_within = spearmanr(within_w, within_s)
+    heaviest = {key for key, _, _ in sorted(pairs, key=lambda t: -t[1])[:top]}
+    highest = {key for key, _, _ in sorted(pairs, key=lambda t: -t[2])[:top]}
+    return {"heads": len(pairs), "spearman": float(rho), "p": float(p), "spearman_within_layers": float(rho_within),
+            "p_within_layers": float(p_within), "top": top, "top_shared": len(heaviest & highest)}
+
+
 def table(runs: dict[str, dict[int, list[float]]]) -> str:
     lines = [f"| run | heads | median | min / max | heads > {HIGH} | heads < {LOW} | layers with a head > {HIGH} |",
              "|---|---:|---:|---|---:|---:|---|"]
@@ -129,12 +165,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN=MODEL_DIR", help="a saved model, or a JSON from --json")
     parser.add_argument("--json", type=Path, help="write every head's weight here")
     parser.add_argument("--plot", type=Path, help="write the heatmaps here (PNG)")
+    parser.add_argument("--against", action="append", default=[], metavar="NAME=PROBE.json",
+                        help="rank-correlate each run's head weights with a scripts/probe_far_attention.py JSON of the "
+                        "same model (its retrieval-head score or far-attention mass); repeatable")
+    parser.add_argument("--top", type=int, default=18, help="--against also counts shared heads among the top N")
     args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error("--top must be at least 1")
+    probes = {}
+    for spec in args.against:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--against {spec!r}: expected NAME=PROBE.json")
+        probes[name] = read_head_scores(path)
     runs = load_runs(args.runs)
     print(table(runs))
+    comparisons = {}
+    if probes:
+        print(f"\n| run | against | heads | Spearman rho (p) | within layers (p) | shared of the top {args.top} |\n"
+              "|---|---|---:|---:|---:|---:|")
+        for run, weights in runs.items():
+            for name, scores in probes.items():
+                c = comparisons.setdefault(run, {})[name] = compare(weights, scores, args.top)
+                print(f"| {run} | {name} | {c['heads']} | {c['spearman']:+.3f} ({c['p']:.1g}) | "
+                      f"{c['spearman_within_layers']:+.3f} ({c['p_within_layers']:.1g}) | {c['top_shared']} |")
     if args.json:
         record = {"runs": {name: {"layers": {str(i): heads for i, heads in weights.items()},
                                   "summary": summarise(weights)} for name, weights in runs.items()}}
+        if comparisons:
+            record["against"] = {"probes": {spec.partition("=")[0]: spec.partition("=")[2] for spec in args.against},
+                                 "runs": comparisons}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(record, indent=1) + "\n")
     if args.plot:

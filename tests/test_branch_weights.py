@@ -59,3 +59,31 @@ def test_bad_input_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no \\*.safetensors"):
         branch_weights.main([f"x={tmp_path / 'empty'}"])
+
+
+def test_against_a_probe_ranks_heads_overall_and_within_layers(tmp_path, capsys):
+    model, folder = saved_window_model(tmp_path)
+    heads = model.config.num_attention_heads
+    with torch.no_grad():  # weights that rise with layer and head: the probe's scores rise with them
+        for layer, block in enumerate(model.model.layers):
+            block.self_attn.window_mix.copy_(torch.arange(heads) * 0.1 + layer - 3.0)
+    save_converted(model, None, folder)
+    needles = tmp_path / "needles.json"
+    needle_mass = [[layer + head / 100 for head in range(heads)] for layer in range(3)]
+    needles.write_text(json.dumps({"needle_mass": needle_mass}))
+    far = tmp_path / "far.json"  # far mass falling with head inside each layer: within layers rho = -1
+    far_mass = [[layer - head / 100 for head in range(heads)] for layer in range(3)]
+    far.write_text(json.dumps({"layers": [{"far_mass": row} for row in far_mass]}))
+    out = tmp_path / "w.json"
+    assert branch_weights.main([f"tiny={folder}", "--against", f"retrieval={needles}", "--against", f"far={far}",
+                                "--top", "2", "--json", str(out)]) == 0
+    against = json.loads(out.read_text())["against"]["runs"]["tiny"]
+    assert against["retrieval"]["spearman"] == pytest.approx(1.0)
+    assert against["retrieval"]["spearman_within_layers"] == pytest.approx(1.0)
+    assert against["retrieval"]["top_shared"] == 2 and against["retrieval"]["heads"] == 3 * heads
+    assert against["far"]["spearman_within_layers"] == pytest.approx(-1.0)
+    assert "| tiny | retrieval | " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a JSON of scripts/probe_far_attention.py"):
+        branch_weights.main([f"tiny={folder}", "--against", f"x={out}"])
+    with pytest.raises(SystemExit):
+        branch_weights.main([f"tiny={folder}", "--against", "no-name"])
