@@ -26,9 +26,9 @@ WINDOWS = (512, 2048, 8192)
 TEXTS = {"pydoc": "pydoc", "austen-pride-and-prejudice.txt": "Austen", "python-stdlib.txt": "code"}
 ORDER = ("baseline", "chi-decay", "transform", "transform-mix1", "transform-8k", "transform-at", "transform-at-8k",
          "transform-8k-retrieval", "transform-8k-performer", "transform-8k-m128", "transform-8k-sinks",
-         "transform-8k-10m", "transform-8k-sinks-20m", "transform-8k-sinks-lr3-20m", "transform-8k-sinks-w64", "transform-8k-sinks-performer",
-         "transform-8k-sinks-gate", "transform-8k-sinks-at", "transform-8k-sinks-deltanet",
-         "transform-8k-sinks-deltanet-at", "transform-8k-sinks-mix1",
+         "transform-8k-10m", "transform-8k-sinks-20m", "transform-8k-sinks-lr3-20m", "transform-8k-sinks-w64",
+         "transform-8k-sinks-performer", "transform-8k-sinks-gate", "transform-8k-sinks-at", "transform-8k-sinks-at-32m",
+         "transform-8k-sinks-deltanet", "transform-8k-sinks-deltanet-at", "transform-8k-sinks-mix1",
          "transform-8k-sinks-deltanet-mix1", "transform-8k-sinks-mixlr", "transform-8k-sinks-deltanet-mixlr",
          "transform-8k-sinks-retrieval", "transform-8k-sinks-deltanet-retrieval",
          "layer-hybrid", "layer-hybrid-8k", "layer-hybrid-8k-retrieval", "layer-hybrid-8k-20m", "layer-hybrid-8k-sinks",
@@ -67,7 +67,8 @@ def load_runs(root: Path) -> dict[str, dict]:
     training log (a run stopped before its evaluation still has a training curve)."""
     runs = {}
     rank = {job: i for i, job in enumerate(ORDER)}
-    for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (rank.get(p.name, len(ORDER)), p.name)):
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (rank.get(p.name, len(ORDER)), p.name))
+    for folder in folders:
         found = [f for f in (folder / "eval.json", folder / "eval" / "eval.json") if f.is_file()]
         logs = [f for f in (folder / "log.jsonl", folder / "log.jsonl.xz") if f.is_file()]
         if not found and not logs:
@@ -136,7 +137,8 @@ def passkey_cell(rows: list[dict]) -> str:
 
 def teacher_table(runs: dict[str, dict]) -> list[dict]:
     # the teacher's passkey prompts depend on the lengths asked for (one seeded stream): take the widest run
-    evaluation = max((run["eval"] for run in evaluated(runs).values()), key=lambda e: len(e.get("passkey", {}).get("teacher", [])))
+    evaluation = max((run["eval"] for run in evaluated(runs).values()),
+                     key=lambda e: len(e.get("passkey", {}).get("teacher", [])))
     row = {"model": "teacher"}
     for text, label in TEXTS.items():
         row[label] = " / ".join(f"{_row(evaluation['context'], text, w, 'teacher')['perplexity']:.2f}"
