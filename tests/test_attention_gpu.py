@@ -9,14 +9,16 @@ import dijiang.attention  # noqa: F401  (the package imports its modules lazily)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("window,sinks,gate,feature_map", [
-    (0, 0, False, "dijiang"), (0, 0, True, "dijiang"), (0, 0, False, "hedgehog"),
-    (0, 0, True, "hedgehog"), (64, 0, False, "dijiang"), (60, 4, False, "dijiang"),
-    (60, 4, True, "dijiang"), (60, 4, False, "hedgehog")])
-def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, gate, feature_map, monkeypatch):
+@pytest.mark.parametrize("window,sinks,gate,feature_map,full_kv_heads", [
+    (0, 0, False, "dijiang", {}), (0, 0, True, "dijiang", {}), (0, 0, False, "hedgehog", {}),
+    (0, 0, True, "hedgehog", {}), (64, 0, False, "dijiang", {}), (60, 4, False, "dijiang", {}),
+    (60, 4, True, "dijiang", {}), (60, 4, False, "hedgehog", {}), (60, 4, False, "dijiang", {1: [1]})])
+def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks, gate, feature_map, full_kv_heads,
+                                                                  monkeypatch):
     """window 0: the fused chunk kernel; window 64: the banded softmax kernel + the fused chunk kernel; sinks: the
     band kernel's sink block; gate: a data-dependent decay (per-token decays into the chunk kernel); hedgehog: the
-    chunk kernel on the learned map's log-features (m = 128), pure or beside the band."""
+    chunk kernel on the learned map's log-features (m = 128), pure or beside the band; full_kv_heads: a head
+    hybrid's exact heads (SDPA under autocast) over the fused window op's output."""
     calls = []
     name = "fused_window_attention" if window else "fused_dijiang_attention"
     real = getattr(dijiang.attention, name)
@@ -31,7 +33,7 @@ def test_fused_backend_matches_torch_backend_in_a_converted_model(window, sinks,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     base = transformers.LlamaForCausalLM(config).cuda()
     fused = dijiang.convert(base, {"backend": "auto", "window": window, "sinks": sinks, "decay_gate": gate,
-                                   "feature_map": feature_map})
+                                   "feature_map": feature_map, "full_kv_heads": full_kv_heads})
     if feature_map == "hedgehog":
         with torch.no_grad():  # away from the identity init
             for _, layer in dijiang.conversion.iter_dijiang_layers(fused):

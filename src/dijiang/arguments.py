@@ -95,6 +95,19 @@ def non_empty_int_list(item: Number):
     return parse
 
 
+def layer_heads(text: str) -> dict[int, list[int]]:
+    """argparse type for LAYER:HEAD pairs, comma-separated ('7:2,21:0,21:2' -> {7: [2], 21: [0, 2]})."""
+    heads: dict[int, list[int]] = {}
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        layer, sep, head = part.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected LAYER:HEAD pairs like 7:2,21:0, got {part!r} in {text!r}")
+        heads.setdefault(non_negative_int(layer.strip()), []).append(non_negative_int(head.strip()))
+    if not heads:
+        raise argparse.ArgumentTypeError(f"expected LAYER:HEAD pairs like 7:2,21:0, got {text!r}")
+    return heads
+
+
 TOKEN_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
 
 

@@ -80,6 +80,12 @@ class DiJiangSettings:
     state_decay: False (``state_update="delta"`` only) lets the state never decay, DeltaNet's rule, whose overwrite
         is its forgetting: no decay parameters, no gate; on CUDA fla's ungated ``chunk_delta_rule``, which trains
         where its gated kernel does not (``dijiang.ops.delta.fla_unusable``).
+    full_kv_heads: a head hybrid (DuoAttention's split, inside converted layers): {layer: [key/value head, ...]}
+        whose heads keep exact causal softmax over the whole context (and a growing key/value cache, those heads'
+        only) while every other head of the layer runs the DiJiang op; the query heads a key/value head serves
+        (grouped-query attention) go with it. Where the teacher retrieves is a few heads, not whole layers
+        (``scripts/probe_layer_choice.py --compare-kv-heads``): at the same key/value memory a few kept heads
+        keep more of it than kept layers. Layers not named are fully converted.
     checkpoint: in training, recompute the PyTorch attention op in the backward instead of keeping its chunk
         intermediates (the pure-torch window op kept ~59 GiB for SmolLM2 at 16 x 1024 tokens on an H100); the
         fused path on CUDA is not recomputed.
@@ -114,6 +120,7 @@ class DiJiangSettings:
     decay_gate: bool = False
     state_update: str = "add"
     state_decay: bool = True
+    full_kv_heads: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from dijiang.arguments import Number, non_negative_int, parse_bool, positive_float, positive_int
@@ -145,6 +152,7 @@ class DiJiangSettings:
             raise ValueError("state_decay=False (a state that never decays) is DeltaNet's rule: it needs "
                              f"state_update='delta' and no decay_gate; got state_update={self.state_update!r}, "
                              f"decay_gate={self.decay_gate}")
+        self.full_kv_heads = _check_full_kv_heads(self.full_kv_heads)
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs a window (sinks are softmax keys next to it); got window=0")
         if len(self.decay_range) != 2:
@@ -176,6 +184,26 @@ class DiJiangSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_full_kv_heads(heads) -> dict[int, tuple[int, ...]]:
+    """{layer: sorted key/value heads}; layer keys may be strings of digits (a config read back from JSON)."""
+    from dijiang.arguments import non_negative_int
+
+    if not isinstance(heads, dict):
+        raise ValueError(f"full_kv_heads must map layer -> [key/value head, ...], got {heads!r}")
+    checked = {}
+    for layer, kv_heads in heads.items():
+        if isinstance(layer, str) and layer.isdigit():
+            layer = int(layer)
+        layer = non_negative_int.check("full_kv_heads: a layer index", layer)
+        if isinstance(kv_heads, (str, bytes)) or not hasattr(kv_heads, "__iter__"):
+            raise ValueError(f"full_kv_heads[{layer}] must be a list of key/value head indices, got {kv_heads!r}")
+        kv_heads = [non_negative_int.check(f"full_kv_heads[{layer}]: a key/value head", h) for h in kv_heads]
+        if not kv_heads or len(set(kv_heads)) != len(kv_heads):
+            raise ValueError(f"full_kv_heads[{layer}] must name distinct key/value heads, got {kv_heads}")
+        checked[layer] = tuple(sorted(kv_heads))
+    return dict(sorted(checked.items()))
 
 
 def _per_token_logit(bias: torch.Tensor, weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -242,6 +270,10 @@ class DiJiangAttention(nn.Module):
         delta = settings.state_update == "delta"
         self.delta_beta = nn.Parameter(torch.zeros(H, d, **factory)) if delta else None
         self.delta_beta_logit = nn.Parameter(torch.zeros(H, device=param.device)) if delta else None
+        self.full_kv_heads = settings.full_kv_heads.get(layer_idx, ())
+        if any(h >= self.num_kv_heads for h in self.full_kv_heads):
+            raise ValueError(f"full_kv_heads[{layer_idx}] = {list(self.full_kv_heads)}: layer {layer_idx} has "
+                             f"{self.num_kv_heads} key/value heads (0-{self.num_kv_heads - 1})")
 
     @property
     def log_decay(self) -> torch.Tensor:
@@ -280,6 +312,7 @@ class DiJiangAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         B, T, _ = hidden_states.shape
         q, k, v = self.adapter.project(self, hidden_states, kwargs)  # [B, T, H(kv), d], post-RoPE
+        full_kv = (k[:, :, list(self.full_kv_heads)], v[:, :, list(self.full_kv_heads)]) if self.full_kv_heads else None
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
@@ -293,14 +326,43 @@ class DiJiangAttention(nn.Module):
         q_fused, k_fused = (q, k) if q.dtype == v.dtype or not q.is_cuda else (q.to(v.dtype), k.to(v.dtype))
         if self._can_fuse(q_fused, v, mode, mask, initial_state):
             o, state = self._fused(q_fused, k_fused, v, initial_state, layer_cache is not None)
-            return self._finish(o, state, layer_cache, hidden_states)
-        attend = functools.partial(self._attend, mode=mode, mask=mask, initial_state=initial_state,
-                                   output_final_state=layer_cache is not None)
-        if self.settings.checkpoint and self.training and torch.is_grad_enabled():
-            o, state = torch.utils.checkpoint.checkpoint(attend, q, k, v, use_reentrant=False)
         else:
-            o, state = attend(q, k, v)
+            attend = functools.partial(self._attend, mode=mode, mask=mask, initial_state=initial_state,
+                                       output_final_state=layer_cache is not None)
+            if self.settings.checkpoint and self.training and torch.is_grad_enabled():
+                o, state = torch.utils.checkpoint.checkpoint(attend, q, k, v, use_reentrant=False)
+            else:
+                o, state = attend(q, k, v)
+        if full_kv is not None:
+            o = self._full_heads(o, q, *full_kv, layer_cache)
         return self._finish(o, state, layer_cache, hidden_states)
+
+    def _full_heads(self, o, q, k_full, v_full, layer_cache):
+        """Overwrite the query heads of ``full_kv_heads`` with exact causal softmax over every key so far (the
+        ones cached by earlier calls first). k_full, v_full: [B, T, n, d], those key/value heads only."""
+        groups = self.num_heads // self.num_kv_heads
+        heads = [kv * groups + g for kv in self.full_kv_heads for g in range(groups)]
+        if layer_cache is not None:
+            k_full, v_full = layer_cache.update_full_heads(k_full, v_full)
+        T, S = q.shape[1], k_full.shape[1]
+        q_sel = q[:, :, heads].to(v_full.dtype).transpose(1, 2)  # [B, n x groups, T, d]
+        k_sel = k_full.to(v_full.dtype).repeat_interleave(groups, dim=2).transpose(1, 2)
+        v_sel = v_full.repeat_interleave(groups, dim=2).transpose(1, 2)
+        padding = self.context.mask
+        if padding is None and T == S:
+            out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True, scale=self.scale)
+        else:
+            # the T queries are the last T of S positions; a padding key is never seen, and a padding query
+            # (left padding) sees itself so that its row is not empty (its output is masked downstream anyway)
+            rows = torch.arange(S - T, S, device=q.device)[:, None]
+            cols = torch.arange(S, device=q.device)[None, :]
+            allowed = (cols <= rows)[None, None]
+            if padding is not None:
+                allowed = allowed & padding[:, -S:].bool()[:, None, None, :]
+                allowed = allowed | (cols == rows)[None, None]
+            out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, attn_mask=allowed, scale=self.scale)
+        index = torch.tensor(heads, device=o.device)
+        return o.index_copy(2, index, out.transpose(1, 2).to(o.dtype))
 
     def _refuse_decode_without_state(self, cache, num_tokens: int, position_ids) -> None:
         """Without its state a converted layer would attend to the new tokens alone: a wrong answer, no error."""

@@ -20,6 +20,16 @@ class DiJiangStateLayer(CacheLayerMixin):
         super().__init__()
         self.state = None
         self.seen_tokens = 0
+        self.full_keys = self.full_values = None  # a head hybrid's exact heads: [B, S, n, d], growing
+
+    def update_full_heads(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new keys/values of a head hybrid's exact heads; every one so far ([B, S, n, d])."""
+        if self.full_keys is None:
+            self.full_keys, self.full_values = keys, values
+        else:
+            self.full_keys = torch.cat([self.full_keys, keys], dim=1)
+            self.full_values = torch.cat([self.full_values, values], dim=1)
+        return self.full_keys, self.full_values
 
     def lazy_initialization(self, key_states=None, value_states=None) -> None:
         self.is_initialized = True
@@ -43,12 +53,15 @@ class DiJiangStateLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.seen_tokens = None, 0
+        self.full_keys = self.full_values = None
 
     def _map_state(self, fn) -> None:
         if isinstance(self.state, dict):
             self.state = {key: fn(value) for key, value in self.state.items()}
         elif self.state is not None:
             self.state = fn(self.state)
+        if self.full_keys is not None:
+            self.full_keys, self.full_values = fn(self.full_keys), fn(self.full_values)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -66,9 +79,9 @@ class DiJiangStateLayer(CacheLayerMixin):
         pass
 
     def state_bytes(self) -> int:
-        if self.state is None:
-            return 0
-        tensors = self.state.values() if isinstance(self.state, dict) else [self.state]
+        """The recurrent state's bytes, and a head hybrid's exact heads' keys and values (which grow)."""
+        tensors = [] if self.state is None else list(self.state.values()) if isinstance(self.state, dict) else [self.state]
+        tensors += [t for t in (self.full_keys, self.full_values) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -89,7 +102,7 @@ class DiJiangCache(Cache):
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
     def state_bytes(self) -> int:
-        """Bytes held by converted layers (constant in the context length)."""
+        """Bytes held by converted layers (constant in the context length, but for a head hybrid's exact heads)."""
         return sum(layer.state_bytes() for layer in self.layers if isinstance(layer, DiJiangStateLayer))
 
 

@@ -54,6 +54,11 @@ def convert(model: nn.Module, settings: DiJiangSettings | dict | None = None, la
     if not found:
         raise ValueError(f"found no {family} attention modules to convert in {type(model).__name__}")
     chosen = _choose_layers(layers, len(found))
+    not_converted = sorted(set(settings.full_kv_heads) - chosen)
+    if not_converted:
+        raise ValueError(f"full_kv_heads names layers {not_converted}, which are not converted (a softmax layer keeps "
+                         "every head exact already); the converted layers are "
+                         f"{sorted(chosen) if len(chosen) < len(found) else 'all ' + str(len(found))}")
     context = _install_decoder_hooks(model)
     for layer_idx, (name, module) in enumerate(found):
         if layer_idx in chosen:
@@ -250,7 +255,7 @@ def add_cli(subparsers) -> None:
 
 
 def add_settings_arguments(parser) -> None:
-    from dijiang.arguments import non_empty_int_list, non_negative_int, positive_int
+    from dijiang.arguments import layer_heads, non_empty_int_list, non_negative_int, positive_int
     from dijiang.feature_maps import FEATURE_MAPS
 
     parser.add_argument("--feature-map", default=None,
@@ -265,6 +270,9 @@ def add_settings_arguments(parser) -> None:
                         help="with --window: the first N tokens stay softmax keys of every query (attention sinks)")
     parser.add_argument("--layers", type=non_empty_int_list(non_negative_int), default=None,
                         help="comma-separated layer indices to convert (default all)")
+    parser.add_argument("--full-kv-heads", type=layer_heads, default=None, metavar="LAYER:HEAD,...",
+                        help="a head hybrid: these key/value heads of converted layers keep exact softmax over the "
+                             "whole context (e.g. 7:2,17:1,18:2; scripts/probe_layer_choice.py --compare-kv-heads)")
     parser.add_argument("--official", action="store_true",
                         help="the official layer: its feature map, GroupNorm + gate, no denominator")
 
@@ -273,6 +281,8 @@ def settings_from_args(args) -> tuple[DiJiangSettings, list[int] | None]:
     overrides = dict(num_features=args.num_features, stabiliser=args.stabiliser, window=args.window, sinks=args.sinks)
     if args.feature_map is not None:
         overrides["feature_map"] = args.feature_map
+    if args.full_kv_heads:
+        overrides["full_kv_heads"] = args.full_kv_heads
     settings = DiJiangSettings.official(**overrides) if args.official else DiJiangSettings(**overrides)
     return settings, args.layers
 

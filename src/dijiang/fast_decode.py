@@ -91,6 +91,8 @@ def supports_fast_decode(model, max_len: int | None = None) -> tuple[bool, str]:
                 return False, f"feature map {type(attn.feature_map).__name__} has no fast path"
             if attn.settings.state_update != "add":
                 return False, f"state_update={attn.settings.state_update!r} has no fast path (model.generate runs it)"
+            if attn.full_kv_heads:
+                return False, "a head hybrid's exact heads (full_kv_heads) have no fast path (model.generate runs it)"
         else:
             window = getattr(attn, "sliding_window", None)
             if window and max_len is not None and max_len > window:
