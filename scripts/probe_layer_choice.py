@@ -20,6 +20,7 @@ this picks the layers to keep, so it must not be tuned on the test).
 
     python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--shortlist 10]
         [--direction add|cut] [--proxy window|dijiang] [--passkey 2048] [--json out.json]
+        [--compare-kv-heads 3,6,12 --head-scores NEEDLES.json]
     python scripts/probe_layer_choice.py --score perplexity --text A.txt --text B.txt --tokens 2048 --far-from 512
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dijiang  # noqa: E402
+from dijiang.files import read_json  # noqa: E402
 from probe_far_attention import needle_prompts  # noqa: E402
 
 DEFAULT_SETTINGS = {"window": 128, "radius": "chi", "decay_range": [0.0625, 6.103515625e-05],
@@ -86,28 +88,52 @@ class BandedAttention:
 
     def __init__(self, window: int, sinks: int = 0):
         self.window, self.sinks, self.kept = window, sinks, set()
+        self.kept_heads: dict[int, set[int]] = {}  # layer -> key/value heads kept full in an otherwise cut layer
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         repeat = query.shape[1] // key.shape[1]  # grouped-query attention: one key head serves `repeat` queries
         key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
-        if module.layer_idx in self.kept and query.shape[2] == key.shape[2]:
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
-        elif module.layer_idx in self.kept:  # decoding: the new queries see every cached key
-            out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
-        else:
-            # with a cache (generate), the queries are the last query.shape[2] of key.shape[2] positions
-            t = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device)[:, None]
-            j = torch.arange(key.shape[2], device=query.device)[None, :]
-            band = (j <= t) & ((j > t - self.window) | (j < self.sinks))
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling)
+        if module.layer_idx in self.kept:
+            return self.full(query, key, value, scaling).transpose(1, 2).contiguous(), None
+        # with a cache (generate), the queries are the last query.shape[2] of key.shape[2] positions
+        t = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device)[:, None]
+        j = torch.arange(key.shape[2], device=query.device)[None, :]
+        band = (j <= t) & ((j > t - self.window) | (j < self.sinks))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling)
+        heads = self.kept_heads.get(module.layer_idx)
+        if heads:  # a head hybrid: the query heads of the kept key/value heads see everything
+            full_heads = torch.tensor([h // repeat in heads for h in range(query.shape[1])], device=query.device)
+            out = torch.where(full_heads[None, :, None, None], self.full(query, key, value, scaling), out)
         return out.transpose(1, 2).contiguous(), None
 
+    @staticmethod
+    def full(query, key, value, scaling):
+        if query.shape[2] == key.shape[2]:
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return F.scaled_dot_product_attention(query, key, value, scale=scaling)  # decoding: every cached key
 
-def model_keeping(teacher, proxy, settings: dict, kept: list[int]):
-    """The model whose kept layers see everything and whose other layers see their window only."""
+
+def top_kv_heads(probe_json: str, count: int, group: int) -> dict[int, set[int]]:
+    """The `count` key/value heads whose query heads put the most attention on a needle, summed over each group of
+    `group` query heads (scripts/probe_far_attention.py --needles N --json): {layer: {kv head, ...}}."""
+    needle_mass = read_json(probe_json).get("needle_mass")
+    if not isinstance(needle_mass, list):
+        raise SystemExit(f"{probe_json}: no needle_mass (written by scripts/probe_far_attention.py --needles N)")
+    scored = [(sum(heads[g * group:(g + 1) * group]), layer, g) for layer, heads in enumerate(needle_mass)
+              for g in range(len(heads) // group)]
+    kept: dict[int, set[int]] = {}
+    for _, layer, g in sorted(scored, reverse=True)[:count]:
+        kept.setdefault(layer, set()).add(g)
+    return kept
+
+
+def model_keeping(teacher, proxy, settings: dict, kept: list[int], kept_heads: dict[int, set[int]] | None = None):
+    """The model whose kept layers (and kept key/value heads) see everything and whose others see their window."""
     if proxy is None:
+        if kept_heads:
+            raise ValueError("kept heads need the window proxy (a DiJiang layer converts all of its heads)")
         return converted_except(teacher, settings, kept)
-    proxy.kept = set(kept)
+    proxy.kept, proxy.kept_heads = set(kept), dict(kept_heads or {})
     return teacher
 
 
@@ -139,8 +165,18 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", type=json.loads, default=DEFAULT_SETTINGS, help="DiJiang settings, JSON")
     parser.add_argument("--compare", action="append", default=[], metavar="I,J,...",
                         help="also score this kept set (repeatable), e.g. another choice's layers")
+    parser.add_argument("--compare-kv-heads", default="", metavar="N,N,...",
+                        help="--proxy window: also score head hybrids that keep the top N key/value heads full (ranked "
+                        "by --head-scores), every other head cut to its window, e.g. 3,6,12")
+    parser.add_argument("--head-scores", help="scripts/probe_far_attention.py --needles JSON of the same model: ranks "
+                        "the key/value heads for --compare-kv-heads")
     parser.add_argument("--json", help="write every round's scores here")
     args = parser.parse_args(argv)
+    head_counts = [int(n) for n in args.compare_kv_heads.split(",") if n.strip()]
+    if head_counts and (args.proxy != "window" or not args.head_scores):
+        parser.error("--compare-kv-heads needs --proxy window and --head-scores")
+    if any(n < 1 for n in head_counts):
+        parser.error("--compare-kv-heads: counts must be at least 1")
     torch.manual_seed(0)
     teacher, tokenizer = dijiang.load_pretrained(args.model, device=args.device)
     teacher.eval()
@@ -175,11 +211,11 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
-    def passkey_of(kept: list[int]) -> tuple[list[dict], str]:
+    def passkey_of(kept: list[int], kept_heads: dict[int, set[int]] | None = None) -> tuple[list[dict], str]:
         from dijiang.evaluate import passkey_accuracy
 
         lengths = [int(n) for n in args.passkey.split(",")]
-        rows = passkey_accuracy(model_keeping(teacher, proxy, args.settings, kept), tokenizer, lengths,
+        rows = passkey_accuracy(model_keeping(teacher, proxy, args.settings, kept, kept_heads), tokenizer, lengths,
                                 trials=args.passkey_trials)
         return rows, "  passkey " + " / ".join(f"{r['context']}: {100 * r['accuracy']:.0f} %" for r in rows)
 
@@ -195,6 +231,21 @@ def main(argv=None) -> int:
             line += text
         print(line, flush=True)
     save()
+    group = teacher.config.num_attention_heads // getattr(teacher.config, "num_key_value_heads",
+                                                          teacher.config.num_attention_heads)
+    for count in head_counts:
+        heads = top_kv_heads(args.head_scores, count, group)
+        flag = ",".join(f"{layer}:{h}" for layer, kv in sorted(heads.items()) for h in sorted(kv))
+        entry = {"kv_heads": {str(layer): sorted(h) for layer, h in sorted(heads.items())}, "full_kv_heads": flag,
+                 "score": score_of(model_keeping(teacher, proxy, args.settings, [], heads))}
+        line = (f"top {count} kv heads (--full-kv-heads {flag}): log p {entry['score'][0]:.3f}  {second} "
+                f"{entry['score'][1]:.2f}")
+        if args.passkey:
+            entry["passkey"], text = passkey_of([], heads)
+            line += text
+        result.setdefault("compared_kv_heads", {})[str(count)] = entry
+        print(line, flush=True)
+        save()
     adding = args.direction == "add"
     kept = [] if adding else list(every_layer)
     result["rounds"] = []

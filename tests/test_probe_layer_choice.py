@@ -113,3 +113,68 @@ def test_sinks_stay_visible_to_the_cut_layers(banded):
     proxy.sinks = 0
     assert torch.allclose(with_sinks[:, :6], reference[:, :6], atol=1e-5)  # window 4 + 2 sinks: all of the first 6
     assert not torch.allclose(with_sinks[:, 8:], cut[:, 8:], atol=1e-4)
+
+
+@torch.no_grad()
+def test_kept_kv_heads_see_everything_and_the_others_their_window(banded):
+    model, proxy, ids, reference = banded  # tiny llama: 3 layers, 4 query heads on 2 key/value heads
+    layers = model.config.num_hidden_layers
+    every_head = {layer: {0, 1} for layer in range(layers)}
+    assert torch.allclose(probe.model_keeping(model, proxy, {}, [], every_head)(input_ids=ids).logits, reference,
+                          atol=1e-5)
+    layer_kept = probe.model_keeping(model, proxy, {}, [1])(input_ids=ids).logits
+    heads_kept = probe.model_keeping(model, proxy, {}, [], {1: {0, 1}})(input_ids=ids).logits
+    assert torch.allclose(heads_kept, layer_kept, atol=1e-6)  # both heads of layer 1 = layer 1
+    half = probe.model_keeping(model, proxy, {}, [], {1: {0}})(input_ids=ids).logits
+    cut = probe.model_keeping(model, proxy, {}, [])(input_ids=ids).logits
+    assert not torch.allclose(half, layer_kept, atol=1e-4) and not torch.allclose(half, cut, atol=1e-4)
+    # decoding with a cache sees the same split as a full forward
+    generated = model.generate(input_ids=ids[:, :12], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    recomputed = ids[:, :12]
+    for _ in range(6):
+        next_token = model(input_ids=recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        recomputed = torch.cat([recomputed, next_token], dim=1)
+    assert torch.equal(generated, recomputed)
+    with pytest.raises(ValueError, match="window proxy"):
+        probe.model_keeping(model, None, {}, [], {1: {0}})
+
+
+def test_top_kv_heads_sum_each_query_group(tmp_path):
+    import json
+
+    scores = tmp_path / "needles.json"
+    # layer 0: query heads (0.9, 0.0 | 0.1, 0.1); layer 1: (0.3, 0.3 | 0.0, 0.0): groups of two sum to 0.9, 0.2, 0.6, 0
+    scores.write_text(json.dumps({"needle_mass": [[0.9, 0.0, 0.1, 0.1], [0.3, 0.3, 0.0, 0.0]]}))
+    assert probe.top_kv_heads(str(scores), 1, group=2) == {0: {0}}
+    assert probe.top_kv_heads(str(scores), 2, group=2) == {0: {0}, 1: {0}}
+    assert probe.top_kv_heads(str(scores), 3, group=2) == {0: {0, 1}, 1: {0}}
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="needle_mass"):
+        probe.top_kv_heads(str(tmp_path / "other.json"), 1, group=2)
+
+
+def test_main_compares_head_hybrids(tmp_path):
+    import json
+
+    from helpers import save_tiny_model, tiny_tokenizer
+
+    folder = save_tiny_model(tmp_path / "tiny", tokenizer=tiny_tokenizer())
+    (tmp_path / "filler.txt").write_text(" ".join(str(i) for i in range(6000)))
+    config = json.loads((folder / "config.json").read_text())
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    scores = tmp_path / "needles.json"
+    scores.write_text(json.dumps({"needle_mass": [[float(layer * heads + h) for h in range(heads)]
+                                                  for layer in range(layers)]}))
+    out = tmp_path / "heads.json"
+    common = ["--model", str(folder), "--text", str(tmp_path / "filler.txt"), "--tokens", "400", "--prompts", "2",
+              "--keep", "0", "--window", "8", "--device", "cpu"]
+    assert probe.main(common + ["--compare-kv-heads", "1,2", "--head-scores", str(scores), "--json", str(out)]) == 0
+    compared = json.loads(out.read_text())["compared_kv_heads"]
+    group = heads // config.get("num_key_value_heads", heads)
+    last = str(layers - 1)
+    assert compared["1"]["kv_heads"] == {last: [heads // group - 1]}  # the last layer's last group scores highest
+    assert compared["1"]["full_kv_heads"] == f"{last}:{heads // group - 1}"  # what dijiang convert/train take
+    assert sum(len(h) for h in compared["2"]["kv_heads"].values()) == 2
+    assert all(len(entry["score"]) == 2 for entry in compared.values())
+    with pytest.raises(SystemExit):
+        probe.main(common + ["--compare-kv-heads", "2"])  # without --head-scores
