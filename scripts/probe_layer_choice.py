@@ -129,10 +129,8 @@ def top_kv_heads(probe_json: str, count: int, group: int) -> dict[int, set[int]]
 
 def model_keeping(teacher, proxy, settings: dict, kept: list[int], kept_heads: dict[int, set[int]] | None = None):
     """The model whose kept layers (and kept key/value heads) see everything and whose others see their window."""
-    if proxy is None:
-        if kept_heads:
-            raise ValueError("kept heads need the window proxy (a DiJiang layer converts all of its heads)")
-        return converted_except(teacher, settings, kept)
+    if proxy is None:  # the library's own layers: kept heads through DiJiangSettings.full_kv_heads
+        return converted_except(teacher, {**settings, "full_kv_heads": dict(kept_heads or {})}, kept)
     proxy.kept, proxy.kept_heads = set(kept), dict(kept_heads or {})
     return teacher
 
@@ -166,15 +164,15 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", action="append", default=[], metavar="I,J,...",
                         help="also score this kept set (repeatable), e.g. another choice's layers")
     parser.add_argument("--compare-kv-heads", default="", metavar="N,N,...",
-                        help="--proxy window: also score head hybrids that keep the top N key/value heads full (ranked "
+                        help="also score head hybrids that keep the top N key/value heads full (ranked "
                         "by --head-scores), every other head cut to its window, e.g. 3,6,12")
     parser.add_argument("--head-scores", help="scripts/probe_far_attention.py --needles JSON of the same model: ranks "
                         "the key/value heads for --compare-kv-heads")
     parser.add_argument("--json", help="write every round's scores here")
     args = parser.parse_args(argv)
     head_counts = [int(n) for n in args.compare_kv_heads.split(",") if n.strip()]
-    if head_counts and (args.proxy != "window" or not args.head_scores):
-        parser.error("--compare-kv-heads needs --proxy window and --head-scores")
+    if head_counts and not args.head_scores:
+        parser.error("--compare-kv-heads needs --head-scores")
     if any(n < 1 for n in head_counts):
         parser.error("--compare-kv-heads: counts must be at least 1")
     torch.manual_seed(0)

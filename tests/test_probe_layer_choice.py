@@ -135,8 +135,10 @@ def test_kept_kv_heads_see_everything_and_the_others_their_window(banded):
         next_token = model(input_ids=recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         recomputed = torch.cat([recomputed, next_token], dim=1)
     assert torch.equal(generated, recomputed)
-    with pytest.raises(ValueError, match="window proxy"):
-        probe.model_keeping(model, None, {}, [], {1: {0}})
+    # the library's layers: the same split through DiJiangSettings.full_kv_heads
+    converted = probe.model_keeping(model, None, {"window": 4}, [], {1: {0}})
+    assert converted.model.layers[1].self_attn.full_kv_heads == (0,)
+    assert converted.model.layers[0].self_attn.full_kv_heads == ()
 
 
 def test_top_kv_heads_sum_each_query_group(tmp_path):
