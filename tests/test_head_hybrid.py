@@ -148,3 +148,27 @@ def test_full_kv_heads_on_the_command_line():
     add_settings_arguments(parser)
     settings, _ = settings_from_args(parser.parse_args(["--window", "4", "--full-kv-heads", "2:1,0:0"]))
     assert settings.full_kv_heads == {0: (0,), 2: (1,)}
+
+
+def test_a_head_hybrid_trains_resumes_and_exports(tmp_path):
+    """run_config.json stores the layer keys as strings; resume and export must rebuild the same student."""
+    from dijiang.checkpoints import checkpoint_dirs
+    from dijiang.export import export_checkpoint
+    from dijiang.train import TrainConfig, train
+    from helpers import save_tiny_model, write_text_corpus
+
+    model, corpus = save_tiny_model(tmp_path / "model"), write_text_corpus(tmp_path / "corpus")
+    values = dict(model=str(model), out=str(tmp_path / "run"), data=[str(corpus)], eval_data=[], tokens="768",
+                  block_size=32, batch_size=4, save_every=2, progress=False,
+                  attention={"window": 8, "sinks": 1, "full_kv_heads": {1: [0]}})
+    train(TrainConfig(**values, max_steps=3))
+    assert [d.name for d in checkpoint_dirs(tmp_path / "run")][-1] == "step_00000003"
+    summary = train(TrainConfig(**values, resume=True))
+    student = summary["model"]
+    assert student.model.layers[1].self_attn.full_kv_heads == (0,)
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(tmp_path / "run", tmp_path / "exported"))
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    ids = torch.randint(3, 50, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, final(ids).logits)
+    assert final.model.layers[1].self_attn.full_kv_heads == (0,)
