@@ -18,9 +18,16 @@ far context the next-token loss needs, whatever retrieval needs.
 The needle and question wording is probe_far_attention.py's (unlike the passkey evaluation's, on purpose:
 this picks the layers to keep, so it must not be tuned on the test).
 
+Head hybrids (DuoAttention's idea; DiJiangSettings.full_kv_heads): --compare-kv-heads N,... scores the models that
+keep the N key/value heads whose query heads retrieve most in the teacher (--head-scores, from
+probe_far_attention.py --needles) whole, every other head of every layer cut; --compare-heads 7:2,18:2,... a named
+set; --unit kv-head makes the greedy rounds keep (or cut) single key/value heads instead of layers and ends with the
+--full-kv-heads list to train with. A head's memory is one key/value head's cache against a layer's
+num_key_value_heads.
+
     python scripts/probe_layer_choice.py --text FILE [--tokens 1024] [--prompts 4] [--keep 4] [--shortlist 10]
         [--direction add|cut] [--proxy window|dijiang] [--passkey 2048] [--json out.json]
-        [--compare-kv-heads 3,6,12 --head-scores NEEDLES.json]
+        [--compare-kv-heads 3,6,12 --head-scores NEEDLES.json] [--compare-heads 7:2,18:2,...] [--unit kv-head]
     python scripts/probe_layer_choice.py --score perplexity --text A.txt --text B.txt --tokens 2048 --far-from 512
 """
 from __future__ import annotations
@@ -39,6 +46,7 @@ from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dijiang  # noqa: E402
+from dijiang.arguments import layer_heads  # noqa: E402
 from dijiang.files import read_json  # noqa: E402
 from probe_far_attention import needle_prompts  # noqa: E402
 
@@ -150,6 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--direction", choices=("add", "cut"), default="add",
                         help="add: from no kept layer, keep one more each round; cut: from every layer kept, cut the "
                              "one whose far context retrieval misses least")
+    parser.add_argument("--unit", choices=("layer", "kv-head"), default="layer",
+                        help="what the greedy rounds keep (or cut): whole layers, or single key/value heads (a head "
+                        "hybrid, DiJiangSettings.full_kv_heads)")
     parser.add_argument("--shortlist", type=int, default=0,
                         help="after round 1, try only its N best layers (0: every layer, every round)")
     parser.add_argument("--proxy", choices=("window", "dijiang"), default="window")
@@ -166,11 +177,18 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-kv-heads", default="", metavar="N,N,...",
                         help="also score head hybrids that keep the top N key/value heads full (ranked "
                         "by --head-scores), every other head cut to its window, e.g. 3,6,12")
+    parser.add_argument("--compare-heads", action="append", default=[], metavar="LAYER:HEAD,...",
+                        help="also score the head hybrid that keeps these key/value heads exact (repeatable), e.g. "
+                        "the --unit kv-head rounds' choice")
     parser.add_argument("--head-scores", help="scripts/probe_far_attention.py --needles JSON of the same model: ranks "
                         "the key/value heads for --compare-kv-heads")
     parser.add_argument("--json", help="write every round's scores here")
     args = parser.parse_args(argv)
     head_counts = [int(n) for n in args.compare_kv_heads.split(",") if n.strip()]
+    try:
+        compare_heads = {spec: layer_heads(spec) for spec in args.compare_heads}
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--compare-heads: {error}")
     if head_counts and not args.head_scores:
         parser.error("--compare-kv-heads needs --head-scores")
     if any(n < 1 for n in head_counts):
@@ -231,54 +249,82 @@ def main(argv=None) -> int:
     save()
     group = teacher.config.num_attention_heads // getattr(teacher.config, "num_key_value_heads",
                                                           teacher.config.num_attention_heads)
-    for count in head_counts:
-        heads = top_kv_heads(args.head_scores, count, group)
+    kv_count = teacher.config.num_attention_heads // group
+    for spec, heads in compare_heads.items():
+        if any(layer not in every_layer or max(h) >= kv_count for layer, h in heads.items()):
+            parser.error(f"--compare-heads {spec}: the model has layers 0-{len(every_layer) - 1} and key/value heads "
+                         f"0-{kv_count - 1}")
+    head_sets = {f"top {count}": top_kv_heads(args.head_scores, count, group) for count in head_counts}
+    head_sets.update({spec: {layer: set(h) for layer, h in heads.items()} for spec, heads in compare_heads.items()})
+    for label, heads in head_sets.items():
         flag = ",".join(f"{layer}:{h}" for layer, kv in sorted(heads.items()) for h in sorted(kv))
         entry = {"kv_heads": {str(layer): sorted(h) for layer, h in sorted(heads.items())}, "full_kv_heads": flag,
                  "score": score_of(model_keeping(teacher, proxy, args.settings, [], heads))}
-        line = (f"top {count} kv heads (--full-kv-heads {flag}): log p {entry['score'][0]:.3f}  {second} "
+        line = (f"{label} (--full-kv-heads {flag}): log p {entry['score'][0]:.3f}  {second} "
                 f"{entry['score'][1]:.2f}")
         if args.passkey:
             entry["passkey"], text = passkey_of([], heads)
             line += text
-        result.setdefault("compared_kv_heads", {})[str(count)] = entry
+        key = label.removeprefix("top ") if label.startswith("top ") else label
+        result.setdefault("compared_kv_heads", {})[key] = entry
         print(line, flush=True)
         save()
     adding = args.direction == "add"
-    kept = [] if adding else list(every_layer)
+    by_head = args.unit == "kv-head"
+    num_kv = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
+    units = [(layer, h) for layer in every_layer for h in range(num_kv)] if by_head else every_layer
+    name_of = {unit: (f"{unit[0]}:{unit[1]}" if by_head else str(unit)) for unit in units}
+
+    def split(chosen) -> tuple[list[int], dict[int, set[int]]]:
+        """(softmax layers, kept key/value heads) of a set of units."""
+        if not by_head:
+            return list(chosen), {}
+        heads: dict[int, set[int]] = {}
+        for layer, h in chosen:
+            heads.setdefault(layer, set()).add(h)
+        return [], heads
+
+    kept = [] if adding else list(units)
     result["rounds"] = []
     for round_index in range(args.keep):
         started = time.time()
         if adding:
-            candidates = every_layer
+            candidates = units
             if round_index and args.shortlist:
                 first = result["rounds"][0]["candidates"]
-                candidates = sorted(map(int, first), key=lambda layer: -first[str(layer)][0])[:args.shortlist]
-            trials = {layer: kept + [layer] for layer in candidates if layer not in kept}
-        else:  # cut: which layer can lose its far context at the smallest cost
-            trials = {layer: [k for k in kept if k != layer] for layer in kept}
-        scores = {layer: score_of(model_keeping(teacher, proxy, args.settings, trial)) for layer, trial in trials.items()}
-        best = max(scores, key=lambda layer: scores[layer][0])
+                candidates = sorted(units, key=lambda unit: -first[name_of[unit]][0])[:args.shortlist]
+            trials = {unit: kept + [unit] for unit in candidates if unit not in kept}
+        else:  # cut: which unit can lose its far context at the smallest cost
+            trials = {unit: [k for k in kept if k != unit] for unit in kept}
+        scores = {unit: score_of(model_keeping(teacher, proxy, args.settings, *split(trial)))
+                  for unit, trial in trials.items()}
+        best = max(scores, key=lambda unit: scores[unit][0])
         kept = trials[best]
-        ranking = sorted(scores, key=lambda layer: -scores[layer][0])
-        result["rounds"].append({"kept": list(kept), "score": scores[best],
-                                 "candidates": {str(k): v for k, v in scores.items()}})
-        what = f"keep {kept}" if adding else f"cut {sorted(set(every_layer) - set(kept))}"
+        ranking = [name_of[u] for u in sorted(scores, key=lambda unit: -scores[unit][0])]
+        result["rounds"].append({"kept": [name_of[u] if by_head else u for u in kept], "score": scores[best],
+                                 "candidates": {name_of[u]: v for u, v in scores.items()}})
+        what = [name_of[u] for u in kept] if by_head else kept
+        what = f"keep {what}" if adding else f"cut {sorted(name_of[u] for u in set(units) - set(kept))}"
         line = (f"round {round_index + 1}: {what}  log p {scores[best][0]:.3f}  {second} {scores[best][1]:.2f}  "
                 f"next best {ranking[1:4]}")
         if args.passkey:
-            rows, text = passkey_of(kept)
+            rows, text = passkey_of(*split(kept))
             result["rounds"][-1]["passkey"] = rows
             line += text
         print(f"{line}  ({time.time() - started:.0f} s)", flush=True)
         save()
-    if result["rounds"]:
+    if result["rounds"] and by_head:
+        flag = ",".join(name_of[u] for u in sorted(kept))
+        result["full_kv_heads"] = flag
+        mapping = ", ".join(f"{layer}: {sorted(h)}" for layer, h in sorted(split(kept)[1].items()))
+        print(f"to keep these key/value heads exact and convert the rest: dijiang train ... --attention "
+              f"'full_kv_heads={{{mapping}}}'  (dijiang convert --full-kv-heads {flag})", flush=True)
+    elif result["rounds"]:
         converted = [layer for layer in every_layer if layer not in kept]
         result["converted_layers"] = converted
-    save()  # with --keep 0: the comparisons alone
-    if result["rounds"]:
         print(f"to keep {sorted(kept)} as softmax and convert the rest: dijiang train ... --layers "
               f"{' '.join(map(str, converted))}  (or `layers: {converted}` in a recipe)", flush=True)
+    save()  # with --keep 0: the comparisons alone
     return 0
 
 

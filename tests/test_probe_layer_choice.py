@@ -180,3 +180,33 @@ def test_main_compares_head_hybrids(tmp_path):
     assert all(len(entry["score"]) == 2 for entry in compared.values())
     with pytest.raises(SystemExit):
         probe.main(common + ["--compare-kv-heads", "2"])  # without --head-scores
+    named = tmp_path / "named.json"
+    assert probe.main(common + ["--compare-heads", "0:1,1:0", "--json", str(named)]) == 0
+    entry = json.loads(named.read_text())["compared_kv_heads"]["0:1,1:0"]
+    assert entry["kv_heads"] == {"0": [1], "1": [0]} and entry["full_kv_heads"] == "0:1,1:0"
+    for bad in ("0:9", "9:0", "0-1"):
+        with pytest.raises(SystemExit):
+            probe.main(common + ["--compare-heads", bad])
+
+
+def test_main_adds_key_value_heads_greedily(tmp_path):
+    import json
+
+    from helpers import save_tiny_model, tiny_tokenizer
+
+    folder = save_tiny_model(tmp_path / "tiny", tokenizer=tiny_tokenizer())
+    (tmp_path / "filler.txt").write_text(" ".join(str(i) for i in range(6000)))
+    out = tmp_path / "heads.json"
+    assert probe.main(["--model", str(folder), "--text", str(tmp_path / "filler.txt"), "--tokens", "400",
+                       "--prompts", "2", "--keep", "2", "--shortlist", "3", "--unit", "kv-head", "--window", "8",
+                       "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    config = json.loads((folder / "config.json").read_text())
+    units = config["num_hidden_layers"] * config["num_key_value_heads"]
+    first, second = result["rounds"]
+    assert len(first["candidates"]) == units and len(second["candidates"]) == 2  # the shortlist's 3, less the kept
+    assert len(second["kept"]) == 2 and first["kept"][0] in second["kept"]
+    layer, head = map(int, first["kept"][0].split(":"))
+    assert 0 <= layer < config["num_hidden_layers"] and 0 <= head < config["num_key_value_heads"]
+    assert result["full_kv_heads"] == ",".join(sorted(second["kept"]))
+    assert "converted_layers" not in result
