@@ -135,6 +135,11 @@ def top_kv_heads(probe_json: str, count: int, group: int) -> dict[int, set[int]]
     return kept
 
 
+def full_kv_heads_flag(heads: dict[int, set[int]]) -> str:
+    """{7: {2}, 21: {0, 2}} -> '7:2,21:0,21:2', what `dijiang convert --full-kv-heads` takes."""
+    return ",".join(f"{layer}:{h}" for layer, kv in sorted(heads.items()) for h in sorted(kv))
+
+
 def model_keeping(teacher, proxy, settings: dict, kept: list[int], kept_heads: dict[int, set[int]] | None = None):
     """The model whose kept layers (and kept key/value heads) see everything and whose others see their window."""
     if proxy is None:  # the library's own layers: kept heads through DiJiangSettings.full_kv_heads
@@ -216,6 +221,12 @@ def main(argv=None) -> int:
         def score_of(model):
             return retrieval_score(model, prompts)
     every_layer = list(range(teacher.config.num_hidden_layers))
+    num_kv = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
+    group = teacher.config.num_attention_heads // num_kv  # query heads a key/value head serves
+    for spec, heads in compare_heads.items():  # before any scoring: a typo costs no minutes
+        if any(layer not in every_layer or max(h) >= num_kv for layer, h in heads.items()):
+            parser.error(f"--compare-heads {spec}: the model has layers 0-{len(every_layer) - 1} and key/value heads "
+                         f"0-{num_kv - 1}")
     full = teacher if proxy is None else model_keeping(teacher, proxy, args.settings, every_layer)
     second = "exact" if args.score == "retrieval" else "ppl"
     result = {"args": vars(args), "teacher": score_of(full)}
@@ -247,17 +258,10 @@ def main(argv=None) -> int:
             line += text
         print(line, flush=True)
     save()
-    group = teacher.config.num_attention_heads // getattr(teacher.config, "num_key_value_heads",
-                                                          teacher.config.num_attention_heads)
-    kv_count = teacher.config.num_attention_heads // group
-    for spec, heads in compare_heads.items():
-        if any(layer not in every_layer or max(h) >= kv_count for layer, h in heads.items()):
-            parser.error(f"--compare-heads {spec}: the model has layers 0-{len(every_layer) - 1} and key/value heads "
-                         f"0-{kv_count - 1}")
     head_sets = {f"top {count}": top_kv_heads(args.head_scores, count, group) for count in head_counts}
     head_sets.update({spec: {layer: set(h) for layer, h in heads.items()} for spec, heads in compare_heads.items()})
     for label, heads in head_sets.items():
-        flag = ",".join(f"{layer}:{h}" for layer, kv in sorted(heads.items()) for h in sorted(kv))
+        flag = full_kv_heads_flag(heads)
         entry = {"kv_heads": {str(layer): sorted(h) for layer, h in sorted(heads.items())}, "full_kv_heads": flag,
                  "score": score_of(model_keeping(teacher, proxy, args.settings, [], heads))}
         line = (f"{label} (--full-kv-heads {flag}): log p {entry['score'][0]:.3f}  {second} "
@@ -265,13 +269,11 @@ def main(argv=None) -> int:
         if args.passkey:
             entry["passkey"], text = passkey_of([], heads)
             line += text
-        key = label.removeprefix("top ") if label.startswith("top ") else label
-        result.setdefault("compared_kv_heads", {})[key] = entry
+        result.setdefault("compared_kv_heads", {})[label.removeprefix("top ")] = entry
         print(line, flush=True)
         save()
     adding = args.direction == "add"
     by_head = args.unit == "kv-head"
-    num_kv = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
     units = [(layer, h) for layer in every_layer for h in range(num_kv)] if by_head else every_layer
     name_of = {unit: (f"{unit[0]}:{unit[1]}" if by_head else str(unit)) for unit in units}
 
@@ -314,8 +316,7 @@ def main(argv=None) -> int:
         print(f"{line}  ({time.time() - started:.0f} s)", flush=True)
         save()
     if result["rounds"] and by_head:
-        flag = ",".join(name_of[u] for u in sorted(kept))
-        result["full_kv_heads"] = flag
+        flag = result["full_kv_heads"] = full_kv_heads_flag(split(kept)[1])
         mapping = ", ".join(f"{layer}: {sorted(h)}" for layer, h in sorted(split(kept)[1].items()))
         print(f"to keep these key/value heads exact and convert the rest: dijiang train ... --attention "
               f"'full_kv_heads={{{mapping}}}'  (dijiang convert --full-kv-heads {flag})", flush=True)

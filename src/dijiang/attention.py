@@ -274,6 +274,8 @@ class DiJiangAttention(nn.Module):
         if any(h >= self.num_kv_heads for h in self.full_kv_heads):
             raise ValueError(f"full_kv_heads[{layer_idx}] = {list(self.full_kv_heads)}: layer {layer_idx} has "
                              f"{self.num_kv_heads} key/value heads (0-{self.num_kv_heads - 1})")
+        groups = self.num_heads // self.num_kv_heads  # the query heads each key/value head serves
+        self.full_query_heads = [kv * groups + g for kv in self.full_kv_heads for g in range(groups)]
 
     @property
     def log_decay(self) -> torch.Tensor:
@@ -312,7 +314,8 @@ class DiJiangAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         B, T, _ = hidden_states.shape
         q, k, v = self.adapter.project(self, hidden_states, kwargs)  # [B, T, H(kv), d], post-RoPE
-        full_kv = (k[:, :, list(self.full_kv_heads)], v[:, :, list(self.full_kv_heads)]) if self.full_kv_heads else None
+        kv_heads = list(self.full_kv_heads)
+        full_kv = (k[:, :, kv_heads], v[:, :, kv_heads]) if kv_heads else None
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
@@ -340,8 +343,7 @@ class DiJiangAttention(nn.Module):
     def _full_heads(self, o, q, k_full, v_full, layer_cache):
         """Overwrite the query heads of ``full_kv_heads`` with exact causal softmax over every key so far (the
         ones cached by earlier calls first). k_full, v_full: [B, T, n, d], those key/value heads only."""
-        groups = self.num_heads // self.num_kv_heads
-        heads = [kv * groups + g for kv in self.full_kv_heads for g in range(groups)]
+        groups, heads = self.num_heads // self.num_kv_heads, self.full_query_heads
         if layer_cache is not None:
             k_full, v_full = layer_cache.update_full_heads(k_full, v_full)
         T, S = q.shape[1], k_full.shape[1]

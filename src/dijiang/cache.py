@@ -80,9 +80,9 @@ class DiJiangStateLayer(CacheLayerMixin):
 
     def state_bytes(self) -> int:
         """The recurrent state's bytes, and a head hybrid's exact heads' keys and values (which grow)."""
-        tensors = [] if self.state is None else list(self.state.values()) if isinstance(self.state, dict) else [self.state]
-        tensors += [t for t in (self.full_keys, self.full_values) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = list(self.state.values()) if isinstance(self.state, dict) else [self.state]
+        tensors += [self.full_keys, self.full_values]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class DiJiangCache(Cache):
