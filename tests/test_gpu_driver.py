@@ -1,6 +1,6 @@
 """scripts/gpu_long_context.sh on the CPU, with a stand-in `python3` that records its command lines: the commands
-the queue and `evaluate` run (train, then eval + branch weights + retrieval documents; map-* jobs without passkey and retrieval),
-and `stop` waiting for a job's own checkpoint on SIGTERM. The GPU runs themselves are in docs/results.md."""
+the queue and `evaluate` run (train, then eval + branch weights + retrieval documents; map-* jobs without passkey
+and retrieval), and `stop` waiting for a job's own checkpoint on SIGTERM. The GPU runs themselves are in docs/results.md."""
 import os
 import shutil
 import signal
